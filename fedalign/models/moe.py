@@ -1,0 +1,233 @@
+"""Mixture-of-Experts block: float32 top-k router, stacked experts, shared experts.
+
+Parameter layout (MaxText / vmoe / flaxformer convention, see docs/architecture.md)::
+
+    router:  kernel (D, E) [, bias (E,)]          float32
+    experts: wi_0 (E, D, F), wi_1 (E, D, F), wo (E, F, D)
+             [+ LoRA: wi_0_lora_a (E, D, r), wi_0_lora_b (E, r, F), ..., wo_lora_b (E, r, D)]
+    shared_expert:      wi_0/wi_1/wo {kernel}      (optional, Qwen2-MoE / DeepSeek-MoE)
+    shared_expert_gate: kernel (D, 1)              (optional, Qwen2-MoE)
+
+Every leaf under ``experts`` has the expert axis first, so permuting that axis together with
+the router kernel's last axis leaves the block's function unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedalign.models.config import MoEConfig
+from fedalign.models.layers import LoRADense, dtype_of
+from fedalign.models.routing import routing_stats
+
+Array = jax.Array
+EXPERT_WEIGHTS = ("wi_0", "wi_1", "wo")
+
+
+class Router(nn.Module):
+  """Linear router in float32: probabilities, top-k weights and indices."""
+
+  num_experts: int
+  top_k: int
+  use_bias: bool = False
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 1.0
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
+    kernel = self.param("kernel", nn.initializers.normal(self.init_std),
+                        (x.shape[-1], self.num_experts), jnp.float32)
+    logits = x.astype(jnp.float32) @ kernel
+    if self.use_bias:
+      logits = logits + self.param("bias", nn.initializers.zeros, (self.num_experts,),
+                                   jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_w, top_idx = jax.lax.top_k(probs, self.top_k)
+    if self.norm_topk_prob:
+      top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    top_w = top_w * self.routed_scaling_factor
+    return logits, probs, top_w, top_idx
+
+
+class Experts(nn.Module):
+  """E gated (SwiGLU) experts stored as stacked tensors, with optional stacked LoRA."""
+
+  num_experts: int
+  intermediate_size: int
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  init_std: float = 0.02
+
+  def setup_params(self, d_model: int) -> dict[str, Array]:
+    e, f, r = self.num_experts, self.intermediate_size, self.lora_rank
+    shapes = {"wi_0": (e, d_model, f), "wi_1": (e, d_model, f), "wo": (e, f, d_model)}
+    w = {name: self.param(name, nn.initializers.normal(self.init_std), shape,
+                          self.param_dtype) for name, shape in shapes.items()}
+    if r > 0:
+      for name, (_, d_in, d_out) in shapes.items():
+        w[f"{name}_lora_a"] = self.param(f"{name}_lora_a",
+                                         nn.initializers.normal(1.0 / d_in ** 0.5),
+                                         (e, d_in, r), self.param_dtype)
+        w[f"{name}_lora_b"] = self.param(f"{name}_lora_b", nn.initializers.zeros,
+                                         (e, r, d_out), self.param_dtype)
+    return jax.tree.map(lambda a: a.astype(self.dtype), w)
+
+  def _proj(self, w: dict[str, Array], name: str, x: Array, spec: str) -> Array:
+    """x @ W_e (+ LoRA) with an einsum spec such as 'ecd,edf->ecf'."""
+    y = jnp.einsum(spec, x, w[name])
+    if self.lora_rank > 0:
+      lhs, rhs_out = spec.split("->")
+      a_in, w_spec = lhs.split(",")
+      # x @ A: replace the output letter of W with 'r'; then (.. r) @ B.
+      a_spec = f"{a_in},{w_spec[:-1]}r->{rhs_out[:-1]}r"
+      b_spec = f"{rhs_out[:-1]}r,{w_spec[0]}r{w_spec[-1]}->{rhs_out}"
+      xa = jnp.einsum(a_spec, x, w[f"{name}_lora_a"])
+      y = y + (self.lora_alpha / self.lora_rank) * jnp.einsum(b_spec, xa, w[f"{name}_lora_b"])
+    return y
+
+  @nn.compact
+  def __call__(self, x: Array, mode: str = "dense", group_sizes: Array | None = None
+               ) -> Array:
+    """Applies the experts.
+
+    Modes:
+      * ``dense``: every expert on every token, x (T, D) -> (T, E, D);
+      * ``grouped``: expert-major inputs x (E, C, D) -> (E, C, D) (capacity dispatch);
+      * ``ragged``: tokens sorted by expert x (N, D) with ``group_sizes`` (E,) -> (N, D),
+        a grouped matmul (``jax.lax.ragged_dot``).
+    """
+    w = self.setup_params(x.shape[-1])
+    x = x.astype(self.dtype)
+    if mode == "ragged":
+      def proj(name, inp):
+        y = jax.lax.ragged_dot(inp, w[name], group_sizes)
+        if self.lora_rank > 0:
+          xa = jax.lax.ragged_dot(inp, w[f"{name}_lora_a"], group_sizes)
+          y = y + (self.lora_alpha / self.lora_rank) * jax.lax.ragged_dot(
+              xa, w[f"{name}_lora_b"], group_sizes)
+        return y
+      return proj("wo", nn.silu(proj("wi_0", x)) * proj("wi_1", x))
+    if mode == "grouped":
+      spec_in, spec_out = "ecd,edf->ecf", "ecf,efd->ecd"
+    elif mode == "dense":
+      spec_in, spec_out = "td,edf->tef", "tef,efd->ted"
+    else:
+      raise ValueError(f"Experts mode={mode!r}: expected 'dense', 'grouped' or 'ragged'.")
+    h = nn.silu(self._proj(w, "wi_0", x, spec_in)) * self._proj(w, "wi_1", x, spec_in)
+    return self._proj(w, "wo", h, spec_out)
+
+
+class MLP(nn.Module):
+  """Gated dense MLP (SwiGLU): wo(silu(wi_0 x) * wi_1 x)."""
+
+  intermediate_size: int
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kw = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=self.dtype,
+              param_dtype=self.param_dtype, init_std=self.init_std)
+    gate = LoRADense(self.intermediate_size, name="wi_0", **kw)(x)
+    up = LoRADense(self.intermediate_size, name="wi_1", **kw)(x)
+    return LoRADense(x.shape[-1], name="wo", **kw)(nn.silu(gate) * up)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
+                    capacity_factor: float) -> int:
+  """ceil(capacity_factor * tokens * k / E), at least 1."""
+  return max(1, int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
+
+
+def capacity_dispatch(top_idx: Array, top_w: Array, valid: Array, num_experts: int,
+                      capacity: int) -> tuple[Array, Array]:
+  """Switch/GShard-style dispatch with token dropping.
+
+  Slots are filled in priority order: every token's first choice before any second choice,
+  tokens in sequence order within a slot; padded tokens take no room.
+
+  Returns:
+    dispatch (T, E, C) 0/1 and combine (T, E, C) = dispatch * top-k weight.
+  """
+  t, k = top_idx.shape
+  onehot = jax.nn.one_hot(top_idx, num_experts, dtype=jnp.float32) * valid[:, None, None]
+  flat = jnp.swapaxes(onehot, 0, 1).reshape(k * t, num_experts)  # slot-major order
+  position = (jnp.cumsum(flat, axis=0) - 1.0) * flat
+  keep = flat * (position < capacity)
+  pos_1h = jax.nn.one_hot(position.astype(jnp.int32), capacity, dtype=jnp.float32)
+  dispatch_slots = keep[..., None] * pos_1h  # (kT, E, C)
+  dispatch_slots = jnp.swapaxes(dispatch_slots.reshape(k, t, num_experts, capacity), 0, 1)
+  dispatch = jnp.sum(dispatch_slots, axis=1)
+  combine = jnp.sum(dispatch_slots * top_w[:, :, None, None], axis=1)
+  return dispatch, combine
+
+
+class MoEBlock(nn.Module):
+  """Routed experts (+ optional shared expert). Returns (output, routing stats, losses)."""
+
+  config: MoEConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None
+               ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+    cfg = self.config
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    b, t, d = x.shape
+    tokens = x.reshape(b * t, d)
+    valid = (jnp.ones((b * t,), jnp.float32) if mask is None
+             else mask.reshape(b * t).astype(jnp.float32))
+    logits, probs, top_w, top_idx = Router(
+        cfg.num_experts, cfg.top_k, cfg.router_bias, cfg.norm_topk_prob,
+        cfg.routed_scaling_factor, cfg.initializer_range, name="router")(tokens)
+    lora_r = cfg.lora_rank if "experts" in cfg.lora_targets else 0
+    experts = Experts(cfg.num_experts, cfg.moe_intermediate_size, lora_r, cfg.lora_alpha,
+                      dtype, pdtype, cfg.initializer_range, name="experts")
+    e = cfg.num_experts
+    if cfg.capacity_factor is not None:
+      cap = expert_capacity(b * t, e, cfg.top_k, cfg.capacity_factor)
+      dispatch, combine = capacity_dispatch(top_idx, top_w, valid, e, cap)
+      expert_in = jnp.einsum("tec,td->ecd", dispatch.astype(dtype), tokens.astype(dtype))
+      expert_out = experts(expert_in, mode="grouped")
+      out = jnp.einsum("tec,ecd->td", combine.astype(dtype), expert_out)
+    elif cfg.moe_impl == "ragged":
+      flat_idx = top_idx.reshape(-1)
+      order = jnp.argsort(flat_idx, stable=True)
+      token_of = order // cfg.top_k
+      group_sizes = jnp.bincount(flat_idx, length=e).astype(jnp.int32)
+      y_sorted = experts(tokens[token_of], mode="ragged", group_sizes=group_sizes)
+      w_sorted = top_w.reshape(-1)[order].astype(y_sorted.dtype)
+      out = jnp.zeros((b * t, d), y_sorted.dtype).at[token_of].add(y_sorted * w_sorted[:, None])
+    else:
+      combine = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=jnp.float32) * top_w[..., None],
+                        axis=-2)  # (T, E)
+      expert_out = experts(tokens)  # (T, E, D)
+      out = jnp.einsum("te,ted->td", combine.astype(expert_out.dtype), expert_out)
+
+    if cfg.shared_expert_intermediate_size > 0:
+      shared_r = cfg.lora_rank if "shared_expert" in cfg.lora_targets else 0
+      shared = MLP(cfg.shared_expert_intermediate_size, shared_r, cfg.lora_alpha, dtype,
+                   pdtype, cfg.initializer_range, name="shared_expert")(tokens)
+      if cfg.shared_expert_gate:
+        gate = LoRADense(1, dtype=dtype, param_dtype=pdtype, init_std=cfg.initializer_range,
+                         name="shared_expert_gate")(tokens)
+        shared = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(shared.dtype) * shared
+      out = out + shared
+
+    stats = routing_stats(probs, top_idx, tokens, valid)
+    n = jnp.maximum(stats["token_count"], 1.0)
+    # Load balance E * sum_e f_e P_e (f_e: fraction of tokens selecting e, P_e: mean prob);
+    # gradients reach the router through P_e only, as in Switch / Mixtral.
+    lb = e * jnp.sum((stats["select_count"] / n) * (stats["prob_sum"] / n))
+    z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * valid) / n
+    losses = {"load_balance_loss": lb, "router_z_loss": z}
+    return out.reshape(b, t, d).astype(x.dtype), stats, losses
