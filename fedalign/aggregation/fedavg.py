@@ -30,7 +30,12 @@ SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 def server_optimizer(name: str = "sgd", learning_rate: float = 1.0, momentum: float = 0.9,
                      b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
                      ) -> optax.GradientTransformation:
-  """The server optimizer of a FedOpt method (eps = tau of Reddi et al., default 1e-3)."""
+  """The server optimizer of a FedOpt method (eps = tau of Reddi et al., default 1e-3).
+
+  FedAdam / FedYogi are optax's adam / yogi (bias-corrected); FedAdagrad is optax's adagrad,
+  whose eps sits inside the square root and which has no first moment (Reddi et al. put tau
+  outside and use momentum): a documented simplification.
+  """
   if name == "sgd":
     return optax.sgd(learning_rate)
   if name == "momentum":

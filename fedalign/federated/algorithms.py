@@ -104,8 +104,11 @@ def make_algorithm(config: Any, trainable: PyTree, num_clients: int) -> Algorith
     return Algorithm(method, modular_aggregator(server_optimizer=opt))
   if method == "fedalign":
     from fedalign.aggregation import fedalign as fa
-    fa_cfg = fa.FedAlignConfig(**{k: v for k, v in config.fedalign.to_dict().items()},
-                               server_optimizer=opt)
+    fields = dict(config.fedalign.to_dict())
+    if not fields.get("centroid_clip"):
+      fields["centroid_clip"] = None  # 0 in the config means 'no clipping'
+    fa_cfg = fa.as_fedalign_config(dict(fields, server_optimizer=opt,
+                                        seed=int(config.get("seed", 0))))
     lam = fa_cfg.lambda_reg
 
     def reg(params, global_params, broadcast, aux):
@@ -113,5 +116,6 @@ def make_algorithm(config: Any, trainable: PyTree, num_clients: int) -> Algorith
       return lam * fa.gating_regularizer(aux["routing"], broadcast["p_g"], broadcast["alpha"])
 
     agg = fa.fedalign_aggregator(fa_cfg)
+    agg = Aggregator(lambda params: agg.init(params, trainable), agg.aggregate)
     return Algorithm(method, agg, broadcast=fa.broadcast, client_loss=reg)
   raise ValueError(f"config.method={method!r} is unknown: expected one of {METHODS}.")

@@ -1,0 +1,406 @@
+"""The server loop: data, model, rounds, evaluation, logging and checkpoints.
+
+:func:`run_experiment` is what ``python -m fedalign.main`` calls. Every random choice derives
+from ``(config.seed, round)`` (client sampling, data order) or ``(seed, round, client)``
+(client rngs), so a run resumed from a checkpoint reproduces the uninterrupted run.
+
+Outputs in the workdir: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object
+per evaluated round), ``summary.json``, ``checkpoints/``, ``plots/`` and ``tokenizer.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from fedalign.checkpoint import Checkpointer
+from fedalign.federated.algorithms import METHODS, make_algorithm
+from fedalign.federated.client import make_client_update
+from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_fn
+from fedalign.federated.task import CausalLMTask
+from fedalign.models import MoEConfig, build_module, family_config, init_params
+from fedalign.models.lora import partition, trainable_mask
+
+log = logging.getLogger(__name__)
+PyTree = Any
+# Fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = ("train.rounds", "eval.every", "checkpoint.every", "checkpoint.keep")
+
+
+# ----------------------------------------------------------------------------- config checks
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects bad fields before any compute, naming the field and the accepted values."""
+
+  def bad(field, value, expected):
+    raise ValueError(f"config.{field}={value!r} is invalid: expected {expected}.")
+
+  if config.method not in METHODS:
+    bad("method", config.method, f"one of {METHODS}")
+  d, t = config.data, config.train
+  if d.num_clients < 1:
+    bad("data.num_clients", d.num_clients, "an integer >= 1")
+  if not 1 <= t.clients_per_round <= d.num_clients:
+    bad("train.clients_per_round", t.clients_per_round,
+        f"an integer in [1, data.num_clients={d.num_clients}]")
+  if d.partition not in ("dirichlet", "iid", "pathological"):
+    bad("data.partition", d.partition, "one of ('dirichlet', 'iid', 'pathological')")
+  if d.partition == "dirichlet" and d.alpha <= 0:
+    bad("data.alpha", d.alpha, "a positive float")
+  if t.rounds < 1:
+    bad("train.rounds", t.rounds, "an integer >= 1")
+  if t.local_steps < 0 or (t.local_steps == 0 and t.local_epochs < 1):
+    bad("train.local_epochs", t.local_epochs, "an integer >= 1 (or train.local_steps > 0)")
+  if t.batch_size < 1:
+    bad("train.batch_size", t.batch_size, "an integer >= 1")
+  if t.optimizer not in ("adamw", "sgd"):
+    bad("train.optimizer", t.optimizer, "one of ('adamw', 'sgd')")
+  if t.trainable not in ("full", "lora"):
+    bad("train.trainable", t.trainable, "one of ('full', 'lora')")
+  if t.trainable == "lora" and config.model.lora_rank < 1 and not config.model.hf_checkpoint:
+    bad("model.lora_rank", config.model.lora_rank, "an integer >= 1 when train.trainable='lora'")
+  if t.chunk_size < 0:
+    bad("train.chunk_size", t.chunk_size, "0 (all clients at once) or a positive integer")
+  if config.eval.every < 1:
+    bad("eval.every", config.eval.every, "an integer >= 1")
+  if config.checkpoint.every < 0:
+    bad("checkpoint.every", config.checkpoint.every, "0 (never) or a positive integer")
+
+
+def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir whose saved config differs (except :data:`RESUMABLE_FIELDS`)."""
+  path = workdir / "config.json"
+  new = _flatten(json.loads(config.to_json()))
+  if path.exists():
+    old = _flatten(json.loads(path.read_text()))
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    if diff:
+      details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:10])
+      raise ValueError(f"workdir {workdir} holds a run of a different config ({details}); "
+                       "use a new --workdir or the same config to resume.")
+  path.write_text(config.to_json(indent=2))
+
+
+# ----------------------------------------------------------------------------- model
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MoEConfig:
+  m = config.model
+  fields = dict(vocab_size=vocab_size, hidden_size=m.hidden_size,
+                intermediate_size=m.intermediate_size, num_layers=m.num_layers,
+                num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, num_experts=m.num_experts,
+                top_k=m.top_k, moe_intermediate_size=m.moe_intermediate_size,
+                shared_expert_intermediate_size=m.shared_expert_intermediate_size,
+                lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, moe_impl=m.moe_impl,
+                router_aux_loss_coef=config.train.load_balance_coef,
+                router_z_loss_coef=config.train.z_loss_coef,
+                max_position_embeddings=max(config.data.seq_len, 8))
+  if m.family in ("deepseek_moe",) and m.shared_expert_intermediate_size == 0:
+    fields.pop("shared_expert_intermediate_size")
+  return family_config(m.family, **fields)
+
+
+def client_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  t = config.train
+  if t.optimizer == "adamw":
+    opt = optax.adamw(t.learning_rate, weight_decay=t.weight_decay)
+  else:
+    opt = optax.sgd(t.learning_rate)
+  if t.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(t.grad_clip), opt)
+  return opt
+
+
+# ----------------------------------------------------------------------------- data
+class FederatedData:
+  """Formatted train/test arrays, the client partition and the tokenizer of a run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
+    from fedalign.data import partition as part
+    from fedalign.data.agnews import AGNEWS_LABEL_WORDS, AGNEWS_TEMPLATE, load_embedded_agnews
+    from fedalign.data.formatting import format_classification, single_token_ids
+    from fedalign.data.tokenize import load_tokenizer, train_bpe
+
+    d = config.data
+    if d.dataset == "agnews_embedded":
+      train, test = load_embedded_agnews()
+    elif d.dataset == "agnews":
+      from fedalign.data.agnews import TextSplit
+      from fedalign.data.builders import load_records
+      if not d.data_dir:
+        raise ValueError("config.data.data_dir is empty: dataset='agnews' reads the AG News "
+                         "CSV files from a manual directory (see fedalign.data.sources).")
+      splits = []
+      for split in ("train", "test"):
+        recs = load_records("ag_news", split, d.data_dir, str(workdir / "tfds"))
+        splits.append(TextSplit([r["text"] for r in recs],
+                                np.asarray([r["label"] for r in recs], np.int32)))
+      train, test = splits
+    else:
+      raise ValueError(f"config.data.dataset={d.dataset!r} is invalid: expected one of "
+                       "('agnews_embedded', 'agnews').")
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 7919]))
+    if d.max_train_examples and d.max_train_examples < len(train):
+      train = train.subset(np.sort(rng.choice(len(train), d.max_train_examples, replace=False)))
+    if d.max_test_examples and d.max_test_examples < len(test):
+      test = test.subset(np.sort(rng.choice(len(test), d.max_test_examples, replace=False)))
+    self.num_classes = len(AGNEWS_LABEL_WORDS)
+
+    labels = np.asarray(train.label)
+    if d.partition == "dirichlet":
+      self.clients = part.dirichlet_partition(labels, d.num_clients, d.alpha, config.seed,
+                                              min_size=d.min_client_size)
+    elif d.partition == "iid":
+      self.clients = part.iid_partition(len(labels), d.num_clients, config.seed)
+    else:
+      self.clients = part.pathological_partition(labels, d.num_clients,
+                                                 d.classes_per_client, config.seed)
+    empty = [i for i, c in enumerate(self.clients) if len(c) == 0]
+    if empty:
+      raise ValueError(f"the {d.partition} partition leaves clients {empty} with no data: "
+                       "lower data.num_clients or raise data.alpha / data.min_client_size.")
+    self.client_sizes = np.array([len(c) for c in self.clients])
+    self.label_counts = part.label_counts(labels, self.clients, self.num_classes)
+
+    tok_path = workdir / "tokenizer.json"
+    if d.tokenizer == "bpe":
+      if tok_path.exists():
+        self.tokenizer = load_tokenizer(tok_path)
+      else:
+        client_text = [train.text[i] for c in self.clients for i in c]
+        self.tokenizer = train_bpe(client_text, d.vocab_size, path=tok_path,
+                                   added_tokens=AGNEWS_LABEL_WORDS)
+    else:
+      self.tokenizer = load_tokenizer(d.tokenizer)
+    fmt = dict(label_words=AGNEWS_LABEL_WORDS, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
+    ex = format_classification(train.text, train.label, self.tokenizer, **fmt)
+    self.train = {k: ex[k] for k in ("tokens", "mask", "target_mask")}
+    self.test = format_classification(test.text, test.label, self.tokenizer, **fmt)
+    self.candidate_ids = single_token_ids(self.tokenizer, AGNEWS_LABEL_WORDS)
+    self.test_labels = np.asarray(test.label)
+
+  def round_batches(self, config: ml_collections.ConfigDict, client_ids: np.ndarray,
+                    round_idx: int) -> dict[str, np.ndarray]:
+    """(C, S, B, T) arrays of the sampled clients for one round."""
+    from fedalign.data.batching import make_client_batches
+    t = config.train
+    kw = dict(num_steps=t.local_steps) if t.local_steps > 0 else dict(epochs=t.local_epochs)
+    if t.local_steps == 0:
+      # One compiled shape for the whole run: pad to the largest client's step count.
+      kw["num_padded_steps"] = int(t.local_epochs * math.ceil(self.client_sizes.max()
+                                                               / t.batch_size))
+    b = make_client_batches(self.train, [self.clients[c] for c in client_ids], t.batch_size,
+                            seed=config.seed, round=round_idx, client_ids=client_ids, **kw)
+    return {k: b[k] for k in ("tokens", "mask", "target_mask", "step_mask")}
+
+
+def sample_clients(seed: int, round_idx: int, num_clients: int, per_round: int) -> np.ndarray:
+  """Sorted client ids of a round, derived from (seed, round) only."""
+  rng = np.random.default_rng(np.random.SeedSequence([seed, round_idx, 104729]))
+  return np.sort(rng.choice(num_clients, per_round, replace=False))
+
+
+def _to_py(x: Any) -> Any:
+  x = np.asarray(x)
+  return x.item() if x.ndim == 0 else x.tolist()
+
+
+# ----------------------------------------------------------------------------- the run
+def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                   ) -> dict[str, Any]:
+  """Runs (or resumes) a federated experiment; returns the summary written to summary.json.
+
+  Example (a few seconds on CPU):
+    >>> import tempfile, importlib.util
+    >>> spec = importlib.util.spec_from_file_location('c', 'configs/default.py')
+    >>> mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    >>> cfg = mod.get_config('runlocal'); cfg.train.rounds = 1
+    >>> summary = run_experiment(cfg, tempfile.mkdtemp())  # doctest: +SKIP
+  """
+  from fedalign.metrics.evaluation import client_accuracy, make_classification_evaluator
+
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  check_workdir_config(workdir, config)
+  t0 = time.time()
+  data = FederatedData(config, workdir)
+  mcfg = model_config_from(config, data.tokenizer.vocab_size)
+  module = build_module(mcfg)
+  params = init_params(mcfg, jax.random.key(config.seed), seq_len=config.data.seq_len)
+  mask = trainable_mask(params, config.train.trainable)
+  trainable, _ = partition(params, mask)
+  algorithm = make_algorithm(config, trainable, config.data.num_clients)
+  task = CausalLMTask(module)
+  client_update = make_client_update(
+      task, algorithm, client_optimizer(config),
+      load_balance_coef=config.train.load_balance_coef,
+      z_loss_coef=config.train.z_loss_coef, learning_rate=config.train.learning_rate)
+  mesh = None
+  if config.train.use_mesh:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (CLIENT_AXIS,))
+  chunk = config.train.chunk_size or None
+  round_fn = jax.jit(make_round_fn(client_update, algorithm, mask, seed=config.seed,
+                                   chunk_size=chunk, mesh=mesh))
+  evaluate = make_classification_evaluator(
+      lambda p, tok, m: module.apply({"params": p}, tok, m)[0], data.candidate_ids,
+      config.eval.batch_size)
+  test_examples = {k: jnp.asarray(v) for k, v in data.test.items()
+                   if k in ("tokens", "mask", "target_mask", "labels", "last_index")}
+
+  state = init_server_state(params, algorithm, mask, config.data.num_clients)
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
+  start_round, history = 0, []
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, meta = restored
+    state = jax.tree.map(jnp.asarray, state)
+    start_round = int(meta["round"])
+    history = list(meta.get("history", []))
+    log.info("resumed from round %d (%s)", start_round, ckpt.directory)
+  metrics_path = workdir / "metrics.jsonl"
+  _truncate_metrics(metrics_path, start_round)
+
+  cpr = config.train.clients_per_round
+  pad_to = cpr if chunk is None else int(math.ceil(cpr / chunk) * chunk)
+  if mesh is not None:
+    pad_to = int(math.ceil(pad_to / mesh.size) * mesh.size)
+  rounds = config.train.rounds
+  bar = tqdm(range(start_round, rounds), desc=f"{config.method}", initial=start_round,
+             total=rounds, disable=None)
+  for r in bar:
+    rt = time.time()
+    ids = sample_clients(config.seed, r, config.data.num_clients, cpr)
+    batches = data.round_batches(config, ids, r)
+    weights = data.client_sizes[ids].astype(np.float32)
+    if pad_to > cpr:  # weight-0 padding clients (chunks / devices)
+      extra = pad_to - cpr
+      batches = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+                 for k, v in batches.items()}
+      weights = np.concatenate([weights, np.zeros(extra, np.float32)])
+      ids_in = np.concatenate([ids, np.repeat(ids[:1], extra)])
+    else:
+      ids_in = ids
+    state, out = round_fn(state, batches, jnp.asarray(weights), jnp.asarray(ids_in), r)
+    train_loss = float(out["train_loss"])
+    excluded = [int(c) for c, e in zip(ids, np.asarray(out["excluded"])[:cpr]) if e]
+    round_time = time.time() - rt
+    record = {"round": r + 1, "method": config.method, "train_loss": train_loss,
+              "excluded_clients": excluded, "round_time_s": round_time}
+    if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
+      ev = evaluate(state["params"], test_examples)
+      record["test_accuracy"] = float(ev["acc"])
+      if config.eval.per_client:
+        acc_c = client_accuracy(ev["correct"], test_examples["labels"], data.label_counts)
+        record["client_accuracy"] = [round(float(a), 5) for a in acc_c]
+        record["mean_client_accuracy"] = float(jnp.mean(acc_c))
+      record.update(_diagnostics(out))
+      record["elapsed_s"] = time.time() - t0
+      history.append({"round": r + 1, "test_accuracy": record["test_accuracy"],
+                      "train_loss": train_loss})
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+      bar.set_postfix(acc=f"{record['test_accuracy']:.3f}", loss=f"{train_loss:.3f}")
+      log.info("round %d/%d %s test_accuracy=%.4f train_loss=%.4f (%.1fs)", r + 1, rounds,
+               config.method, record["test_accuracy"], train_loss, round_time)
+    if excluded:
+      log.warning("round %d: clients %s sent non-finite updates and were excluded", r + 1,
+                  excluded)
+    every = config.checkpoint.every
+    if every and ((r + 1) % every == 0 or r + 1 == rounds):
+      ckpt.save(r + 1, state, {"round": r + 1, "history": history})
+  ckpt.close()
+
+  accs = [h["test_accuracy"] for h in history]
+  summary = {
+      "method": config.method,
+      "final_test_accuracy": accs[-1] if accs else float("nan"),
+      "best_test_accuracy": max(accs) if accs else float("nan"),
+      "last5_mean_test_accuracy": float(np.mean(accs[-5:])) if accs else float("nan"),
+      "rounds": rounds,
+      "num_clients": config.data.num_clients,
+      "client_sizes": data.client_sizes.tolist(),
+      "wall_time_s": time.time() - t0,
+      "config": json.loads(config.to_json()),
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  _plot(workdir, history, data, config)
+  return summary
+
+
+def _diagnostics(out: dict[str, Any]) -> dict[str, Any]:
+  """Scalar diagnostics of the aggregator plus routing divergence and role preservation."""
+  from fedalign.metrics import routing_metrics as rm
+  from fedalign.models.routing import finalize_stats
+  rec: dict[str, Any] = {}
+  for k, v in out["diagnostics"].items():
+    v = np.asarray(v)
+    rec[f"agg/{k}"] = _to_py(v) if v.size <= 64 else float(v.mean())
+  divs, roles = [], []
+  for path, s in out["routing_stats"].items():
+    if path.startswith("_"):
+      continue
+    f = finalize_stats(s)
+    real = np.asarray(s["token_count"]) > 0
+    if not real.any():
+      continue
+    p = f["p"][real]
+    p_mean = jnp.mean(p, axis=0)
+    divs.append(float(rm.routing_divergence(p, p_mean / jnp.sum(p_mean),
+                                            jnp.ones(p.shape[0]))))
+    roles.append(float(rm.expert_role_preservation(f["mu"][real], f["c"][real])))
+  if divs:
+    rec["routing_divergence"] = float(np.mean(divs))
+    rec["expert_role_preservation"] = float(np.mean(roles))
+  return rec
+
+
+def _truncate_metrics(path: pathlib.Path, start_round: int) -> None:
+  """Drops metric lines past the resumed round so a resumed file equals an uninterrupted one."""
+  if not path.exists():
+    return
+  keep = [line for line in path.read_text().splitlines()
+          if line.strip() and json.loads(line)["round"] <= start_round]
+  path.write_text("".join(line + "\n" for line in keep))
+
+
+def _plot(workdir: pathlib.Path, history: list[dict], data: FederatedData,
+          config: ml_collections.ConfigDict) -> None:
+  """Accuracy-vs-round curve and the partition's clients x classes counts."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from fedalign.data.partition import plot_label_counts
+  plots = workdir / "plots"
+  plots.mkdir(exist_ok=True)
+  if history:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([h["round"] for h in history], [h["test_accuracy"] for h in history], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy")
+    ax.set_title(f"{config.method}, alpha={config.data.alpha}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plots / "accuracy.png", dpi=120)
+    plt.close(fig)
+  plot_label_counts(data.label_counts, plots / "partition.png")
