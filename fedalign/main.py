@@ -21,6 +21,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
   from fedalign.federated.server import run_experiment
   summary = run_experiment(_CONFIG.value, _WORKDIR.value)
   print(f"final_test_accuracy={summary['final_test_accuracy']:.4f} "

@@ -21,3 +21,18 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not found")
     return SHARED_DATA
+
+
+def pytest_configure(config):
+  """A persistent XLA compilation cache shared by the tests of one run.
+
+  Several tests build the same federated round in fresh closures (e.g. an interrupted run
+  and its resumption); the cache turns their identical compilations into lookups.
+  """
+  import tempfile
+
+  import jax
+  cache = os.environ.get("FEDALIGN_TEST_COMPILATION_CACHE") or tempfile.mkdtemp(
+      prefix="fedalign-xla-cache-")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -115,7 +115,7 @@ def make_algorithm(config: Any, trainable: PyTree, num_clients: int) -> Algorith
       del params, global_params
       return lam * fa.gating_regularizer(aux["routing"], broadcast["p_g"], broadcast["alpha"])
 
-    agg = fa.fedalign_aggregator(fa_cfg)
-    agg = Aggregator(lambda params: agg.init(params, trainable), agg.aggregate)
+    fa_agg = fa.fedalign_aggregator(fa_cfg)
+    agg = Aggregator(lambda params: fa_agg.init(params, trainable), fa_agg.aggregate)
     return Algorithm(method, agg, broadcast=fa.broadcast, client_loss=reg)
   raise ValueError(f"config.method={method!r} is unknown: expected one of {METHODS}.")

@@ -64,9 +64,10 @@ def make_client_update(task: Any, algorithm: Algorithm, optimizer: optax.Gradien
     zero_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
     opt_state = optimizer.init(global_trainable)
 
-    def step(carry, inp):
+    def step(i, carry):
       params, opt_state, stats_acc, loss_acc = carry
-      batch, real, i = inp
+      batch = jax.tree.map(lambda x: x[i], data)
+      real = step_mask[i]
       (_, (task_loss, stats)), grads = grad_fn(params, frozen, global_trainable, batch,
                                                broadcast, jax.random.fold_in(rng, i))
       if algorithm.correct_grads is not None:
@@ -77,12 +78,14 @@ def make_client_update(task: Any, algorithm: Algorithm, optimizer: optax.Gradien
       opt_state = _select(real, new_opt_state, opt_state)
       stats_acc = jax.tree.map(lambda a, s: a + jnp.where(real, s, 0), stats_acc, stats)
       loss_acc = loss_acc + jnp.where(real, task_loss, 0.0)
-      return (params, opt_state, stats_acc, loss_acc), None
+      return params, opt_state, stats_acc, loss_acc
 
-    steps = step_mask.shape[0]
+    # The loop runs up to the last real step only (a dynamic trip count): under vmap it runs
+    # to the longest client of the vmapped group, so grouping clients of similar size into
+    # chunks (see round.make_round_fn) skips most padded steps instead of computing them.
+    last = jnp.max(jnp.where(step_mask, jnp.arange(step_mask.shape[0]) + 1, 0))
     init = (global_trainable, opt_state, zero_stats, jnp.zeros((), jnp.float32))
-    (params, _, stats, loss_sum), _ = jax.lax.scan(
-        step, init, (data, step_mask, jnp.arange(steps)))
+    params, _, stats, loss_sum = jax.lax.fori_loop(0, last, step, init)
     delta = jax.tree.map(lambda a, b: a - b, params, global_trainable)
     num_steps = jnp.sum(step_mask.astype(jnp.float32))
     metrics = {"train_loss": loss_sum / jnp.maximum(num_steps, 1.0), "num_steps": num_steps}

@@ -291,6 +291,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   for r in bar:
     rt = time.time()
     ids = sample_clients(config.seed, r, config.data.num_clients, cpr)
+    if chunk is not None:  # chunks of similar size: the local loop stops at a chunk's longest
+      ids = ids[np.argsort(-data.client_sizes[ids], kind="stable")]
     batches = data.round_batches(config, ids, r)
     weights = data.client_sizes[ids].astype(np.float32)
     if pad_to > cpr:  # weight-0 padding clients (chunks / devices)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -70,9 +71,11 @@ class MoEModel:
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is not None:
       attention_mask = jnp.asarray(attention_mask).astype(bool)
-    return _jitted_apply(self.module, self.params, input_ids, attention_mask, **kwargs)
+    return _jitted_apply(self.module)(self.params, input_ids, attention_mask, **kwargs)
 
 
-def _jitted_apply(module, params, input_ids, attention_mask, **kwargs):
-  return jax.jit(lambda p, i, m: module.apply({"params": p}, i, m, **kwargs))(
-      params, input_ids, attention_mask)
+@functools.lru_cache(maxsize=32)
+def _jitted_apply(module: nn.Module):
+  """One jitted apply per module (modules with equal configs are equal), so repeated calls
+  of a model handle reuse the compiled forward."""
+  return jax.jit(lambda p, i, m, **kw: module.apply({"params": p}, i, m, **kw))
