@@ -15,6 +15,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, plots.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, "
+    "multi-node GPUs); see fedalign/federated/distributed.py.")
 
 
 def main(argv: list[str]) -> None:
@@ -22,6 +25,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+  if _DISTRIBUTED.value:
+    from fedalign.federated.distributed import initialize
+    initialize()
   from fedalign.federated.server import run_experiment
   summary = run_experiment(_CONFIG.value, _WORKDIR.value)
   print(f"final_test_accuracy={summary['final_test_accuracy']:.4f} "
