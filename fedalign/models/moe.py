@@ -65,9 +65,14 @@ class Experts(nn.Module):
   param_dtype: Any = jnp.float32
   init_std: float = 0.02
 
+  def weight_shapes(self, d_model: int) -> dict[str, tuple[int, int, int]]:
+    """Stacked expert weights (E, in, out); subclasses (Switch) override only this."""
+    e, f = self.num_experts, self.intermediate_size
+    return {"wi_0": (e, d_model, f), "wi_1": (e, d_model, f), "wo": (e, f, d_model)}
+
   def setup_params(self, d_model: int) -> dict[str, Array]:
-    e, f, r = self.num_experts, self.intermediate_size, self.lora_rank
-    shapes = {"wi_0": (e, d_model, f), "wi_1": (e, d_model, f), "wo": (e, f, d_model)}
+    e, r = self.num_experts, self.lora_rank
+    shapes = self.weight_shapes(d_model)
     w = {name: self.param(name, nn.initializers.normal(self.init_std), shape,
                           self.param_dtype) for name, shape in shapes.items()}
     if r > 0:

@@ -389,19 +389,9 @@ class SwitchExperts(Experts):
   activation: str = "relu"
   dropout_rate: float = 0.0
 
-  def setup_params(self, d_model: int) -> dict[str, Array]:
-    e, f, r = self.num_experts, self.intermediate_size, self.lora_rank
-    shapes = {"wi": (e, d_model, f), "wo": (e, f, d_model)}
-    w = {name: self.param(name, nn.initializers.normal(self.init_std), shape,
-                          self.param_dtype) for name, shape in shapes.items()}
-    if r > 0:
-      for name, (_, d_in, d_out) in shapes.items():
-        w[f"{name}_lora_a"] = self.param(f"{name}_lora_a",
-                                         nn.initializers.normal(1.0 / d_in ** 0.5),
-                                         (e, d_in, r), self.param_dtype)
-        w[f"{name}_lora_b"] = self.param(f"{name}_lora_b", nn.initializers.zeros,
-                                         (e, r, d_out), self.param_dtype)
-    return jax.tree.map(lambda a: a.astype(self.dtype), w)
+  def weight_shapes(self, d_model: int) -> dict[str, tuple[int, int, int]]:
+    e, f = self.num_experts, self.intermediate_size
+    return {"wi": (e, d_model, f), "wo": (e, f, d_model)}
 
   @nn.compact
   def __call__(self, x: Array, mode: str = "grouped", group_sizes: Array | None = None,
