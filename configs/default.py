@@ -37,8 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_test_examples = 0           # 0 = all of the test split
 
   c.model = ml_collections.ConfigDict()
+  c.model.type = "decoder"               # decoder (MoE causal LM) | switch (encoder-decoder)
   c.model.family = "mixtral"
-  c.model.hf_checkpoint = ""             # a local HF checkpoint directory (overrides the sizes)
+  c.model.hf_checkpoint = ""             # a local HF checkpoint directory (overrides the sizes
+                                         # and the tokenizer: its tokenizer.json)
   c.model.hidden_size = 64
   c.model.intermediate_size = 128
   c.model.num_layers = 2

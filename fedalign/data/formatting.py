@@ -20,6 +20,12 @@ Classification has two formats (``mode``):
 
 Both give ``labels`` (N,) int32 and ``last_index`` (N,) (position of the last prompt token).
 
+Encoder-decoder (text-to-text, Switch / T5) classification: :func:`format_seq2seq_classification`
+puts the prompt (``template`` around the text, + EOS) in the encoder input ``tokens``/``mask``
+and the label word (+ EOS) in the decoder target ``target_tokens``/``target_mask``;
+:func:`seq2seq_label_candidates` gives every label word's target, scored as a whole sequence
+at evaluation (:func:`fedalign.metrics.evaluation.make_seq2seq_classification_evaluator`).
+
 Example:
     >>> from fedalign.data.tokenize import ByteTokenizer
     >>> ex = format_classification(["Goal!"], [1], ByteTokenizer(), max_len=24)
@@ -40,6 +46,9 @@ log = logging.getLogger(__name__)
 
 Examples = dict[str, np.ndarray]
 
+#: AG News label words for text-to-text models: the target starts the decoder, so no leading
+#: space (T5's SentencePiece adds its own word-start marker).
+AGNEWS_SEQ2SEQ_LABEL_WORDS: tuple[str, ...] = ("World", "Sports", "Business", "Tech")
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 MMLU_OPTIONS: tuple[str, ...] = (" A", " B", " C", " D")
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n{context}### Response:\n"
@@ -155,6 +164,103 @@ def format_classification(
     if cut:
         log.info("format_classification: %d of %d texts truncated to max_len=%d", cut, n, max_len)
     return {"tokens": tokens, "mask": mask, "target_mask": target, "labels": y, "last_index": last}
+
+
+def seq2seq_label_candidates(
+    tokenizer: Tokenizer, label_words: Sequence[str], *, add_eos: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder targets of the K label words: ``(ids (K, L) int32, mask (K, L) bool)``.
+
+    Each label word is tokenized on its own, never truncated (multi-token words keep every
+    token), followed by EOS when ``add_eos`` and the tokenizer has one, and right-padded with
+    ``pad_id`` to the longest. These are exactly the targets
+    :func:`format_seq2seq_classification` trains on.
+
+    >>> from fedalign.data.tokenize import ByteTokenizer
+    >>> ids, mask = seq2seq_label_candidates(ByteTokenizer(), ["a", "bc"])
+    >>> ids.tolist(), mask.sum(-1).tolist()
+    ([[100, 2, 0], [101, 102, 2]], [2, 3])
+    """
+    from fedalign.models.switch import pack_targets
+
+    eos = tokenizer.eos_id if add_eos else None
+    return pack_targets(label_word_ids(tokenizer, label_words), pad_id=tokenizer.pad_id,
+                        eos_id=eos)
+
+
+def format_seq2seq_classification(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    tokenizer: Tokenizer,
+    *,
+    label_words: Sequence[str] = AGNEWS_SEQ2SEQ_LABEL_WORDS,
+    template: str = AGNEWS_TEMPLATE,
+    max_len: int = 64,
+    target_len: int | None = None,
+    add_eos: bool = True,
+) -> Examples:
+    """Formats a classification set for an encoder-decoder (text-to-text) model.
+
+    Encoder input: ``template`` with ``{text}`` filled (the text truncated from its left when
+    too long; the template's fixed parts are kept), then EOS when ``add_eos`` and the tokenizer
+    has one (T5 inputs end with ``</s>``). No BOS. Decoder target: the label word's tokens
+    (+ EOS), never truncated - a ``target_len`` too short for a label word is an error.
+
+    Args:
+      texts, labels: N examples, labels in ``0..len(label_words)-1``.
+      tokenizer: any :class:`~fedalign.data.tokenize.Tokenizer`.
+      label_words: the target text of each class.
+      template: prompt with ``{text}`` once.
+      max_len: encoder length T.
+      target_len: decoder length L; None = the longest label word (+ EOS).
+      add_eos: append EOS to the encoder input and to the target.
+
+    Returns:
+      ``tokens`` (N, T) int32, ``mask`` (N, T) bool, ``target_tokens`` (N, L) int32,
+      ``target_mask`` (N, L) bool, ``labels`` (N,) int32.
+
+    >>> from fedalign.data.tokenize import ByteTokenizer
+    >>> ex = format_seq2seq_classification(["Goal!"], [1], ByteTokenizer(), max_len=16,
+    ...                                    label_words=["World", "Sports"])
+    >>> ex["tokens"].shape, ex["target_tokens"].shape, int(ex["target_mask"].sum())
+    ((1, 16), (1, 7), 7)
+    """
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    y = _check_labels(labels, len(label_words), f"{len(label_words)} label words")
+    cand, cand_mask = seq2seq_label_candidates(tokenizer, label_words, add_eos=add_eos)
+    longest = int(cand_mask.sum(-1).max())
+    if target_len is None:
+        target_len = longest
+    elif target_len < longest:
+        word = label_words[int(np.argmax(cand_mask.sum(-1)))]
+        raise ValueError(
+            f"target_len={target_len} is too small for label word {word!r} ({longest} tokens "
+            f"with EOS): label words are never truncated; raise target_len.")
+    prefix, suffix = _split_template(template)
+    head = tokenizer.encode([prefix])[0] if prefix else []
+    tail = tokenizer.encode([suffix])[0] if suffix else []
+    eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
+    body = tokenizer.encode(list(texts))
+    n = len(body)
+    tokens = np.full((n, max_len), tokenizer.pad_id, dtype=np.int32)
+    mask = np.zeros((n, max_len), dtype=bool)
+    cut = 0
+    for i in range(n):
+        seq, _, c = _fit(head, body[i], tail, eos, max_len)
+        cut += c
+        tokens[i, : len(seq)] = seq
+        mask[i, : len(seq)] = True
+    if cut:
+        log.info("format_seq2seq_classification: %d of %d texts truncated to max_len=%d", cut,
+                 n, max_len)
+    width = cand.shape[1]
+    target = np.full((n, target_len), tokenizer.pad_id, dtype=np.int32)
+    target_mask = np.zeros((n, target_len), dtype=bool)
+    target[:, :width] = cand[y]
+    target_mask[:, :width] = cand_mask[y]
+    return {"tokens": tokens, "mask": mask, "target_tokens": target,
+            "target_mask": target_mask, "labels": y}
 
 
 def format_multiple_choice(

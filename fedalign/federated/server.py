@@ -6,6 +6,24 @@ from ``(config.seed, round)`` (client sampling, data order) or ``(seed, round, c
 
 Outputs in the workdir: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object
 per evaluated round), ``summary.json``, ``checkpoints/``, ``plots/`` and ``tokenizer.json``.
+
+Models (``config.model.type``):
+
+* ``'decoder'`` (default): an MoE causal LM (:class:`~fedalign.models.MoEConfig` from the
+  ``config.model`` sizes), trained with :class:`~fedalign.federated.task.CausalLMTask` on
+  ``prompt + label word`` and evaluated by label-word scoring (one pass when every label word
+  is a single token, else each label word scored as a sequence);
+* ``'switch'``: the Switch Transformer encoder-decoder
+  (:class:`~fedalign.models.switch.SwitchConfig`), text-to-text: the prompt is the encoder
+  input, the label word (+ EOS) the decoder target
+  (:func:`~fedalign.data.formatting.format_seq2seq_classification`), trained with
+  :class:`~fedalign.federated.task.Seq2SeqTask` and evaluated by scoring every label word
+  sequence as the decoder target
+  (:func:`~fedalign.metrics.evaluation.make_seq2seq_classification_evaluator`).
+
+With ``config.model.hf_checkpoint`` (a local Hugging Face checkpoint directory) either type
+loads its config and weights with :func:`fedalign.models.hf.load_pretrained` instead of the
+``config.model`` sizes, and the tokenizer is the checkpoint's ``tokenizer.json``.
 """
 from __future__ import annotations
 
@@ -28,7 +46,7 @@ from fedalign.checkpoint import Checkpointer
 from fedalign.federated.algorithms import METHODS, make_algorithm
 from fedalign.federated.client import make_client_update
 from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_fn
-from fedalign.federated.task import CausalLMTask
+from fedalign.federated.task import CausalLMTask, Seq2SeqTask
 from fedalign.models import MoEConfig, build_module, family_config, init_params
 from fedalign.models.lora import partition, trainable_mask
 
@@ -36,6 +54,7 @@ log = logging.getLogger(__name__)
 PyTree = Any
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ("train.rounds", "eval.every", "checkpoint.every", "checkpoint.keep")
+MODEL_TYPES = ("decoder", "switch")
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -58,6 +77,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   if config.method not in METHODS:
     bad("method", config.method, f"one of {METHODS}")
+  if model_type(config) not in MODEL_TYPES:
+    bad("model.type", model_type(config), f"one of {MODEL_TYPES}")
+  if config.model.hf_checkpoint is None:  # an ml_collections placeholder nobody filled in
+    raise ValueError(
+        "config.model.hf_checkpoint is not set: this config fine-tunes a pretrained "
+        "checkpoint; pass --config.model.hf_checkpoint=/path/to/checkpoint (a local Hugging "
+        "Face directory with config.json, model.safetensors and tokenizer.json), or use the "
+        "config's ':runlocal' variant (tiny random-weights model).")
+  if config.model.hf_checkpoint:
+    ckpt = pathlib.Path(config.model.hf_checkpoint)
+    if not (ckpt / "config.json").is_file():
+      bad("model.hf_checkpoint", config.model.hf_checkpoint,
+          "a local Hugging Face checkpoint directory holding config.json, model.safetensors "
+          "and tokenizer.json (download it beforehand; nothing is fetched at run time)")
   d, t = config.data, config.train
   if d.num_clients < 1:
     bad("data.num_clients", d.num_clients, "an integer >= 1")
@@ -104,6 +137,84 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
 
 
 # ----------------------------------------------------------------------------- model
+def model_type(config: ml_collections.ConfigDict) -> str:
+  """``config.model.type``: 'decoder' (default, also for configs without the field) | 'switch'."""
+  return config.model.get("type", "decoder") or "decoder"
+
+
+def switch_config_from(config: ml_collections.ConfigDict, tokenizer: Any) -> Any:
+  """A random-init :class:`~fedalign.models.switch.SwitchConfig` from ``config.model``.
+
+  Reads ``hidden_size`` (d_model), ``intermediate_size`` (d_ff, dense and expert FFN),
+  ``num_layers`` (encoder and decoder), ``num_heads``, ``num_experts``, ``lora_rank``,
+  ``lora_alpha``, and the optional Switch fields ``d_kv`` (0 = hidden_size // num_heads),
+  ``sparse_step`` (default 2: every other layer is MoE), ``expert_capacity`` (tokens per expert
+  and row; 0 = dropless, default), ``dropout_rate`` and ``router_jitter_noise`` (default 0).
+  Special ids come from the tokenizer (pad = decoder start, as in T5).
+  """
+  from fedalign.models.switch import SwitchConfig
+  m = config.model
+  pad = tokenizer.pad_id
+  eos = tokenizer.eos_id if tokenizer.eos_id is not None else pad
+  step = int(m.get("sparse_step", 2))
+  capacity = int(m.get("expert_capacity", 0))
+  return SwitchConfig(
+      vocab_size=tokenizer.vocab_size, d_model=m.hidden_size, d_kv=int(m.get("d_kv", 0)) or None,
+      d_ff=m.intermediate_size, num_heads=m.num_heads, num_layers=m.num_layers,
+      num_decoder_layers=m.num_layers, num_experts=m.num_experts,
+      encoder_sparse_step=min(step, m.num_layers), decoder_sparse_step=min(step, m.num_layers),
+      expert_capacity=capacity or None, capacity_factor=None,
+      relative_attention_num_buckets=int(m.get("relative_attention_num_buckets", 32)),
+      relative_attention_max_distance=int(m.get("relative_attention_max_distance", 128)),
+      dropout_rate=float(m.get("dropout_rate", 0.0)),
+      router_jitter_noise=float(m.get("router_jitter_noise", 0.0)),
+      pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad,
+      router_aux_loss_coef=config.train.load_balance_coef,
+      router_z_loss_coef=config.train.z_loss_coef,
+      lora_rank=m.lora_rank, lora_alpha=m.lora_alpha).validate()
+
+
+def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, PyTree]:
+  """(model config, params) of a run: random init from ``config.model`` or, when
+  ``config.model.hf_checkpoint`` is set, the checkpoint (either model type).
+
+  Fine-tuning fields applied to a checkpoint: ``lora_rank`` / ``lora_alpha`` (when
+  ``lora_rank`` > 0: fresh adapters, the loaded function unchanged), ``moe_impl`` (decoder),
+  ``dropout_rate`` / ``router_jitter_noise`` (Switch, when the config has them).
+  """
+  m = config.model
+  mtype = model_type(config)
+  if not m.hf_checkpoint:
+    if mtype == "switch":
+      mcfg = switch_config_from(config, tokenizer)
+    else:
+      mcfg = model_config_from(config, tokenizer.vocab_size)
+    return mcfg, init_params(mcfg, jax.random.key(config.seed), seq_len=config.data.seq_len)
+  from fedalign.models.hf import load_pretrained, read_config
+  raw = read_config(pathlib.Path(m.hf_checkpoint))
+  is_switch = raw.get("model_type") == "switch_transformers"
+  if is_switch != (mtype == "switch"):
+    raise ValueError(
+        f"config.model.hf_checkpoint={m.hf_checkpoint!r} holds a {raw.get('model_type')!r} "
+        f"model but config.model.type={mtype!r}: set config.model.type="
+        f"{'switch' if is_switch else 'decoder'!r}.")
+  overrides: dict[str, Any] = {}
+  if m.lora_rank > 0:
+    overrides.update(lora_rank=m.lora_rank, lora_alpha=m.lora_alpha)
+  if is_switch:
+    for name in ("dropout_rate", "router_jitter_noise"):
+      if name in m:
+        overrides[name] = float(m[name])
+  else:
+    overrides["moe_impl"] = m.moe_impl
+  model = load_pretrained(m.hf_checkpoint, seed=config.seed, **overrides)
+  if tokenizer.vocab_size > model.config.vocab_size:
+    raise ValueError(
+        f"the tokenizer of {m.hf_checkpoint} has {tokenizer.vocab_size} tokens but the model "
+        f"only {model.config.vocab_size} embeddings: not the checkpoint's own tokenizer?")
+  return model.config, model.params
+
+
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MoEConfig:
   m = config.model
   fields = dict(vocab_size=vocab_size, hidden_size=m.hidden_size,
@@ -138,8 +249,8 @@ class FederatedData:
   def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
     from fedalign.data import partition as part
     from fedalign.data.agnews import AGNEWS_LABEL_WORDS, AGNEWS_TEMPLATE, load_embedded_agnews
-    from fedalign.data.formatting import format_classification, single_token_ids
-    from fedalign.data.tokenize import load_tokenizer, train_bpe
+    from fedalign.data import formatting as fmt_lib
+    from fedalign.data.tokenize import HFTokenizer, load_tokenizer, train_bpe
 
     d = config.data
     if d.dataset == "agnews_embedded":
@@ -182,22 +293,52 @@ class FederatedData:
     self.client_sizes = np.array([len(c) for c in self.clients])
     self.label_counts = part.label_counts(labels, self.clients, self.num_classes)
 
+    self.seq2seq = model_type(config) == "switch"
+    label_words = (fmt_lib.AGNEWS_SEQ2SEQ_LABEL_WORDS if self.seq2seq else AGNEWS_LABEL_WORDS)
+    self.label_words = label_words
     tok_path = workdir / "tokenizer.json"
-    if d.tokenizer == "bpe":
+    if config.model.hf_checkpoint:  # the checkpoint's own tokenizer, whatever data.tokenizer
+      self.tokenizer = HFTokenizer.from_file(config.model.hf_checkpoint)
+    elif d.tokenizer == "bpe":
       if tok_path.exists():
         self.tokenizer = load_tokenizer(tok_path)
       else:
         client_text = [train.text[i] for c in self.clients for i in c]
         self.tokenizer = train_bpe(client_text, d.vocab_size, path=tok_path,
-                                   added_tokens=AGNEWS_LABEL_WORDS)
+                                   added_tokens=label_words)
     else:
       self.tokenizer = load_tokenizer(d.tokenizer)
-    fmt = dict(label_words=AGNEWS_LABEL_WORDS, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
-    ex = format_classification(train.text, train.label, self.tokenizer, **fmt)
-    self.train = {k: ex[k] for k in ("tokens", "mask", "target_mask")}
-    self.test = format_classification(test.text, test.label, self.tokenizer, **fmt)
-    self.candidate_ids = single_token_ids(self.tokenizer, AGNEWS_LABEL_WORDS)
     self.test_labels = np.asarray(test.label)
+    # What the evaluator reads: candidate_ids (decoder, single-token label words),
+    # choices (decoder, multi-token label words: each scored as a sequence) or
+    # candidates (switch: label-word decoder targets).
+    self.candidate_ids = self.choices = self.candidates = None
+    if self.seq2seq:
+      fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
+      ex = fmt_lib.format_seq2seq_classification(train.text, train.label, self.tokenizer,
+                                                 **fmt)
+      self.batch_keys = ("tokens", "mask", "target_tokens", "target_mask")
+      self.train = {k: ex[k] for k in self.batch_keys}
+      test_ex = fmt_lib.format_seq2seq_classification(test.text, test.label, self.tokenizer,
+                                                      **fmt)
+      self.test = {k: test_ex[k] for k in ("tokens", "mask", "labels")}
+      self.candidates = fmt_lib.seq2seq_label_candidates(self.tokenizer, label_words)
+    else:
+      fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
+      ex = fmt_lib.format_classification(train.text, train.label, self.tokenizer, **fmt)
+      self.batch_keys = ("tokens", "mask", "target_mask")
+      self.train = {k: ex[k] for k in self.batch_keys}
+      words = fmt_lib.label_word_ids(self.tokenizer, label_words)
+      if all(len(w) == 1 for w in words):
+        test_ex = fmt_lib.format_classification(test.text, test.label, self.tokenizer, **fmt)
+        self.test = {k: test_ex[k] for k in ("tokens", "mask", "target_mask", "labels",
+                                              "last_index")}
+        self.candidate_ids = fmt_lib.single_token_ids(self.tokenizer, label_words)
+      else:  # e.g. a checkpoint's tokenizer splits a label word: score whole sequences
+        self.choices = fmt_lib.format_label_word_choices(test.text, test.label,
+                                                         self.tokenizer, **fmt)
+        self.test = {k: self.choices[k] for k in ("tokens", "mask", "target_mask",
+                                                  "option_chars", "labels")}
 
   def round_batches(self, config: ml_collections.ConfigDict, client_ids: np.ndarray,
                     round_idx: int) -> dict[str, np.ndarray]:
@@ -211,7 +352,7 @@ class FederatedData:
                                                                / t.batch_size))
     b = make_client_batches(self.train, [self.clients[c] for c in client_ids], t.batch_size,
                             seed=config.seed, round=round_idx, client_ids=client_ids, **kw)
-    return {k: b[k] for k in ("tokens", "mask", "target_mask", "step_mask")}
+    return {k: b[k] for k in self.batch_keys + ("step_mask",)}
 
 
 def sample_clients(seed: int, round_idx: int, num_clients: int, per_round: int) -> np.ndarray:
@@ -237,7 +378,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     >>> cfg = mod.get_config('runlocal'); cfg.train.rounds = 1
     >>> summary = run_experiment(cfg, tempfile.mkdtemp())  # doctest: +SKIP
   """
-  from fedalign.metrics.evaluation import client_accuracy, make_classification_evaluator
+  from fedalign.metrics.evaluation import client_accuracy
 
   validate_config(config)
   workdir = pathlib.Path(workdir)
@@ -245,13 +386,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   check_workdir_config(workdir, config)
   t0 = time.time()
   data = FederatedData(config, workdir)
-  mcfg = model_config_from(config, data.tokenizer.vocab_size)
+  mcfg, params = load_model(config, data.tokenizer)
   module = build_module(mcfg)
-  params = init_params(mcfg, jax.random.key(config.seed), seq_len=config.data.seq_len)
   mask = trainable_mask(params, config.train.trainable)
   trainable, _ = partition(params, mask)
   algorithm = make_algorithm(config, trainable, config.data.num_clients)
-  task = CausalLMTask(module)
+  task = Seq2SeqTask(module) if data.seq2seq else CausalLMTask(module)
   client_update = make_client_update(
       task, algorithm, client_optimizer(config),
       load_balance_coef=config.train.load_balance_coef,
@@ -262,11 +402,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   chunk = config.train.chunk_size or None
   round_fn = jax.jit(make_round_fn(client_update, algorithm, mask, seed=config.seed,
                                    chunk_size=chunk, mesh=mesh))
-  evaluate = make_classification_evaluator(
-      lambda p, tok, m: module.apply({"params": p}, tok, m)[0], data.candidate_ids,
-      config.eval.batch_size)
-  test_examples = {k: jnp.asarray(v) for k, v in data.test.items()
-                   if k in ("tokens", "mask", "target_mask", "labels", "last_index")}
+  evaluate = make_evaluator(data, mcfg, module, config.eval.batch_size)
+  test_examples = {k: jnp.asarray(v) for k, v in data.test.items()}
 
   state = init_server_state(params, algorithm, mask, config.data.num_clients)
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
@@ -348,6 +485,19 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   _plot(workdir, history, data, config)
   return summary
+
+
+def make_evaluator(data: FederatedData, mcfg: Any, module: Any, batch_size: int) -> Any:
+  """The jitted ``evaluate(params, data.test) -> {'acc', 'correct', 'pred', ...}`` of a run."""
+  from fedalign.metrics import evaluation as ev
+  if data.seq2seq:
+    return ev.make_seq2seq_classification_evaluator(mcfg, data.candidates, batch_size)
+  apply_fn = lambda p, tok, m: module.apply({"params": p}, tok, m)[0]
+  if data.candidate_ids is not None:
+    return ev.make_classification_evaluator(apply_fn, data.candidate_ids, batch_size)
+  # Multi-token label words: K sequences per example, so K times smaller batches.
+  return ev.make_multiple_choice_evaluator(
+      apply_fn, max(1, batch_size // len(data.label_words)))
 
 
 def _diagnostics(out: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,13 @@ Batch format of :class:`CausalLMTask` (one client step; leading axes (B, T)):
 * ``tokens`` int32: token ids (BOS, prompt, label word, padding);
 * ``mask`` bool: valid (unpadded) tokens, also the attention padding mask;
 * ``target_mask`` bool: tokens whose prediction is scored (e.g. the label word).
+
+Batch format of :class:`Seq2SeqTask` (encoder-decoder, text-to-text; from
+:func:`fedalign.data.formatting.format_seq2seq_classification`):
+
+* ``tokens`` int32 (B, T) / ``mask`` bool (B, T): encoder input and its padding mask;
+* ``target_tokens`` int32 (B, L) / ``target_mask`` bool (B, L): decoder targets (label word
+  tokens + EOS, right-padded) and their padding mask.
 """
 from __future__ import annotations
 
@@ -61,3 +68,69 @@ class CausalLMTask:
     total, count = shifted_cross_entropy(logits, batch["tokens"],
                                          batch["target_mask"] & batch["mask"])
     return total / jnp.maximum(count, 1.0), aux
+
+
+class Seq2SeqTask:
+  """Teacher-forced target cross-entropy of an encoder-decoder (Switch Transformer).
+
+  The decoder reads ``shift_right(target_tokens)`` (decoder start token, then the targets) and
+  the loss is the mean cross-entropy over the valid target tokens of the batch (token-level
+  mean, like :class:`CausalLMTask`). ``aux`` is the model's: ``routing`` of every encoder and
+  decoder MoE block (padded encoder tokens and padded target positions excluded), and the
+  ``load_balance_loss`` / ``router_z_loss`` averaged over the MoE blocks.
+
+  Training mode: the model runs with ``deterministic=False`` (dropout and router jitter drawn
+  from the ``'dropout'`` stream keyed by the engine's per-step ``rng``) only when the config has
+  randomness to draw, i.e. ``dropout_rate > 0`` or ``router_jitter_noise > 0``. With both 0 the
+  training-mode function is exactly the deterministic one (``_dropout`` and the jitter are
+  skipped and no rng is consumed), so ``deterministic=True`` is used: same loss and gradients,
+  nothing random in the jaxpr. Pass ``deterministic=`` to force either.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from fedalign.models import build_module, init_params
+    >>> from fedalign.models.switch import switch_tiny
+    >>> cfg = switch_tiny()
+    >>> task = Seq2SeqTask(build_module(cfg))
+    >>> batch = {'tokens': jnp.ones((2, 6), jnp.int32), 'mask': jnp.ones((2, 6), bool),
+    ...          'target_tokens': jnp.array([[5, 1], [7, 1]], jnp.int32),
+    ...          'target_mask': jnp.ones((2, 2), bool)}
+    >>> loss, aux = task.loss(init_params(cfg), batch, jax.random.key(0))
+    >>> bool(loss > 0), sorted(aux['routing'])
+    (True, ['decoder/block_1/mlp', 'encoder/block_1/mlp'])
+  """
+
+  def __init__(self, module: nn.Module, deterministic: bool | None = None):
+    self.module = module
+    cfg = module.config
+    if deterministic is None:
+      deterministic = not (cfg.dropout_rate > 0 or cfg.router_jitter_noise > 0)
+    self.deterministic = bool(deterministic)
+
+  def decoder_inputs(self, target_tokens: jax.Array, target_mask: jax.Array) -> jax.Array:
+    """Teacher-forcing decoder inputs: [start, targets[:-1]] (padding -> pad id)."""
+    from fedalign.models.switch import shift_right
+    cfg = self.module.config
+    tgt = jnp.where(target_mask, target_tokens, cfg.pad_token_id).astype(jnp.int32)
+    return shift_right(tgt, cfg.decoder_start_token_id, cfg.pad_token_id)
+
+  def logits(self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, Any]]:
+    """Decoder logits (B, L, V) for the batch's targets (teacher forcing) and the model aux."""
+    target_mask = batch["target_mask"].astype(bool)
+    dec_in = self.decoder_inputs(batch["target_tokens"], target_mask)
+    rngs = None if self.deterministic or rng is None else {"dropout": rng}
+    # Decoder position t reads target t-1 and predicts target t: it is a real token exactly
+    # where target t is, so target_mask doubles as the decoder padding mask.
+    return self.module.apply({"params": params}, batch["tokens"], batch["mask"].astype(bool),
+                             dec_in, target_mask,
+                             deterministic=self.deterministic or rng is None, rngs=rngs)
+
+  def loss(self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array
+           ) -> tuple[jax.Array, dict[str, Any]]:
+    logits, aux = self.logits(params, batch, rng)
+    target_mask = batch["target_mask"].astype(bool)
+    tgt = jnp.where(target_mask, batch["target_tokens"], 0).astype(jnp.int32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
+    w = target_mask.astype(jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0), aux

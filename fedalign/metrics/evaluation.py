@@ -14,6 +14,11 @@ evaluation compiles once per data shape; :func:`make_multiple_choice_evaluator` 
   with multi-token label words (:func:`~fedalign.data.formatting.format_label_word_choices`).
 * :func:`classification_eval` - label-word scoring in one pass when every label word is a
   single token: log-prob of each candidate id at the position before the label word.
+* :func:`seq2seq_classification_eval` - label-word scoring for encoder-decoder (text-to-text)
+  models: every candidate label word sequence (+ EOS) is scored as the decoder target, summed
+  log-prob, argmax = prediction; multi-token label words are scored whole.
+  :func:`make_seq2seq_classification_evaluator` returns the jitted evaluator with the same
+  output dict as :func:`make_classification_evaluator`, so the server treats both alike.
 * :func:`client_accuracy` - each client's accuracy on its own label distribution, by
   reweighting per-class accuracy on a balanced test set; :func:`sample_client_test_sets` is the
   sampling alternative. Global accuracy on the balanced test set is ``mean(correct)``.
@@ -37,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+#: ``score_fn(enc_ids (B, T), enc_mask (B, T), choice_ids (K, L), choice_mask (K, L)) -> (B, K)``
+ChoiceScoreFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 ApplyFn = Callable[..., jax.Array]
 Array = jax.Array | np.ndarray
 
@@ -149,6 +156,33 @@ def classification_eval(
     return {"logprobs": s, "pred": pred, "correct": correct, "acc": jnp.mean(correct)}
 
 
+def seq2seq_classification_eval(
+    score_fn: ChoiceScoreFn,
+    examples: Mapping[str, Array],
+    candidates: tuple[Array, Array],
+    batch_size: int,
+) -> dict[str, jax.Array]:
+    """Rank classification with an encoder-decoder: scores every label word sequence.
+
+    ``examples``: ``format_seq2seq_classification`` output (``tokens``, ``mask``, ``labels``;
+    the targets are not read). ``candidates``: ``(ids (K, L), mask (K, L))`` from
+    ``formatting.seq2seq_label_candidates``. ``score_fn`` returns the summed log-prob (B, K) of
+    each candidate as the decoder target of each input (e.g. ``switch.score_choices``).
+
+    Returns:
+      ``logprobs`` (N, K), ``pred`` (N,), ``correct`` (N,) bool, ``acc`` scalar.
+    """
+    cand_ids = jnp.asarray(candidates[0], jnp.int32)
+    cand_mask = jnp.asarray(candidates[1], bool)
+    (t, m), n = _batched([jnp.asarray(examples["tokens"]), jnp.asarray(examples["mask"])],
+                         batch_size)
+    s = jax.lax.map(lambda x: score_fn(x[0], x[1], cand_ids, cand_mask), (t, m))
+    s = s.reshape(-1, cand_ids.shape[0])[:n]
+    pred = jnp.argmax(s, axis=1)
+    correct = pred == jnp.asarray(examples["labels"])
+    return {"logprobs": s, "pred": pred, "correct": correct, "acc": jnp.mean(correct)}
+
+
 def per_class_accuracy(correct: Array, labels: Array, num_classes: int) -> jax.Array:
     """(K,) accuracy per true class (0 for a class absent from ``labels``).
 
@@ -229,5 +263,58 @@ def make_classification_evaluator(
     def evaluate(params, examples):
         return classification_eval(lambda t, m: apply_fn(params, t, m), examples, cand,
                                    batch_size)
+
+    return evaluate
+
+
+def make_seq2seq_classification_evaluator(
+    model: object, candidates: tuple[Array, Array], batch_size: int
+) -> Callable[[object, Mapping[str, Array]], dict[str, jax.Array]]:
+    """``jax.jit`` of ``(params, examples) -> seq2seq_classification_eval(...)`` (one compile).
+
+    Args:
+      model: a :class:`~fedalign.models.switch.SwitchConfig` (scored with
+        :func:`fedalign.models.switch.score_choices`: each input is encoded once and the K
+        candidates decoded against it), or a function ``score_fn(params, enc_ids, enc_mask,
+        choice_ids, choice_mask) -> (B, K)`` summed log-probs.
+      candidates: ``(ids (K, L), mask (K, L))`` label-word targets
+        (``formatting.seq2seq_label_candidates``); padded positions do not count.
+      batch_size: inputs per scoring batch.
+
+    Returns the same dict as :func:`make_classification_evaluator` (``acc``, ``correct``,
+    ``pred``, ``logprobs``).
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from fedalign.models import init_params
+    >>> from fedalign.models.switch import switch_tiny
+    >>> cfg = switch_tiny()
+    >>> ev = make_seq2seq_classification_evaluator(
+    ...     cfg, (np.array([[5, 1, 0], [6, 7, 1]]), np.array([[1, 1, 0], [1, 1, 1]], bool)), 2)
+    >>> ex = {'tokens': jnp.ones((3, 5), jnp.int32), 'mask': jnp.ones((3, 5), bool),
+    ...       'labels': jnp.array([0, 1, 0])}
+    >>> ev(init_params(cfg), ex)['logprobs'].shape
+    (3, 2)
+    """
+    ids = np.asarray(candidates[0], np.int32)
+    mask = np.asarray(candidates[1], bool)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(f"candidates must be (ids (K, L), mask (K, L)); got shapes {ids.shape} "
+                         f"and {mask.shape}")
+    if not mask.any(axis=1).all():
+        raise ValueError("every candidate needs at least one target token (mask row all False)")
+    if type(model).__name__ == "SwitchConfig":
+        from fedalign.models.switch import score_choices
+
+        config = model
+        score = lambda p, t, m, ci, cm: score_choices(p, config, t, m, ci, cm)
+    elif callable(model):
+        score = model
+    else:
+        raise TypeError(f"model must be a SwitchConfig or a score function, got {type(model)}")
+
+    @jax.jit
+    def evaluate(params, examples):
+        return seq2seq_classification_eval(
+            lambda t, m, ci, cm: score(params, t, m, ci, cm), examples, (ids, mask), batch_size)
 
     return evaluate
