@@ -98,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.every = 1                       # evaluate every N rounds (and after the last)
   c.eval.batch_size = 256
   c.eval.per_client = True
+  c.eval.specialization_examples = 512   # test prompts for the expert-specialization MI (0 = off)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1

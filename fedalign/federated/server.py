@@ -404,6 +404,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                                    chunk_size=chunk, mesh=mesh))
   evaluate = make_evaluator(data, mcfg, module, config.eval.batch_size)
   test_examples = {k: jnp.asarray(v) for k, v in data.test.items()}
+  specialization = make_specialization(data, module, config.eval.specialization_examples)
 
   state = init_server_state(params, algorithm, mask, config.data.num_clients)
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
@@ -454,6 +455,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         record["client_accuracy"] = [round(float(a), 5) for a in acc_c]
         record["mean_client_accuracy"] = float(jnp.mean(acc_c))
       record.update(_diagnostics(out))
+      if specialization is not None:
+        mi, _ = specialization(state["params"])
+        record["expert_specialization"] = float(np.mean([float(v) for v in mi.values()]))
+        record["expert_specialization_per_block"] = {k: float(v) for k, v in mi.items()}
       record["elapsed_s"] = time.time() - t0
       history.append({"round": r + 1, "test_accuracy": record["test_accuracy"],
                       "train_loss": train_loss})
@@ -498,6 +503,32 @@ def make_evaluator(data: FederatedData, mcfg: Any, module: Any, batch_size: int)
   # Multi-token label words: K sequences per example, so K times smaller batches.
   return ev.make_multiple_choice_evaluator(
       apply_fn, max(1, batch_size // len(data.label_words)))
+
+
+def make_specialization(data: FederatedData, module: Any, max_examples: int) -> Any:
+  """``params -> ({block: MI}, {block: (K, E)})``: expert specialization on test prompts.
+
+  Mutual information between expert selection and class label (method doc, section 7) over
+  the first ``max_examples`` test examples; the label word itself is masked out so that only
+  the prompt is routed. None when ``max_examples`` is 0.
+  """
+  from fedalign.metrics.specialization import make_expert_specialization_fn
+  if max_examples <= 0 or np.ndim(data.test["tokens"]) != 2:
+    return None  # off, or multi-token label words (K sequences per example)
+  n = min(max_examples, len(data.test["labels"]))
+  tokens = jnp.asarray(data.test["tokens"][:n])
+  mask = jnp.asarray(data.test["mask"][:n])
+  if "target_mask" in data.test and not data.seq2seq:
+    mask = mask & ~jnp.asarray(data.test["target_mask"][:n])
+  labels = jnp.asarray(data.test["labels"][:n])
+  if data.seq2seq:
+    def routing_fn(p, t, m):  # one decoder step per example, masked like its encoder input
+      return module.apply({"params": p}, t, m, None, m[:, :1])[1]["routing"]
+  else:
+    def routing_fn(p, t, m):
+      return module.apply({"params": p}, t, m)[1]["routing"]
+  fn = make_expert_specialization_fn(routing_fn, data.num_classes)
+  return lambda params: fn(params, tokens, mask, labels)
 
 
 def _diagnostics(out: dict[str, Any]) -> dict[str, Any]:
