@@ -391,7 +391,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   mask = trainable_mask(params, config.train.trainable)
   trainable, _ = partition(params, mask)
   algorithm = make_algorithm(config, trainable, config.data.num_clients)
-  task = Seq2SeqTask(module) if data.seq2seq else CausalLMTask(module)
+  task = (Seq2SeqTask(module) if data.seq2seq
+          else CausalLMTask(module, config.train.prompt_loss_weight))
   client_update = make_client_update(
       task, algorithm, client_optimizer(config),
       load_balance_coef=config.train.load_balance_coef,

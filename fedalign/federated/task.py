@@ -55,8 +55,11 @@ class CausalLMTask:
     True
   """
 
-  def __init__(self, module: nn.Module):
+  def __init__(self, module: nn.Module, prompt_loss_weight: float = 0.0):
+    """``prompt_loss_weight`` > 0 adds that weight times the mean next-token loss on the
+    prompt (every valid non-target token): a label-independent language-modelling signal."""
     self.module = module
+    self.prompt_loss_weight = prompt_loss_weight
 
   def logits(self, params: PyTree, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     return self.module.apply({"params": params}, tokens, mask)[0]
@@ -67,7 +70,12 @@ class CausalLMTask:
     logits, aux = self.module.apply({"params": params}, batch["tokens"], batch["mask"])
     total, count = shifted_cross_entropy(logits, batch["tokens"],
                                          batch["target_mask"] & batch["mask"])
-    return total / jnp.maximum(count, 1.0), aux
+    loss = total / jnp.maximum(count, 1.0)
+    if self.prompt_loss_weight:
+      prompt = batch["mask"] & ~batch["target_mask"]
+      p_total, p_count = shifted_cross_entropy(logits, batch["tokens"], prompt)
+      loss = loss + self.prompt_loss_weight * p_total / jnp.maximum(p_count, 1.0)
+    return loss, aux
 
 
 class Seq2SeqTask:

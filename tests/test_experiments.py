@@ -1,0 +1,262 @@
+"""experiments/: the reproduction grid (tables from the runs' files, resume, failures), the CLI
+and the demo notebook."""
+import json
+import math
+import pathlib
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import plots, reproduce
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "experiments" / "notebooks" / "fedalign_demo.ipynb"
+
+
+def tiny_base():
+  base = reproduce.load_config("configs/default.py:runlocal")
+  reproduce.apply_overrides(base, reproduce.TINY_OVERRIDES)
+  return base
+
+
+def table_row(markdown: str, label: str) -> str:
+  rows = [l for l in markdown.splitlines() if l.startswith(f"| {label} |")]
+  assert rows, (label, markdown)
+  return rows[0]
+
+
+def expected_ms(values):
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def summaries(workdir, names):
+  return [json.loads((workdir / n / "summary.json").read_text()) for n in names]
+
+
+# ----------------------------------------------------------------------------- real tiny grid
+def test_tiny_grid_tables_from_files_resume_and_failure(tmp_path, monkeypatch):
+  """2 methods x 1 alpha x 2 seeds, 2 rounds; fedalign seed 1 is forced to fail."""
+  real = reproduce.run_experiment
+  calls = []
+
+  def flaky(config, workdir):
+    calls.append(pathlib.Path(workdir).name)
+    if config.method == "fedalign" and config.seed == 1:
+      raise RuntimeError("injected failure for this entry")
+    return real(config, workdir)
+
+  monkeypatch.setattr(reproduce, "run_experiment", flaky)
+  base = tiny_base()
+  plan = reproduce.make_plan(["fedavg", "fedalign"], [0.1], [0, 1])
+  out = reproduce.run_grid(base, plan, tmp_path, target_accuracy=0.6,
+                           run_info={"command": "pytest tiny grid"})
+  status = {s["name"]: s["status"] for s in out["statuses"]}
+  assert status == {"fedavg_a0.1_s0": "done", "fedavg_a0.1_s1": "done",
+                    "fedalign_a0.1_s0": "done", "fedalign_a0.1_s1": "failed"}
+  failed_txt = (tmp_path / "fedalign_a0.1_s1" / "FAILED.txt").read_text()
+  assert failed_txt.startswith("RuntimeError: injected failure for this entry")
+
+  md = (tmp_path / "results.md").read_text()
+  assert "pytest tiny grid" in md and "JAX" in md and "jax.devices()" in md
+  # (a) numbers = mean/std over the seeds' summary.json, computed here.
+  fedavg = ["fedavg_a0.1_s0", "fedavg_a0.1_s1"]
+  s = summaries(tmp_path, fedavg)
+  row = table_row(md, "FedAvg")
+  assert expected_ms([x["last5_mean_test_accuracy"] for x in s]) in row
+  assert expected_ms([x["final_test_accuracy"] for x in s]) in row
+  agg = out["results"]["grid"]["fedavg"]["0.1"]
+  assert agg["final"]["mean"] == pytest.approx(statistics.mean(x["final_test_accuracy"] for x in s))
+  row = table_row(md, "FedAlign-MoE")
+  (fa,) = summaries(tmp_path, ["fedalign_a0.1_s0"])
+  assert expected_ms([fa["last5_mean_test_accuracy"]]) in row
+  assert "failed: s1: RuntimeError: injected failure" in row
+  ref = statistics.mean(x["last5_mean_test_accuracy"] for x in s)
+  gain = (fa["last5_mean_test_accuracy"] - ref) / ref * 100
+  assert f"{gain:+.1f}%" in row
+  # (c) convergence from metrics.jsonl: a target the seed-0 run reaches.
+  recs = [plots.read_metrics(tmp_path / n) for n in fedavg]
+  target = max(r["test_accuracy"] for r in recs[0])
+  firsts = [next((r["round"] for r in rs if r["test_accuracy"] >= target), None) for rs in recs]
+  md2 = reproduce.write_report(tmp_path, target_accuracy=target)["markdown"]
+  conv = [l for l in md2.split("## Convergence")[1].splitlines() if l.startswith("| FedAvg |")][0]
+  reached = [f for f in firsts if f is not None]
+  assert conv.split(" | ")[1].startswith(f"{statistics.mean(reached):.1f}")
+  if len(reached) < 2:
+    assert "1/2 seeds" in conv
+  # Plots from the metrics files (routing curves when the server logged them).
+  assert (tmp_path / "plots" / "accuracy_alpha_0.1.png").exists()
+  if "routing_divergence" in recs[0][-1]:
+    assert (tmp_path / "plots" / "routing_divergence_alpha_0.1.png").exists()
+  if not (tmp_path / "fedavg_a0.1_s0" / "routing_distributions.npz").exists():
+    assert any("routing heatmap" in n for n in out["plot_notes"])  # skipped, with a note
+
+  # Editing a summary changes the table: nothing is cached or typed in.
+  path = tmp_path / "fedavg_a0.1_s1" / "summary.json"
+  edited = json.loads(path.read_text())
+  edited["final_test_accuracy"] = edited["last5_mean_test_accuracy"] = 0.9
+  path.write_text(json.dumps(edited))
+  md3 = reproduce.write_report(tmp_path, target_accuracy=0.6)["markdown"]
+  new = [s[0]["final_test_accuracy"], 0.9]
+  assert expected_ms(new) in table_row(md3, "FedAvg")
+  assert expected_ms(new) not in table_row(md, "FedAvg")
+
+  # Rerun: finished entries are skipped (no call, files untouched); the failed one is retried.
+  mtimes = {n: (tmp_path / n / "summary.json").stat().st_mtime_ns
+            for n in fedavg + ["fedalign_a0.1_s0"]}
+  calls.clear()
+  out2 = reproduce.run_grid(base, plan, tmp_path, target_accuracy=0.6)
+  assert calls == ["fedalign_a0.1_s1"]
+  assert [s["status"] for s in out2["statuses"]] == ["skipped", "skipped", "skipped", "failed"]
+  assert all((tmp_path / n / "summary.json").stat().st_mtime_ns == t for n, t in mtimes.items())
+  assert expected_ms(new) in table_row(out2["markdown"], "FedAvg")
+
+
+# ----------------------------------------------------------------------------- fake runs
+def fake_runner(accuracy_of, calls):
+  """A run_experiment stand-in writing metrics.jsonl / summary.json like the server."""
+
+  def run(config, workdir):
+    workdir = pathlib.Path(workdir)
+    calls.append(workdir.name)
+    accs = accuracy_of(config)
+    with (workdir / "metrics.jsonl").open("w") as f:
+      for r, a in enumerate(accs, 1):
+        f.write(json.dumps({"round": r, "method": config.method, "test_accuracy": a,
+                            "train_loss": 1.0, "round_time_s": 0.5,
+                            "routing_divergence": 0.1 / r,
+                            "expert_role_preservation": 0.5}) + "\n")
+    summary = {"method": config.method, "final_test_accuracy": accs[-1],
+               "best_test_accuracy": max(accs),
+               "last5_mean_test_accuracy": float(np.mean(accs[-5:])), "rounds": len(accs),
+               "wall_time_s": 1.0, "config": json.loads(config.to_json())}
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+  return run
+
+
+def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
+  """Ablation rows (deduplicated against the grid), NaN accuracy and a bad method override
+  are failures, config changes re-run, gains and rounds-to-target, the routing heatmap."""
+  calls = []
+
+  def accuracy_of(c):
+    if c.method == "fedprox" and c.seed == 1:
+      return [0.3, float("nan")]
+    bonus = 0.1 if c.method == "fedalign" else 0.0
+    return [0.3 + bonus, 0.5 + bonus + 0.01 * c.seed, 0.6 + bonus + 0.02 * c.seed]
+
+  monkeypatch.setattr(reproduce, "run_experiment", fake_runner(accuracy_of, calls))
+  monkeypatch.setitem(reproduce.METHOD_VARIANTS, "broken",
+                      {"method": "fedalign", "fedalign.no_such_field": 1})
+  base = reproduce.load_config("configs/default.py")
+  plan = reproduce.make_plan(["fedavg", "fedprox", "fedalign", "broken"], [0.1], [0, 1],
+                             ablation=True)
+  out = reproduce.run_grid(base, plan, tmp_path, target_accuracy=0.61)
+  st = {s["name"]: s for s in out["statuses"]}
+  assert st["fedprox_a0.1_s1"]["status"] == "failed"
+  assert "final test accuracy is nan" in st["fedprox_a0.1_s1"]["error"]
+  assert "unknown config field 'fedalign.no_such_field'" in st["broken_a0.1_s0"]["error"]
+  # direct_averaging = fedavg and semantic = fedalign: shared directories, run once.
+  assert not (tmp_path / "ablation_direct_averaging_a0.1_s0").exists()
+  assert not (tmp_path / "ablation_semantic_a0.1_s0").exists()
+  # 3 methods x 2 seeds (broken never reaches the runner) + 4 of the 6 ablation rows x 2 seeds
+  assert len(calls) == len(set(calls)) == 6 + 8
+  md = out["markdown"]
+  fedavg_last5 = [np.mean([0.3, 0.5, 0.6]), np.mean([0.3, 0.51, 0.62])]
+  assert (f"| FedAvg | {expected_ms(fedavg_last5)} | {expected_ms([0.6, 0.62])} | - |"
+          == table_row(md, "FedAvg"))
+  fedalign_last5 = [np.mean([0.4, 0.6, 0.7]), np.mean([0.4, 0.61, 0.72])]
+  gain = (np.mean(fedalign_last5) - np.mean(fedavg_last5)) / np.mean(fedavg_last5) * 100
+  assert f"{gain:+.1f}%" in table_row(md, "FedAlign-MoE")
+  assert "failed: s0: KeyError" in table_row(md, "broken")
+  assert "(n=1; failed: s1: FloatingPointError" in table_row(md, "FedProx")
+  abl = md.split("## Ablation")[1]
+  for row in reproduce.ABLATION_DESCRIPTIONS:
+    assert f"| {row} |" in abl
+  assert "| semantic | " in abl and "+0.100 |" in table_row(abl, "semantic")
+  conv = md.split("## Convergence")[1]
+  assert "| FedAvg | 3.0 (1/2 seeds; others not reached) |" in conv
+  assert table_row(conv, "FedAlign-MoE").startswith("| FedAlign-MoE | 2.5 |")  # rounds 3, 2
+  assert (tmp_path / "plots" / "routing_divergence_alpha_0.1.png").exists()
+  assert (tmp_path / "plots" / "accuracy_ablation_alpha_0.1.png").exists()
+
+  # Heatmap once the runs save per-client routing distributions.
+  for name in ("fedavg_a0.1_s0", "fedalign_a0.1_s0"):
+    np.savez(tmp_path / name / "routing_distributions.npz",
+             **{"layers_0/mlp": np.full((4, 8), 1 / 8)})
+  rep = reproduce.write_report(tmp_path, docs_out=tmp_path / "docs" / "results.md")
+  assert (tmp_path / "plots" / "routing_heatmap_alpha_0.1.png").exists()
+  docs = (tmp_path / "docs" / "results.md").read_text()
+  assert "results_plots/routing_heatmap_alpha_0.1.png" in docs
+  assert (tmp_path / "docs" / "results_plots" / "accuracy_alpha_0.1.png").exists()
+  assert rep["markdown"] in docs
+
+  # Rerun: only unfinished/failed entries are called; a changed config re-runs everything.
+  calls.clear()
+  reproduce.run_grid(base, plan, tmp_path)
+  assert calls == ["fedprox_a0.1_s1"]
+  calls.clear()
+  base.train.rounds = 11
+  reproduce.run_grid(base, plan, tmp_path)
+  assert "fedavg_a0.1_s0" in calls and len(calls) == 14
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_writes_header_and_records_failures(tmp_path):
+  """Every entry fails config validation (no compute): exit 1, FAILED.txt, tables say so."""
+  docs = tmp_path / "docs" / "results.md"
+  cmd = [sys.executable, "-m", "experiments.reproduce", "--config=configs/default.py:runlocal",
+         f"--workdir={tmp_path / 'grid'}", "--methods=fedavg,fedalign_perm", "--alphas=0.1",
+         "--seeds=0", "--tiny", "--config.train.clients_per_round=99", f"--docs_out={docs}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "2 entries failed" in proc.stderr
+  failed = (tmp_path / "grid" / "fedalign_perm_a0.1_s0" / "FAILED.txt").read_text()
+  assert "train.clients_per_round=99 is invalid" in failed
+  md = docs.read_text()
+  assert "--config.train.clients_per_round=99" in md and "configs/default.py:runlocal" in md
+  assert "failed: s0: ValueError: config.train.clients_per_round=99" in table_row(
+      md, "FedAlign-MoE + perm. align")
+  grid = json.loads((tmp_path / "grid" / "grid.json").read_text())
+  perm = [e for e in grid["entries"] if e["label"] == "fedalign_perm"][0]
+  assert perm["overrides"] == {"method": "fedalign", "fedalign.permutation_alignment": True}
+  bad = subprocess.run(cmd[:5] + ["--methods=fedfoo"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode != 0 and "fedfoo" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- notebook
+def test_demo_notebook_runs_tiny(tmp_path, monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  pytest.importorskip("ipykernel")
+  import jax
+  from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+  try:
+    KernelSpecManager().get_kernel_spec("python3")
+  except NoSuchKernel:  # a venv without the kernelspec: this interpreter's, in a tmp dir
+    from ipykernel.kernelspec import install
+    install(prefix=str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
+  monkeypatch.setenv("FEDALIGN_NOTEBOOK_TINY", "1")
+  monkeypatch.setenv("FEDALIGN_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
+  cache = jax.config.jax_compilation_cache_dir  # shares the tiny grid's compilations
+  if cache:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                          resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  assert any("image/png" in o.get("data", {}) for o in outputs)
+  table = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+  assert table and "| FedAlign-MoE |" in table[0] and "| FedAvg |" in table[0]
+  for m in ("fedavg", "fedalign"):
+    s = json.loads((tmp_path / "runs" / m / "summary.json").read_text())
+    assert math.isfinite(s["final_test_accuracy"]) and s["rounds"] == 2
+    assert f"{s['final_test_accuracy']:.3f}" in table[0]
