@@ -68,7 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.z_loss_coef = 0.0
   c.train.prompt_loss_weight = 0.0       # > 0: also a next-token loss on the prompt text
   c.train.trainable = "full"             # full | lora (adapters + routers)
-  c.train.chunk_size = 0                 # clients per vmapped chunk (0 = all at once)
+  c.train.chunk_size = 2                 # clients per vmapped chunk (0 = all at once); chunks
+                                         # group clients of similar size: less padded work
   c.train.use_mesh = False               # shard clients over all devices on a 'clients' mesh
 
   c.server = ml_collections.ConfigDict()
