@@ -1,0 +1,91 @@
+"""Shared helpers of the benchmark scripts: machine description, timing, tables, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+  """What the numbers were measured on (CPU model, cores, JAX version, devices)."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(),
+          "jax": jax.__version__, "backend": jax.default_backend(),
+          "devices": len(jax.devices()), "python": platform.python_version(),
+          "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def mem_available_bytes() -> int | None:
+  """MemAvailable of /proc/meminfo (None where unknown)."""
+  try:
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def block(x: Any) -> Any:
+  return jax.block_until_ready(x)
+
+
+def time_calls(fn: Callable[[], Any], reps: int) -> tuple[float, list[float]]:
+  """Calls fn once (warm-up: trace + compile + run), then reps times.
+
+  Returns (first call seconds, list of steady-state seconds). fn must block on its result.
+  """
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return first, times
+
+
+def median(xs: Sequence[float]) -> float:
+  return float(statistics.median(xs))
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+  if isinstance(x, float):
+    if x != x:
+      return "-"
+    if abs(x) >= 100:
+      return f"{x:.0f}"
+    if abs(x) >= 1:
+      return f"{x:.{max(digits - 1, 1)}f}"
+    return f"{x:.{digits}g}"
+  return str(x)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+  for r in rows:
+    lines.append("| " + " | ".join(fmt(v) for v in r) + " |")
+  return "\n".join(lines)
+
+
+def write_json(name: str, payload: dict[str, Any]) -> pathlib.Path:
+  RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+  path = RESULTS_DIR / name
+  path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+  return path
