@@ -286,8 +286,13 @@ def _csum(w: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _esum(w: jax.Array, x: jax.Array) -> jax.Array:
-  """sum_c w[c, e] x[c, e] for w (C, E), x (C, E, ...)."""
-  return jnp.einsum("ce,ce...->e...", w, x, precision=_HI)
+  """sum_c w[c, e] x[c, e] for w (C, E), x (C, E, ...).
+
+  Written as a fused multiply-and-reduce rather than an einsum: exact float32 everywhere and,
+  on CPU, about 5x faster than a highest-precision einsum (benchmarks/aggregation_breakdown.py).
+  """
+  w = w.astype(x.dtype).reshape(w.shape + (1,) * (x.ndim - 2))
+  return jnp.sum(w * x, axis=0)
 
 
 def _fedavg_deltas(prep: _Prepared) -> dict:
