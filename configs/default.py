@@ -55,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.shared_expert_intermediate_size = 0
   c.model.lora_rank = 0
   c.model.lora_alpha = 16.0
-  c.model.moe_impl = "dense"
+  c.model.moe_impl = "dense"              # every expert on every token (exact, dropless)
+  c.model.capacity_factor = 0.0          # > 0: sparse top-k dispatch with this capacity factor
 
   c.train = ml_collections.ConfigDict()
   c.train.rounds = 20

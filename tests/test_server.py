@@ -101,6 +101,18 @@ def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   assert read_metrics(part) == read_metrics(full)
 
 
+def test_capacity_factor_reaches_the_model(tmp_path):
+  """model.capacity_factor > 0 switches the decoder to sparse capacity dispatch."""
+  from fedalign.federated.server import model_config_from
+  c = tiny_config()
+  assert model_config_from(c, 100).capacity_factor is None
+  c.model.capacity_factor = 1.25
+  assert model_config_from(c, 100).capacity_factor == 1.25
+  c.train.rounds = 1
+  summary = run_experiment(c, tmp_path)
+  assert summary["rounds"] == 1
+
+
 def test_workdir_with_a_different_config_is_refused(tmp_path):
   run_experiment(tiny_config(rounds=1), tmp_path)
   other = tiny_config(rounds=1)
@@ -115,6 +127,7 @@ def test_workdir_with_a_different_config_is_refused(tmp_path):
                                    r"in \[1, data.num_clients=4\]"),
     ("data.partition", "zipf", "config.data.partition='zipf'"),
     ("train.trainable", "lora", "model.lora_rank"),
+    ("model.moe_impl", "ragged", "config.model.moe_impl='ragged' is invalid"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, field, value, match):
   c = tiny_config()

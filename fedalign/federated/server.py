@@ -115,6 +115,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("model.lora_rank", config.model.lora_rank, "an integer >= 1 when train.trainable='lora'")
   if t.chunk_size < 0:
     bad("train.chunk_size", t.chunk_size, "0 (all clients at once) or a positive integer")
+  if config.model.get("moe_impl", "dense") != "dense":
+    # jax.lax.ragged_dot has no batching rule for the client axis of a vmapped round
+    # (NotImplementedError in jax 0.10); use capacity_factor for sparse dispatch instead.
+    bad("model.moe_impl", config.model.moe_impl,
+        "'dense' in federated runs (use model.capacity_factor > 0 for sparse dispatch)")
+  if config.model.get("capacity_factor", 0.0) < 0:
+    bad("model.capacity_factor", config.model.capacity_factor, "0 (dropless) or a positive float")
   if config.eval.every < 1:
     bad("eval.every", config.eval.every, "an integer >= 1")
   if config.checkpoint.every < 0:
@@ -207,6 +214,8 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
         overrides[name] = float(m[name])
   else:
     overrides["moe_impl"] = m.moe_impl
+    if m.get("capacity_factor", 0.0):
+      overrides["capacity_factor"] = float(m.capacity_factor)
   model = load_pretrained(m.hf_checkpoint, seed=config.seed, **overrides)
   if tokenizer.vocab_size > model.config.vocab_size:
     raise ValueError(
@@ -223,6 +232,7 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MoE
                 top_k=m.top_k, moe_intermediate_size=m.moe_intermediate_size,
                 shared_expert_intermediate_size=m.shared_expert_intermediate_size,
                 lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, moe_impl=m.moe_impl,
+                capacity_factor=m.capacity_factor or None,
                 router_aux_loss_coef=config.train.load_balance_coef,
                 router_z_loss_coef=config.train.z_loss_coef,
                 max_position_embeddings=max(config.data.seq_len, 8))
