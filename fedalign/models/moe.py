@@ -97,6 +97,16 @@ class Experts(nn.Module):
       y = y + (self.lora_alpha / self.lora_rank) * jnp.einsum(b_spec, xa, w[f"{name}_lora_b"])
     return y
 
+  def _ragged_proj(self, w: dict[str, Array], name: str, x: Array, group_sizes: Array
+                   ) -> Array:
+    """Grouped matmul of expert-sorted tokens (+ LoRA): ``jax.lax.ragged_dot``."""
+    y = jax.lax.ragged_dot(x, w[name], group_sizes)
+    if self.lora_rank > 0:
+      xa = jax.lax.ragged_dot(x, w[f"{name}_lora_a"], group_sizes)
+      y = y + (self.lora_alpha / self.lora_rank) * jax.lax.ragged_dot(
+          xa, w[f"{name}_lora_b"], group_sizes)
+    return y
+
   @nn.compact
   def __call__(self, x: Array, mode: str = "dense", group_sizes: Array | None = None
                ) -> Array:
@@ -111,13 +121,7 @@ class Experts(nn.Module):
     w = self.setup_params(x.shape[-1])
     x = x.astype(self.dtype)
     if mode == "ragged":
-      def proj(name, inp):
-        y = jax.lax.ragged_dot(inp, w[name], group_sizes)
-        if self.lora_rank > 0:
-          xa = jax.lax.ragged_dot(inp, w[f"{name}_lora_a"], group_sizes)
-          y = y + (self.lora_alpha / self.lora_rank) * jax.lax.ragged_dot(
-              xa, w[f"{name}_lora_b"], group_sizes)
-        return y
+      proj = lambda name, inp: self._ragged_proj(w, name, inp, group_sizes)
       return proj("wo", nn.silu(proj("wi_0", x)) * proj("wi_1", x))
     if mode == "grouped":
       spec_in, spec_out = "ecd,edf->ecf", "ecf,efd->ecd"

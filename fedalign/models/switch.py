@@ -402,13 +402,7 @@ class SwitchExperts(Experts):
     x = x.astype(self.dtype)
     act = ACTIVATIONS[self.activation]
     if mode == "ragged":
-      def proj(name, inp):
-        y = jax.lax.ragged_dot(inp, w[name], group_sizes)
-        if self.lora_rank > 0:
-          xa = jax.lax.ragged_dot(inp, w[f"{name}_lora_a"], group_sizes)
-          y = y + (self.lora_alpha / self.lora_rank) * jax.lax.ragged_dot(
-              xa, w[f"{name}_lora_b"], group_sizes)
-        return y
+      proj = lambda name, inp: self._ragged_proj(w, name, inp, group_sizes)
       hid = _dropout(self.dropout_rate, act(proj("wi", x)), deterministic)
       return proj("wo", hid)
     if mode == "grouped":
