@@ -434,9 +434,13 @@ def fmt_ms(d: dict[str, float] | None, digits: int = 3) -> str:
 
   >>> fmt_ms({'mean': 0.81234, 'std': 0.01, 'n': 3})
   '0.812 ± 0.010'
+  >>> fmt_ms({'mean': 0.81234, 'std': 0.0, 'n': 1})  # one seed: no spread to report
+  '0.812 (1 seed)'
   """
   if d is None:
     return "-"
+  if d.get("n", 2) < 2:
+    return f"{d['mean']:.{digits}f} (1 seed)"
   return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
