@@ -29,8 +29,9 @@ def table_row(markdown: str, label: str) -> str:
 
 
 def expected_ms(values):
-  std = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f"{statistics.mean(values):.3f} ± {std:.3f}"
+  if len(values) < 2:  # a single seed has no spread to report
+    return f"{statistics.mean(values):.3f} (1 seed)"
+  return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def summaries(workdir, names):
