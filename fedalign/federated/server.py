@@ -431,9 +431,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   _truncate_metrics(metrics_path, start_round)
 
   cpr = config.train.clients_per_round
-  pad_to = cpr if chunk is None else int(math.ceil(cpr / chunk) * chunk)
-  if mesh is not None:
-    pad_to = int(math.ceil(pad_to / mesh.size) * mesh.size)
+  # Weight-0 padding clients make the round's client count a multiple of the chunk size and
+  # of the number of devices on the mesh.
+  step = math.lcm(chunk or 1, mesh.size if mesh is not None else 1)
+  pad_to = int(math.ceil(cpr / step) * step)
   rounds = config.train.rounds
   bar = tqdm(range(start_round, rounds), desc=f"{config.method}", initial=start_round,
              total=rounds, disable=None)
