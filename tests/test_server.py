@@ -158,3 +158,16 @@ def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   assert proc.returncode != 0
   assert "learning_rat" in proc.stderr
   assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_mesh_run_matches_single_device_run(tmp_path):
+  """train.use_mesh shards the round's clients over the 8 fake CPU devices (padded with
+  weight-0 clients to a multiple of lcm(chunk, devices)); the metrics match one device."""
+  single, meshed = tmp_path / "single", tmp_path / "mesh"
+  c = tiny_config(rounds=1)
+  run_experiment(c, single)
+  c.train.use_mesh = True
+  run_experiment(c, meshed)
+  a, b = read_metrics(single)[0], read_metrics(meshed)[0]
+  assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+  assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=0.011)
