@@ -75,3 +75,49 @@ def test_ablation_rows_select_the_documented_switches():
   assert rows["permutation"] == ("fedalign", "consistency", True, True, True)
   with pytest.raises(ValueError, match="ablation row 'nope' is unknown"):
     load_config("ablation", "nope")
+
+
+def test_fedalign_round_with_lora_updates_only_adapters_and_routers():
+  """LoRA fine-tuning: experts are compared and merged through their adapter deltas; the
+  frozen base weights are neither vmapped per client nor changed."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  import optax
+
+  from fedalign.federated.algorithms import make_algorithm
+  from fedalign.federated.client import make_client_update
+  from fedalign.federated.round import init_server_state, make_round_fn
+  from fedalign.federated.task import CausalLMTask
+  from fedalign.models import MoEConfig, MoEDecoderLM, init_params
+  from fedalign.models.lora import partition, trainable_mask
+
+  cfg = MoEConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                  num_experts=4, top_k=2, moe_intermediate_size=8, lora_rank=2)
+  params = init_params(cfg, 0)
+  mask = trainable_mask(params, "lora")
+  conf = load_config("default")
+  conf.method = "fedalign"
+  alg = make_algorithm(conf, partition(params, mask)[0], num_clients=3)
+  cu = make_client_update(CausalLMTask(MoEDecoderLM(cfg)), alg, optax.sgd(0.5))
+  round_fn = jax.jit(make_round_fn(cu, alg, mask, seed=0))
+  rng = np.random.default_rng(0)
+  batches = {"tokens": jnp.asarray(rng.integers(0, 32, (3, 2, 4, 6)), jnp.int32),
+             "mask": jnp.ones((3, 2, 4, 6), bool), "target_mask": jnp.ones((3, 2, 4, 6), bool),
+             "step_mask": jnp.ones((3, 2), bool)}
+  state = init_server_state(params, alg, mask, 3)
+  new, out = round_fn(state, batches, jnp.array([1.0, 2.0, 3.0]), jnp.arange(3), 0)
+  experts_old = params["layers_0"]["mlp"]["experts"]
+  experts_new = new["params"]["layers_0"]["mlp"]["experts"]
+  for name in ("wi_0", "wi_1", "wo"):
+    np.testing.assert_array_equal(experts_new[name], experts_old[name])  # frozen base
+  changed = [not np.allclose(experts_new[f"{n}_lora_b"], experts_old[f"{n}_lora_b"])
+             for n in ("wi_0", "wi_1", "wo")]
+  assert any(changed)  # adapters (zero-initialised B) moved
+  assert not np.allclose(new["params"]["layers_0"]["mlp"]["router"]["kernel"],
+                         params["layers_0"]["mlp"]["router"]["kernel"])
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new["params"]))
+  diag = out["diagnostics"]
+  assert 0.0 <= float(diag["layers_0/mlp/omega_min"]) <= float(diag["layers_0/mlp/omega_max"])
+  assert not bool(np.asarray(out["excluded"]).any())
