@@ -76,7 +76,8 @@ def test_readme_command_learns_on_reduced_config(tmp_path):
   assert (tmp_path / "plots" / "accuracy.png").exists()
 
 
-@pytest.mark.parametrize("method", ["fedavg", "scaffold", "fedalign"])
+@pytest.mark.parametrize("method", [
+    pytest.param("fedavg", marks=pytest.mark.slow), "scaffold", "fedalign"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, method):
   full, part = tmp_path / "full", tmp_path / "part"
   run_experiment(tiny_config(method, rounds=3), full)
@@ -160,6 +161,7 @@ def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # the engine-level mesh test (test_engine.py) runs by default
 def test_mesh_run_matches_single_device_run(tmp_path):
   """train.use_mesh shards the round's clients over the 8 fake CPU devices (padded with
   weight-0 clients to a multiple of lcm(chunk, devices)); the metrics match one device."""
