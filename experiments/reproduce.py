@@ -429,6 +429,12 @@ def collect_results(workdir: str | os.PathLike, target_accuracy: float | None = 
           "entries": {e.name: res(e) for e in entries}}
 
 
+def _table_head(alphas: Sequence[float], columns: Sequence[str]) -> list[str]:
+  """Markdown header of a method x alpha table: one group of ``columns`` per alpha."""
+  head = ["method"] + [f"α={a} {c}" for a in alphas for c in columns]
+  return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def fmt_ms(d: dict[str, float] | None, digits: int = 3) -> str:
   """``mean ± std`` of a :func:`mean_std` dict.
 
@@ -501,10 +507,7 @@ def render_markdown(res: dict[str, Any]) -> str:
               "Global test accuracy, mean ± std (ddof = 1) over seeds of each run's mean over "
               "its last 5 evaluated rounds (*last-5*) and of its final accuracy (*final*); "
               "*gain* = relative gain of the last-5 mean over FedAvg at the same alpha.", ""]
-    head = ["method"]
-    for a in res["alphas"]:
-      head += [f"α={a} last-5", f"α={a} final", f"α={a} gain"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += _table_head(res["alphas"], ("last-5", "final", "gain"))
     for m in res["methods"]:
       row = [_label(m)]
       for a in res["alphas"]:
@@ -553,10 +556,7 @@ def render_markdown(res: dict[str, Any]) -> str:
               "seeds that reach it); stability = std of the accuracy over the last 5 "
               "evaluated rounds (mean over seeds); round time = mean seconds per round "
               "(local training + aggregation).", ""]
-    head = ["method"]
-    for a in res["alphas"]:
-      head += [f"α={a} rounds to {target}", f"α={a} stability", f"α={a} s/round"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += _table_head(res["alphas"], (f"rounds to {target}", "stability", "s/round"))
     for m in res["methods"]:
       row = [_label(m)]
       for a in res["alphas"]:

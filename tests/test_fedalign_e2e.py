@@ -19,22 +19,12 @@ def load_config(name, arg=None):
 
 
 def reduce(c):
-  c.data.num_clients = 4
-  c.data.max_train_examples = 600
-  c.data.max_test_examples = 200
-  c.data.min_client_size = 10
-  c.data.seq_len = 24
-  c.data.vocab_size = 300
-  c.model.hidden_size = 16
-  c.model.intermediate_size = 32
-  c.model.moe_intermediate_size = 16
-  c.model.num_experts = 4
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.train.clients_per_round = 3
-  c.train.local_steps = 2
-  c.train.batch_size = 8
-  c.train.rounds = 2
+  """The tiny setting of tests/test_server.py, applied to config ``c``."""
+  from test_server import tiny_config
+  tiny = tiny_config(c.method, rounds=2)
+  c.data.update(tiny.data)
+  c.model.update(tiny.model)
+  c.train.update(tiny.train)
   c.eval.specialization_examples = 64
   return c
 
