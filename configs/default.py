@@ -27,7 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "agnews_embedded"     # agnews_embedded | agnews (TFDS, needs data.data_dir)
-  c.data.data_dir = ""                   # manual dir for TFDS builders
+                                         # | mmlu | hellaswag (multiple choice, data.data_dir)
+  c.data.data_dir = ""                   # manual dir for TFDS builders / the MC readers
   c.data.num_clients = 10
   c.data.partition = "dirichlet"         # dirichlet | iid | pathological
   c.data.alpha = 0.1
@@ -38,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.vocab_size = 1024
   c.data.max_train_examples = 0          # 0 = all
   c.data.max_test_examples = 0           # 0 = all of the test split
+  c.data.validation_examples = 0         # > 0: hold out this many training rows (fixed, seed-
+                                         # independent) as a validation split
 
   c.model = ml_collections.ConfigDict()
   c.model.type = "decoder"               # decoder (MoE causal LM) | switch (encoder-decoder)
@@ -102,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fedalign.centroid_noise_std = 0.0
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.split = "test"                  # test | validation (needs data.validation_examples)
   c.eval.every = 1                       # evaluate every N rounds (and after the last)
   c.eval.batch_size = 256
   c.eval.per_client = True

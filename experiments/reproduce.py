@@ -278,6 +278,8 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
   if base.data.get("partition", "dirichlet") != "dirichlet":
     log.warning("config.data.partition=%r: data.alpha (the grid's alpha) has no effect",
                 base.data.partition)
+  if "pretrain" in base and base.pretrain.enabled and not base.pretrain.dir:
+    base.pretrain.dir = str(workdir.resolve() / "pretrained")  # one checkpoint for the grid
   plan = dedupe_plan(plan, base)
   t0 = time.time()
   statuses: list[dict[str, Any]] = []
@@ -292,6 +294,7 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
     for key in ("invocation_wall_time_s", "hardware"):
       if key in old:
         info[key] = old[key]
+  info["pretrain"] = _pretrain_info(base)
   _write_plan(workdir, plan, base, info, target_accuracy)
   if not tables_only:
     info["hardware"] = hardware()
@@ -306,6 +309,7 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
       else:
         log.info("[%d/%d] %s: done in %.1fs", i + 1, len(unique), e.name, st["seconds"])
     info["invocation_wall_time_s"] = time.time() - t0
+    info["pretrain"] = _pretrain_info(base)
     _write_plan(workdir, plan, base, info, target_accuracy)
   report = write_report(workdir, target_accuracy=target_accuracy, docs_out=docs_out)
   n_failed = sum(s["status"] == "failed" for s in statuses)
@@ -313,6 +317,20 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
            len(unique), sum(s["status"] == "done" for s in statuses),
            sum(s["status"] == "skipped" for s in statuses), n_failed, workdir / "results.md")
   return {"statuses": statuses, **report}
+
+
+def _pretrain_info(base: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """What the grid's shared pre-training did (its ``pretrain_info.json``), or None."""
+  if "pretrain" not in base or not base.pretrain.enabled:
+    return None
+  path = pathlib.Path(base.pretrain.dir) / "pretrain_info.json"
+  if not path.exists():
+    return None
+  info = json.loads(path.read_text())
+  keep = ("documents", "tokens_seen", "epochs", "validation_loss_before",
+          "validation_loss_after", "wall_time_s")
+  return {"dir": base.pretrain.dir, "seed": base.pretrain.seed,
+          "sources": base.pretrain.sources, **{k: info[k] for k in keep}}
 
 
 def _write_plan(workdir: pathlib.Path, plan: list[Entry], base: ml_collections.ConfigDict,
@@ -479,6 +497,17 @@ def hardware() -> dict[str, Any]:
           "python": platform.python_version()}
 
 
+def _pretrain_lines(p: dict[str, Any] | None) -> list[str]:
+  """The header line about the pre-trained start (``fedalign.pretrain``), if any."""
+  if not p:
+    return ["- start: random initialisation (no pre-training)"]
+  return [f"- start: the checkpoint `{p['dir']}` pre-trained once (seed {p['seed']}) by "
+          f"`fedalign.pretrain` on {p['sources']} text ({p['documents']} documents, "
+          f"{p['tokens_seen'] / 1e6:.1f}M tokens seen, {p['epochs']:.2f} epochs): held-out "
+          f"next-token loss {p['validation_loss_before']:.3f} -> "
+          f"{p['validation_loss_after']:.3f}, {p['wall_time_s']:.0f} s"]
+
+
 def render_markdown(res: dict[str, Any]) -> str:
   """The results page (header, main table, ablation, convergence) from :func:`collect_results`."""
   info = res["run_info"]
@@ -494,6 +523,7 @@ def render_markdown(res: dict[str, Any]) -> str:
            f"{', '.join(str(a) for a in res['alphas']) or '-'}; seeds: "
            f"{', '.join(str(s) for s in res['seeds'])}"
            + ("; ablation rows at alpha = 0.1" if res["rows"] else ""),
+           *_pretrain_lines(info.get("pretrain")),
            f"- hardware: {hw['processor']}, machine {hw['machine']}, {hw['cpu_count']} CPUs; "
            f"jax.devices() = {hw['devices']}; JAX {hw['jax_version']}, Python {hw['python']}",
            f"- wall time: {res['entries_wall_time_s']:.1f} s summed over the entries' "
@@ -610,8 +640,20 @@ def write_report(workdir: str | os.PathLike, *, target_accuracy: float | None = 
       plot_dir.mkdir(exist_ok=True)
       for p in written:
         shutil.copy2(p, plot_dir / p.name)
-    docs_out.write_text(md + plot_section(f"{plot_dir.name}/"))
+    docs_out.write_text(md + plot_section(f"{plot_dir.name}/") + _kept_section(docs_out))
   return {"markdown": md, "results": res, "plots": written, "plot_notes": notes}
+
+
+KEEP_MARKER = "<!-- hand-written below: kept when the tables are regenerated -->"
+
+
+def _kept_section(path: pathlib.Path) -> str:
+  """The hand-written tail of an existing results page (from :data:`KEEP_MARKER` on)."""
+  if not path.exists():
+    return ""
+  text = path.read_text()
+  i = text.find(KEEP_MARKER)
+  return "" if i < 0 else "\n" + text[i:]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -629,6 +671,7 @@ def _define_flags():
   flags.DEFINE_float("target_accuracy", 0.6, "Accuracy for the rounds-to-target table.")
   flags.DEFINE_string("docs_out", None, "Also write the tables here (e.g. docs/results.md).")
   flags.DEFINE_bool("tables_only", False, "Only rewrite the tables and plots.")
+  flags.DEFINE_bool("compilation_cache", True, "Persist compiled programs in WORKDIR/.jax_cache.")
   flags.DEFINE_bool("tiny", False, "Smoke-test size: apply TINY_OVERRIDES (fields not given "
                     "as --config.* flags) on top of --config.")
   return flags.FLAGS
@@ -665,6 +708,10 @@ def main(argv: list[str]) -> None:
       "config_file": config_flags.get_config_filename(FLAGS["config"]),
       "overrides": overrides,
   }
+  if FLAGS.compilation_cache:  # entries of equal shapes reuse compiled rounds across runs
+    import jax
+    jax.config.update("jax_compilation_cache_dir",
+                      str(pathlib.Path(FLAGS.workdir).resolve() / ".jax_cache"))
   out = run_grid(base, plan, FLAGS.workdir, target_accuracy=FLAGS.target_accuracy,
                  run_info=run_info, docs_out=FLAGS.docs_out, tables_only=FLAGS.tables_only)
   print(out["markdown"])

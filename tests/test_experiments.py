@@ -196,6 +196,14 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   assert "results_plots/routing_heatmap_alpha_0.1.png" in docs
   assert (tmp_path / "docs" / "results_plots" / "accuracy_alpha_0.1.png").exists()
   assert rep["markdown"] in docs
+  assert "- start: random initialisation (no pre-training)" in docs
+  # A hand-written reading below the marker survives regeneration.
+  (tmp_path / "docs" / "results.md").write_text(docs + "\n" + reproduce.KEEP_MARKER
+                                                + "\n## Reading\nFedAlign wins by 0.1.\n")
+  reproduce.write_report(tmp_path, docs_out=tmp_path / "docs" / "results.md")
+  again = (tmp_path / "docs" / "results.md").read_text()
+  assert again.count("## Reading\nFedAlign wins by 0.1.") == 1
+  assert again.startswith(rep["markdown"])
 
   # Rerun: only unfinished/failed entries are called; a changed config re-runs everything.
   calls.clear()
@@ -261,3 +269,26 @@ def test_demo_notebook_runs_tiny(tmp_path, monkeypatch):
     s = json.loads((tmp_path / "runs" / m / "summary.json").read_text())
     assert math.isfinite(s["final_test_accuracy"]) and s["rounds"] == 2
     assert f"{s['final_test_accuracy']:.3f}" in table[0]
+
+
+def test_grid_shares_one_pretrained_checkpoint(tmp_path, monkeypatch):
+  """A config with a pretrain section: every entry gets WORKDIR/pretrained, the header says so."""
+  seen = []
+
+  def runner(config, workdir):
+    seen.append(config.pretrain.dir)
+    return fake_runner(lambda c: [0.3, 0.4], [])(config, workdir)
+
+  monkeypatch.setattr(reproduce, "run_experiment", runner)
+  base = reproduce.load_config("configs/cpu_analog.py")
+  pre = tmp_path / "pretrained"
+  pre.mkdir()
+  (pre / "pretrain_info.json").write_text(json.dumps(
+      {"documents": 10, "tokens_seen": 2_000_000, "epochs": 0.5, "validation_loss_before": 6.2,
+       "validation_loss_after": 3.3, "wall_time_s": 90.0}))
+  plan = reproduce.make_plan(["fedavg", "fedalign"], [0.1], [0, 1])
+  out = reproduce.run_grid(base, plan, tmp_path)
+  assert seen == [str(pre.resolve())] * 4
+  assert ("- start: the checkpoint `" + str(pre.resolve()) + "` pre-trained once (seed 0)"
+          in out["markdown"])
+  assert "held-out next-token loss 6.200 -> 3.300, 90 s" in out["markdown"]

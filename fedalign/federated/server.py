@@ -49,12 +49,14 @@ from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_
 from fedalign.federated.task import CausalLMTask, Seq2SeqTask
 from fedalign.models import MoEConfig, build_module, family_config, init_params
 from fedalign.models.lora import partition, trainable_mask
+from fedalign.pretrain import maybe_pretrained
 
 log = logging.getLogger(__name__)
 PyTree = Any
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ("train.rounds", "eval.every", "checkpoint.every", "checkpoint.keep")
 MODEL_TYPES = ("decoder", "switch")
+VALIDATION_SEED = 20231  # fixed: the validation hold-out never depends on config.seed
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -122,6 +124,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "'dense' in federated runs (use model.capacity_factor > 0 for sparse dispatch)")
   if config.model.get("capacity_factor", 0.0) < 0:
     bad("model.capacity_factor", config.model.capacity_factor, "0 (dropless) or a positive float")
+  from fedalign.data.multiple_choice import MC_DATASETS
+  from fedalign.models.config import DTYPES
+  datasets = ("agnews_embedded", "agnews") + MC_DATASETS
+  if d.dataset not in datasets:
+    bad("data.dataset", d.dataset, f"one of {datasets}")
+  if d.dataset in MC_DATASETS:
+    if model_type(config) != "decoder":
+      bad("model.type", model_type(config),
+          f"'decoder' with data.dataset={d.dataset!r} (options are scored by a causal LM)")
+    if not d.data_dir or not pathlib.Path(d.data_dir).is_dir():
+      bad("data.data_dir", d.data_dir, f"an existing directory holding the {d.dataset} files "
+          f"(e.g. ../shared/data/{d.dataset}) for data.dataset={d.dataset!r}")
+  if config.eval.get("mc_metric", "acc") not in ("acc", "acc_norm"):
+    bad("eval.mc_metric", config.eval.mc_metric, "one of ('acc', 'acc_norm')")
+  dtype = config.model.get("dtype", "float32")
+  if dtype not in DTYPES:
+    bad("model.dtype", dtype, f"one of {DTYPES}")
+  if dtype != "float32" and model_type(config) != "decoder":
+    bad("model.dtype", dtype, "'float32' with model.type='switch'")
+  split = config.eval.get("split", "test")
+  if split not in ("test", "validation"):
+    bad("eval.split", split, "one of ('test', 'validation')")
+  if split == "validation" and not config.data.get("validation_examples", 0):
+    bad("eval.split", split, "'test' unless data.validation_examples > 0 holds "
+        "out training rows to evaluate on")
   if config.eval.every < 1:
     bad("eval.every", config.eval.every, "an integer >= 1")
   if config.checkpoint.every < 0:
@@ -187,7 +214,9 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
 
   Fine-tuning fields applied to a checkpoint: ``lora_rank`` / ``lora_alpha`` (when
   ``lora_rank`` > 0: fresh adapters, the loaded function unchanged), ``moe_impl`` (decoder),
-  ``dropout_rate`` / ``router_jitter_noise`` (Switch, when the config has them).
+  ``dropout_rate`` / ``router_jitter_noise`` (Switch, when the config has them), ``dtype``
+  (decoder, optional, default 'float32': parameter and compute dtype, e.g. 'bfloat16'; routers
+  stay float32; also used for random init).
   """
   m = config.model
   mtype = model_type(config)
@@ -216,7 +245,8 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
     overrides["moe_impl"] = m.moe_impl
     if m.get("capacity_factor", 0.0):
       overrides["capacity_factor"] = float(m.capacity_factor)
-  model = load_pretrained(m.hf_checkpoint, seed=config.seed, **overrides)
+  model = load_pretrained(m.hf_checkpoint, m.get("dtype", "float32"), seed=config.seed,
+                          **overrides)
   if tokenizer.vocab_size > model.config.vocab_size:
     raise ValueError(
         f"the tokenizer of {m.hf_checkpoint} has {tokenizer.vocab_size} tokens but the model "
@@ -233,6 +263,7 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MoE
                 shared_expert_intermediate_size=m.shared_expert_intermediate_size,
                 lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, moe_impl=m.moe_impl,
                 capacity_factor=m.capacity_factor or None,
+                dtype=m.get("dtype", "float32"), param_dtype=m.get("dtype", "float32"),
                 router_aux_loss_coef=config.train.load_balance_coef,
                 router_z_loss_coef=config.train.z_loss_coef,
                 max_position_embeddings=max(config.data.seq_len, 8))
@@ -261,8 +292,10 @@ class FederatedData:
     from fedalign.data.agnews import AGNEWS_LABEL_WORDS, AGNEWS_TEMPLATE, load_embedded_agnews
     from fedalign.data import formatting as fmt_lib
     from fedalign.data.tokenize import HFTokenizer, load_tokenizer, train_bpe
+    from fedalign.data import multiple_choice as mc_lib
 
     d = config.data
+    self.multiple_choice = d.dataset in mc_lib.MC_DATASETS  # MMLU, HellaSwag
     if d.dataset == "agnews_embedded":
       train, test = load_embedded_agnews()
     elif d.dataset == "agnews":
@@ -277,15 +310,29 @@ class FederatedData:
         splits.append(TextSplit([r["text"] for r in recs],
                                 np.asarray([r["label"] for r in recs], np.int32)))
       train, test = splits
+    elif self.multiple_choice:  # fixed, seed-independent train/test split; label = topic group
+      train, test = mc_lib.load_splits(d.dataset, d.data_dir)
     else:
       raise ValueError(f"config.data.dataset={d.dataset!r} is invalid: expected one of "
-                       "('agnews_embedded', 'agnews').")
+                       "('agnews_embedded', 'agnews', 'mmlu', 'hellaswag').")
+    if d.get("validation_examples", 0):
+      # A fixed hold-out of the training rows (the same for every seed and method), for
+      # choosing hyper-parameters without touching the test split (eval.split='validation').
+      if not 0 < d.validation_examples < len(train):
+        raise ValueError(f"config.data.validation_examples={d.validation_examples} is "
+                         f"invalid: expected an integer in [0, {len(train)}) (0 = none)")
+      held = np.random.default_rng(np.random.SeedSequence([VALIDATION_SEED])).permutation(
+          len(train))
+      validation = train.subset(np.sort(held[:d.validation_examples]))
+      train = train.subset(np.sort(held[d.validation_examples:]))
+      if config.eval.get("split", "test") == "validation":
+        test = validation
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 7919]))
     if d.max_train_examples and d.max_train_examples < len(train):
       train = train.subset(np.sort(rng.choice(len(train), d.max_train_examples, replace=False)))
     if d.max_test_examples and d.max_test_examples < len(test):
       test = test.subset(np.sort(rng.choice(len(test), d.max_test_examples, replace=False)))
-    self.num_classes = len(AGNEWS_LABEL_WORDS)
+    self.num_classes = len(train.groups) if self.multiple_choice else len(AGNEWS_LABEL_WORDS)
 
     labels = np.asarray(train.label)
     if d.partition == "dirichlet":
@@ -305,6 +352,8 @@ class FederatedData:
 
     self.seq2seq = model_type(config) == "switch"
     label_words = (fmt_lib.AGNEWS_SEQ2SEQ_LABEL_WORDS if self.seq2seq else AGNEWS_LABEL_WORDS)
+    if self.multiple_choice:  # options are scored as sequences; keeps MMLU's " A".." D" whole
+      label_words = mc_lib.ADDED_TOKENS[d.dataset]
     self.label_words = label_words
     tok_path = workdir / "tokenizer.json"
     if config.model.hf_checkpoint:  # the checkpoint's own tokenizer, whatever data.tokenizer
@@ -323,7 +372,13 @@ class FederatedData:
     # choices (decoder, multi-token label words: each scored as a sequence) or
     # candidates (switch: label-word decoder targets).
     self.candidate_ids = self.choices = self.candidates = None
-    if self.seq2seq:
+    if self.multiple_choice:  # train: prompt + gold option; test: (N, 4, T), labels = groups
+      self.batch_keys = ("tokens", "mask", "target_mask")
+      ex = mc_lib.format_train(d.dataset, train, self.tokenizer, d.seq_len)
+      self.train = {k: ex[k] for k in self.batch_keys}
+      self.test = mc_lib.format_test(d.dataset, test, self.tokenizer, d.seq_len)
+      self.mc_metric = config.eval.get("mc_metric", "acc")
+    elif self.seq2seq:
       fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
       ex = fmt_lib.format_seq2seq_classification(train.text, train.label, self.tokenizer,
                                                  **fmt)
@@ -395,6 +450,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   workdir.mkdir(parents=True, exist_ok=True)
   check_workdir_config(workdir, config)
   t0 = time.time()
+  reported_config = config
+  config = maybe_pretrained(config, workdir)  # config.pretrain.enabled: the cached checkpoint
   data = FederatedData(config, workdir)
   mcfg, params = load_model(config, data.tokenizer)
   module = build_module(mcfg)
@@ -467,6 +524,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         record["client_accuracy"] = [round(float(a), 5) for a in acc_c]
         record["mean_client_accuracy"] = float(jnp.mean(acc_c))
       record.update(_diagnostics(out))
+      _save_client_routing(workdir / "routing_distributions.npz", out, ids, r + 1,
+                           config.data.num_clients)
       if specialization is not None:
         mi, _ = specialization(state["params"])
         record["expert_specialization"] = float(np.mean([float(v) for v in mi.values()]))
@@ -497,8 +556,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       "num_clients": config.data.num_clients,
       "client_sizes": data.client_sizes.tolist(),
       "wall_time_s": time.time() - t0,
-      "config": json.loads(config.to_json()),
+      "config": json.loads(reported_config.to_json()),
   }
+  if config.model.hf_checkpoint:
+    summary["checkpoint"] = str(config.model.hf_checkpoint)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   _plot(workdir, history, data, config)
   return summary
@@ -510,6 +571,10 @@ def make_evaluator(data: FederatedData, mcfg: Any, module: Any, batch_size: int)
   if data.seq2seq:
     return ev.make_seq2seq_classification_evaluator(mcfg, data.candidates, batch_size)
   apply_fn = lambda p, tok, m: module.apply({"params": p}, tok, m)[0]
+  if getattr(data, "multiple_choice", False):  # MMLU / HellaSwag: every option scored
+    return ev.make_multiple_choice_evaluator(
+        apply_fn, max(1, batch_size // data.test["tokens"].shape[1]), labels_key="answers",
+        metric=data.mc_metric)
   if data.candidate_ids is not None:
     return ev.make_classification_evaluator(apply_fn, data.candidate_ids, batch_size)
   # Multi-token label words: K sequences per example, so K times smaller batches.
@@ -568,6 +633,29 @@ def _diagnostics(out: dict[str, Any]) -> dict[str, Any]:
     rec["routing_divergence"] = float(np.mean(divs))
     rec["expert_role_preservation"] = float(np.mean(roles))
   return rec
+
+
+def _save_client_routing(path: pathlib.Path, out: dict[str, Any], ids: np.ndarray,
+                         round_num: int, num_clients: int) -> None:
+  """Writes each MoE block's per-client routing distribution p_i (clients, experts).
+
+  Rows are client ids (NaN for clients not sampled this round); ``p_i`` is the mean router
+  probability over the client's local training tokens in this round (section 3.1 of the
+  method doc). Keys are block paths with '/' as '.', plus ``round`` and ``client_ids``.
+  """
+  from fedalign.models.routing import finalize_stats
+  arrays: dict[str, np.ndarray] = {"round": np.asarray(round_num),
+                                   "client_ids": np.asarray(ids)}
+  for block, s in out["routing_stats"].items():
+    if block.startswith("_"):
+      continue
+    p = np.asarray(finalize_stats(s)["p"], np.float32)[:len(ids)]
+    full = np.full((num_clients, p.shape[-1]), np.nan, np.float32)
+    full[ids] = p
+    arrays[block.replace("/", ".")] = full
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
 
 
 def _truncate_metrics(path: pathlib.Path, start_round: int) -> None:

@@ -241,14 +241,39 @@ def sample_client_test_sets(
 
 
 def make_multiple_choice_evaluator(
-    apply_fn: ApplyFn, batch_size: int
+    apply_fn: ApplyFn, batch_size: int, *, labels_key: str = "labels", metric: str = "acc"
 ) -> Callable[[object, Mapping[str, Array]], dict[str, jax.Array]]:
     """``jax.jit`` of ``(params, choices) -> multiple_choice_eval(...)`` with
-    ``logits_fn = lambda t, m: apply_fn(params, t, m)``: compiles once per data shape."""
+    ``logits_fn = lambda t, m: apply_fn(params, t, m)``: compiles once per data shape.
+
+    Args:
+      apply_fn: ``(params, tokens, mask) -> logits``.
+      batch_size: sequences (not questions) per forward pass.
+      labels_key: the key of ``choices`` holding the correct option index (e.g. ``"answers"``
+        when ``"labels"`` holds something else, such as a topic group).
+      metric: ``"acc"`` or ``"acc_norm"``: which score fills ``acc``, ``correct`` and ``pred``
+        (both ``acc_norm`` and ``acc_unnorm`` are always in the output too).
+
+    >>> from fedalign.data.formatting import format_multiple_choice
+    >>> from fedalign.data.tokenize import ByteTokenizer
+    >>> mc = format_multiple_choice(["a"], [[" b", " cc"]], [0], ByteTokenizer(), max_len=8)
+    >>> ev = make_multiple_choice_evaluator(lambda p, t, m: jnp.zeros(t.shape + (259,)), 2,
+    ...                                     metric="acc_norm")
+    >>> out = ev(None, mc)
+    >>> sorted(k for k in out if k.startswith("acc")), bool(out["acc"] == out["acc_norm"])
+    (['acc', 'acc_norm', 'acc_unnorm'], True)
+    """
+    if metric not in ("acc", "acc_norm"):
+        raise ValueError(f"metric={metric!r} is invalid: expected 'acc' or 'acc_norm'.")
 
     @jax.jit
     def evaluate(params, choices):
-        return multiple_choice_eval(lambda t, m: apply_fn(params, t, m), choices, batch_size)
+        choices = {**choices, "labels": choices[labels_key]}
+        out = multiple_choice_eval(lambda t, m: apply_fn(params, t, m), choices, batch_size)
+        out["acc_unnorm"] = out["acc"]
+        if metric == "acc_norm":
+            out.update(acc=out["acc_norm"], correct=out["correct_norm"], pred=out["pred_norm"])
+        return out
 
     return evaluate
 

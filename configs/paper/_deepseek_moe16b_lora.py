@@ -1,0 +1,114 @@
+"""Shared builder of the paper's DeepSeek-MoE-16B + LoRA configs (MMLU and HellaSwag).
+
+Not a config on its own: ``mmlu_deepseek_moe16b_lora.py`` and
+``hellaswag_deepseek_moe16b_lora.py`` call :func:`build` (their docstrings give the commands,
+the memory and time estimates and the mesh). Everything the two share is here; the
+per-dataset numbers (sequence length, batch size, evaluation metric) are arguments.
+"""
+import importlib.util
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def shared_data_dir(dataset: str) -> str:
+  """``<repo>/../shared/data/<dataset>``: the benchmark files next to the repository.
+
+  Resolved from this file's location, so it does not depend on the working directory; a
+  missing directory is reported by ``validate_config`` as an error naming config.data.data_dir.
+  """
+  return str((REPO / ".." / "shared" / "data" / dataset).resolve())
+
+
+def _default() -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("fedalign_default_config",
+                                                REPO / "configs" / "default.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def build(dataset: str, arg: str | None, *, seq_len: int, batch_size: int,
+          eval_batch_size: int, mc_metric: str, runlocal_seq_len: int
+          ) -> ml_collections.ConfigDict:
+  """The DeepSeek-MoE-16B LoRA setup on ``dataset``; ``arg='runlocal'``: the tiny variant."""
+  c = _default()
+  c.method = "fedalign"
+
+  c.data.dataset = dataset               # fixed 80/20 split per topic group, see
+  c.data.data_dir = shared_data_dir(dataset)  # fedalign/data/multiple_choice.py
+  c.data.num_clients = 10
+  c.data.partition = "dirichlet"         # over topic groups (MMLU subject, HellaSwag activity)
+  c.data.alpha = 0.1                     # the paper's non-IID column; 1.0 = its "IID" column
+  c.data.min_client_size = 20
+  c.data.seq_len = seq_len
+  c.data.max_train_examples = 0
+  c.data.max_test_examples = 0
+
+  c.model.type = "decoder"
+  c.model.family = "deepseek_moe"
+  # Required: a local deepseek-ai/deepseek-moe-16b-base directory (sizes, weights and
+  # tokenizer come from it). A placeholder: unset is an error naming this field.
+  c.model.hf_checkpoint = config_dict.placeholder(str)
+  c.model.dtype = "bfloat16"             # parameters and compute (routers stay float32)
+  c.model.lora_rank = 8
+  c.model.lora_alpha = 16.0
+  c.model.moe_impl = "dense"
+  c.model.capacity_factor = 1.25         # sparse top-k dispatch (dense = all 64 experts/token)
+
+  c.train.rounds = 25
+  c.train.clients_per_round = 10
+  c.train.local_epochs = 1
+  c.train.local_steps = 0                # one local epoch per round
+  c.train.batch_size = batch_size
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 1e-4
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0
+  c.train.load_balance_coef = 0.001      # DeepSeek-MoE's own aux_loss_alpha
+  c.train.z_loss_coef = 0.0
+  c.train.trainable = "lora"             # adapters (attention + every routed expert) + routers
+  c.train.chunk_size = 1                 # clients one after another inside the jitted round
+  c.train.use_mesh = False
+
+  c.fedalign.lambda_reg = 0.1
+
+  c.eval.every = 5                       # and after the last round
+  c.eval.batch_size = eval_batch_size    # questions x 4 options: batch_size // 4 per forward
+  c.eval.mc_metric = mc_metric           # acc | acc_norm (per-character, HellaSwag's usual)
+  c.checkpoint.every = 5
+  c.checkpoint.keep = 1                  # a checkpoint holds the full params (~33 GB)
+
+  if arg == "runlocal":
+    c.model.hf_checkpoint = ""           # random init from the sizes below
+    c.model.dtype = "float32"
+    c.data.tokenizer = "bpe"             # byte-level BPE trained on the clients' text
+    c.data.vocab_size = 512
+    c.data.num_clients = 4
+    c.data.min_client_size = 10
+    c.data.max_train_examples = 400
+    c.data.max_test_examples = 100
+    c.data.seq_len = runlocal_seq_len
+    c.model.hidden_size = 32             # tiny DeepSeek-MoE: layer 0 dense (first_k_dense=1),
+    c.model.intermediate_size = 64       # layer 1 MoE with 8 fine-grained routed experts
+    c.model.num_layers = 2               # (top-2) + an ungated shared expert
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 4
+    c.model.num_experts = 8
+    c.model.top_k = 2
+    c.model.moe_intermediate_size = 16
+    c.model.shared_expert_intermediate_size = 32
+    c.model.lora_rank = 4
+    c.train.rounds = 2
+    c.train.clients_per_round = 4
+    c.train.local_steps = 2
+    c.train.batch_size = 8
+    c.train.learning_rate = 1e-3
+    c.train.chunk_size = 0
+    c.eval.every = 1
+    c.eval.batch_size = 64
+    c.checkpoint.every = 1
+  return c

@@ -1,0 +1,78 @@
+"""Paper setup: federated LoRA fine-tuning of DeepSeek-MoE-16B on HellaSwag (FedAlign-MoE, sec. 6).
+
+Command (a local copy of deepseek-ai/deepseek-moe-16b-base is required; nothing is downloaded
+at run time)::
+
+    python -m fedalign.main --config=configs/paper/hellaswag_deepseek_moe16b_lora.py \\
+        --config.model.hf_checkpoint=/path/to/deepseek-moe-16b-base --workdir=/tmp/hs_ds16_a0.1
+
+Model, checkpoint directory, LoRA, optimiser and federated setup are those of
+``mmlu_deepseek_moe16b_lora.py`` (both are built by ``_deepseek_moe16b_lora.py``; the MMLU
+config's docstring describes the checkpoint layout and the shared choices). Leaving
+``model.hf_checkpoint`` unset is an error that names it. ``data.data_dir`` defaults to
+``<repo>/../shared/data/hellaswag``.
+
+Setup [paper]: DeepSeek-MoE-16B with LoRA, 10 clients, Dirichlet alpha = 0.1, 25 rounds,
+1 local epoch, AdamW, learning rate 1e-4, lambda = 0.1. Paper accuracy (FedAvg /
+FedAlign-MoE): 0.521 / 0.585 at alpha = 0.1, 0.717 / 0.753 at alpha = 1.0
+(``--config.data.alpha=1.0`` and a new ``--workdir``).
+[ours]: only HellaSwag's validation split (10,042 rows) exists offline, so it is cut by a fixed,
+seed-independent rule: the last 20% of each activity label's rows (file order; labels with
+fewer than 5 rows are training-only) are held out (1,931 rows), the rest are the federated
+training pool (8,111 rows) - see :mod:`fedalign.data.multiple_choice`. The Dirichlet "label"
+is the ``activity_label`` (192 groups, from 1 to 2,627 rows each), not the answer index;
+per-client accuracy weights the per-activity test accuracy by each client's activity mix.
+Prompt ``"{activity_label}: {ctx}"``, trained with the LM loss on the correct ending only,
+evaluated by scoring the 4 endings with ``acc_norm`` (log-likelihood per character, the
+lm-evaluation-harness metric for HellaSwag; ``--config.eval.mc_metric=acc`` for the
+unnormalised one). 192 tokens (no row is longer at ~4 characters per token; ~50% of the slots
+are padding), batch 8, LoRA rank 8, capacity factor 1.25, evaluation every 5 rounds.
+
+Accelerator memory and time (estimates, NOT measured on an accelerator; activation and FLOP
+figures from XLA's accounting of one compiled training step on CPU, as in the MMLU config):
+
+* Weights 32.8 GB (16.4B, bfloat16), LoRA adapters 147.0M parameters (0.29 GB), one client's
+  training state ~1.2 GB, the round's 10 deltas ~3 GB (details in the MMLU config).
+* Activations at batch 8 x 192 tokens (1,536 tokens per step, 180 slots per expert): 1.31 GB
+  per MoE layer with float32 activations (an upper figure), ~35 GB for the 27 MoE layers +
+  ~1.7 GB for the rest (float32 logits 1,536 x 102,400).
+* Peak ~60-75 GB with ``train.chunk_size=1``: one 80 GB H100 (or A100-80GB), with little
+  margin at the upper figure; ``--config.train.batch_size=4`` (0.51 GB per MoE layer) needs
+  ~52 GB. Mesh: none (one device); several GPUs as in the MMLU config (``use_mesh=True``,
+  ``chunk_size`` = the number of GPUs, a divisor of 10; each GPU holds the full frozen weights).
+* Time, FLOP basis ~2.8B active parameters per token: forward ~9 GFLOP per token (2 x 2.8B,
+  +0.7 capacity slack, +2.5 dispatch/combine einsums at 1,536 tokens per step); XLA counts
+  18.5 GFLOP per training token. A round is one epoch over 8,111 x 192 tokens = 1.56M tokens,
+  ~2.9e16 FLOP: 75-190 s on one H100 at 15-40% of its bfloat16 peak; an evaluation (1,931 x 4
+  x 192 tokens) ~1.3e16 FLOP, 35-90 s. 25 rounds + 5 evaluations: ~35-90 min, plus
+  compilation (5-15 min) and checkpoint writes (~33 GB each); within a factor ~3.
+
+Tiny variant that runs on CPU in seconds (random 2-layer DeepSeek-MoE, LoRA rank 4, BPE on the
+clients' text, 400 / 100 questions, 4 clients, 2 rounds; run by tests/test_paper_configs.py)::
+
+    python -m fedalign.main --config=configs/paper/hellaswag_deepseek_moe16b_lora.py:runlocal \\
+        --workdir=/tmp/hellaswag_ds_tiny
+"""
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _builder():
+  path = pathlib.Path(__file__).resolve().parent / "_deepseek_moe16b_lora.py"
+  spec = importlib.util.spec_from_file_location("fedalign_deepseek_moe16b_lora", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The paper's DeepSeek-MoE-16B HellaSwag setup; ``get_config('runlocal')``: tiny variant.
+
+  >>> c = get_config('runlocal')  # doctest: +SKIP
+  >>> c.data.dataset, c.eval.mc_metric  # doctest: +SKIP
+  ('hellaswag', 'acc_norm')
+  """
+  return _builder().build("hellaswag", arg, seq_len=192, batch_size=8, eval_batch_size=32,
+                          mc_metric="acc_norm", runlocal_seq_len=128)
