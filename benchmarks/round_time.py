@@ -30,7 +30,6 @@ Results: printed markdown tables and benchmarks/results/round_time[_<tag>].json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -48,6 +47,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import block, machine, markdown_table, median, time_calls, write_json  # noqa: E402
+from fedalign.config_files import load_config  # noqa: E402
 from fedalign.federated.algorithms import make_algorithm  # noqa: E402
 from fedalign.federated.client import make_client_update  # noqa: E402
 from fedalign.federated.round import (CLIENT_AXIS, _finite, init_server_state,  # noqa: E402
@@ -62,10 +62,7 @@ SEED = 0
 def default_config(method: str = "fedavg", steps: int = 2, batch: int | None = None,
                    seq: int | None = None, vocab: int | None = None):
   """configs/default.py with a method, a fixed number of local steps and optional sizes."""
-  spec = importlib.util.spec_from_file_location("default_config", REPO / "configs/default.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
+  cfg = load_config(REPO / "configs" / "default.py")
   cfg.method = method
   cfg.train.local_steps = steps
   if batch:

@@ -20,21 +20,18 @@ Hardware and time: as configs/default.py (2 CPU cores, a few minutes per row). E
 paper reports 0.774 / 0.802 / 0.831 / 0.841 / 0.852 on Switch-base-16; see docs/results.md for
 what this project measured at CPU scale.
 """
-import importlib.util
 import pathlib
 
 import ml_collections
+
+from fedalign.config_files import load_config
 
 ROWS = ("direct_averaging", "uniform_gating", "consistency", "adaptive_alpha", "semantic",
         "permutation")
 
 
 def _default() -> ml_collections.ConfigDict:
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("fedalign_default_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return load_config("default.py", relative_to=pathlib.Path(__file__).parent)
 
 
 def get_config(row: str = "semantic") -> ml_collections.ConfigDict:

@@ -27,20 +27,17 @@ Commands::
 ``pretrain.data_dir`` defaults to ``../shared/data`` next to the repository (the folder with
 ``dolly/``, ``mmlu/`` and ``hellaswag/``); ``:runlocal`` is a tiny variant for tests.
 """
-import importlib.util
 import pathlib
 
 import ml_collections
+
+from fedalign.config_files import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _default(arg: str | None = None) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("fedalign_default_config",
-                                                REPO / "configs" / "default.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return load_config(REPO / "configs" / "default.py", arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -71,7 +71,6 @@ In Python (a few seconds)::
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import math
@@ -112,11 +111,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   >>> load_config('configs/default.py:runlocal').train.rounds
   3
   """
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("_baseline_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
+  from fedalign import config_files
+  return config_files.load_config(spec)
 
 
 def check_supported(config: ml_collections.ConfigDict) -> None:

@@ -37,7 +37,6 @@ In Python (a tiny grid, about a minute on 2 CPU cores)::
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -55,6 +54,7 @@ import ml_collections
 import numpy as np
 
 from experiments import plots as plots_lib
+from fedalign import config_files
 from fedalign.federated.server import run_experiment
 
 log = logging.getLogger("experiments.reproduce")
@@ -97,14 +97,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   >>> load_config('configs/default.py:runlocal').train.rounds
   3
   """
-  path, _, arg = spec.partition(":")
-  p = pathlib.Path(path)
-  if not p.exists() and (REPO / p).exists():
-    p = REPO / p
-  mod_spec = importlib.util.spec_from_file_location(f"_cfg_{p.stem}", p)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
+  return config_files.load_config(spec)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
@@ -145,9 +138,7 @@ def ablation_overrides(ablation_file: str | pathlib.Path = REPO / "configs" / "a
   >>> ablation_overrides()['permutation']['fedalign.permutation_alignment']
   True
   """
-  spec = importlib.util.spec_from_file_location("_fedalign_ablation", ablation_file)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_files.load_module(ablation_file)
   default = _flat(json.loads(mod._default().to_json()))
   rows = {row: _flat(json.loads(mod.get_config(row).to_json())) for row in mod.ROWS}
   keys = {"method"} | {k for flat in rows.values() for k in flat if flat[k] != default.get(k)}

@@ -272,6 +272,51 @@ def test_small_capacity_drops_tokens(family):
     assert np.all(out[0, 1:] == 0.0)
 
 
+def _one_hot_capacity_reference(top_idx, top_w, valid, num_experts, cap, x, w):
+  """The GShard one-hot formulation: a (T, E, C) dispatch tensor and two einsums."""
+  t, k = top_idx.shape
+  onehot = jax.nn.one_hot(top_idx, num_experts) * valid[:, None, None]
+  flat = jnp.swapaxes(onehot, 0, 1).reshape(k * t, num_experts)
+  position = (jnp.cumsum(flat, 0) - 1.0) * flat
+  slots = (flat * (position < cap))[..., None] * jax.nn.one_hot(position.astype(jnp.int32), cap)
+  slots = jnp.swapaxes(slots.reshape(k, t, num_experts, cap), 0, 1)
+  dispatch, combine = slots.sum(1), (slots * top_w[:, :, None, None]).sum(1)
+  expert_out = jnp.einsum("ecd,edf->ecf", jnp.einsum("tec,td->ecd", dispatch, x), w)
+  return jnp.einsum("tec,ecd->td", combine, expert_out)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 8, 40])
+def test_scatter_capacity_dispatch_matches_one_hot_dispatch(cap):
+  """The linear scatter/gather dispatch = the one-hot einsum form: outputs, gradients, vmap."""
+  from fedalign.models import moe
+  t, k, e, d = 29, 2, 5, 6
+  first = jax.random.randint(jax.random.key(0), (t,), 0, e)
+  top_idx = jnp.stack([first, (first + 1 + jax.random.randint(jax.random.key(5), (t,), 0, e - 1))
+                       % e], axis=1)
+  top_w = jax.random.uniform(jax.random.key(1), (t, k))
+  valid = (jax.random.uniform(jax.random.key(2), (t,)) > 0.2).astype(jnp.float32)
+  x = jax.random.normal(jax.random.key(3), (t, d))
+  w = jax.random.normal(jax.random.key(4), (e, d, d))
+
+  def scatter(x, w):
+    slot, keep = moe.capacity_slots(top_idx, valid, e, cap)
+    buf = moe.scatter_to_experts(x, top_idx, slot, e, cap)
+    return moe.gather_from_experts(jnp.einsum("ecd,edf->ecf", buf, w), top_idx, slot,
+                                   top_w * keep)
+
+  ref = lambda x, w: _one_hot_capacity_reference(top_idx, top_w, valid, e, cap, x, w)
+  np.testing.assert_allclose(scatter(x, w), ref(x, w), atol=1e-5)
+  g_new = jax.grad(lambda x, w: scatter(x, w).sum(), argnums=(0, 1))(x, w)
+  g_ref = jax.grad(lambda x, w: ref(x, w).sum(), argnums=(0, 1))(x, w)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g_new, g_ref)
+  xs = jnp.stack([x, -2.0 * x])
+  np.testing.assert_allclose(jax.vmap(scatter, (0, None))(xs, w),
+                             jnp.stack([ref(x, w), ref(-2.0 * x, w)]), atol=1e-4)
+  slot, keep = moe.capacity_slots(top_idx, valid, e, cap)
+  assert int(keep.sum()) <= e * cap and not bool(keep[valid == 0].any())
+  assert bool(jnp.all((slot == cap) == ~keep))
+
+
 # ----------------------------------------------------------------------------- validation
 
 

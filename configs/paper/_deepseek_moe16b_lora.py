@@ -5,11 +5,12 @@ Not a config on its own: ``mmlu_deepseek_moe16b_lora.py`` and
 the memory and time estimates and the mesh). Everything the two share is here; the
 per-dataset numbers (sequence length, batch size, evaluation metric) are arguments.
 """
-import importlib.util
 import pathlib
 
 import ml_collections
 from ml_collections import config_dict
+
+from fedalign.config_files import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -24,11 +25,7 @@ def shared_data_dir(dataset: str) -> str:
 
 
 def _default() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("fedalign_default_config",
-                                                REPO / "configs" / "default.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return load_config(REPO / "configs" / "default.py")
 
 
 def build(dataset: str, arg: str | None, *, seq_len: int, batch_size: int,

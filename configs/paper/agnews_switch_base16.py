@@ -52,19 +52,16 @@ on the clients' text; what tests/test_switch_federated.py runs)::
     python -m fedalign.main --config=configs/paper/agnews_switch_base16.py:runlocal \\
         --workdir=/tmp/agnews_switch_tiny
 """
-import importlib.util
 import pathlib
 
 import ml_collections
 from ml_collections import config_dict
 
+from fedalign.config_files import load_config
+
 
 def _default(arg: str | None = None) -> ml_collections.ConfigDict:
-  path = pathlib.Path(__file__).resolve().parents[1] / "default.py"
-  spec = importlib.util.spec_from_file_location("fedalign_default_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return load_config(pathlib.Path(__file__).resolve().parents[1] / "default.py", arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

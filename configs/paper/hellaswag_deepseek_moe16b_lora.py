@@ -53,18 +53,15 @@ clients' text, 400 / 100 questions, 4 clients, 2 rounds; run by tests/test_paper
     python -m fedalign.main --config=configs/paper/hellaswag_deepseek_moe16b_lora.py:runlocal \\
         --workdir=/tmp/hellaswag_ds_tiny
 """
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from fedalign.config_files import load_module
+
 
 def _builder():
-  path = pathlib.Path(__file__).resolve().parent / "_deepseek_moe16b_lora.py"
-  spec = importlib.util.spec_from_file_location("fedalign_deepseek_moe16b_lora", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_module(pathlib.Path(__file__).resolve().parent / "_deepseek_moe16b_lora.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

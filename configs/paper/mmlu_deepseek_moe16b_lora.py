@@ -81,18 +81,15 @@ Tiny variant that runs on CPU in seconds (a random 2-layer DeepSeek-MoE with 8 r
     python -m fedalign.main --config=configs/paper/mmlu_deepseek_moe16b_lora.py:runlocal \\
         --workdir=/tmp/mmlu_ds_tiny
 """
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from fedalign.config_files import load_module
+
 
 def _builder():
-  path = pathlib.Path(__file__).resolve().parent / "_deepseek_moe16b_lora.py"
-  spec = importlib.util.spec_from_file_location("fedalign_deepseek_moe16b_lora", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_module(pathlib.Path(__file__).resolve().parent / "_deepseek_moe16b_lora.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

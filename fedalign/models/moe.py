@@ -158,27 +158,59 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
   return max(1, int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def capacity_dispatch(top_idx: Array, top_w: Array, valid: Array, num_experts: int,
-                      capacity: int) -> tuple[Array, Array]:
-  """Switch/GShard-style dispatch with token dropping.
+def capacity_slots(top_idx: Array, valid: Array, num_experts: int, capacity: int
+                   ) -> tuple[Array, Array]:
+  """Switch/GShard capacity positions: each (token, choice)'s slot in its expert's buffer.
 
   Slots are filled in priority order: every token's first choice before any second choice,
-  tokens in sequence order within a slot; padded tokens take no room.
+  tokens in sequence order within a choice; padded tokens take no room. Linear in the number
+  of tokens (no (T, E, C) tensor).
+
+  Returns:
+    slot (T, k) int32 in [0, capacity] (``capacity`` = dropped) and keep (T, k) bool.
+
+  >>> slot, keep = capacity_slots(jnp.array([[0], [0], [1]]), jnp.ones(3), 2, capacity=1)
+  >>> slot[:, 0].tolist(), keep[:, 0].tolist()
+  ([0, 1, 0], [True, False, True])
+  """
+  t, k = top_idx.shape
+  onehot = jax.nn.one_hot(top_idx, num_experts, dtype=jnp.int32) * (
+      valid[:, None, None] > 0).astype(jnp.int32)
+  flat = jnp.swapaxes(onehot, 0, 1).reshape(k * t, num_experts)  # choice-major order
+  position = jnp.sum((jnp.cumsum(flat, axis=0) - 1) * flat, axis=-1)
+  keep = (jnp.sum(flat, axis=-1) > 0) & (position < capacity)
+  slot = jnp.where(keep, position, capacity)
+  return (jnp.swapaxes(slot.reshape(k, t), 0, 1).astype(jnp.int32),
+          jnp.swapaxes(keep.reshape(k, t), 0, 1))
+
+
+def capacity_dispatch(top_idx: Array, top_w: Array, valid: Array, num_experts: int,
+                      capacity: int) -> tuple[Array, Array]:
+  """The one-hot form of :func:`capacity_slots` (what the Switch model uses per batch row).
 
   Returns:
     dispatch (T, E, C) 0/1 and combine (T, E, C) = dispatch * top-k weight.
   """
+  slot, _ = capacity_slots(top_idx, valid, num_experts, capacity)
+  slots = (jax.nn.one_hot(top_idx, num_experts, dtype=jnp.float32)[..., None]
+           * jax.nn.one_hot(slot, capacity, dtype=jnp.float32)[..., None, :])  # (T, k, E, C)
+  return jnp.sum(slots, axis=1), jnp.sum(slots * top_w[:, :, None, None], axis=1)
+
+
+def scatter_to_experts(tokens: Array, top_idx: Array, slot: Array, num_experts: int,
+                       capacity: int) -> Array:
+  """(T, D) tokens -> (E, C, D) expert buffers (dropped choices, slot == C, are skipped)."""
   t, k = top_idx.shape
-  onehot = jax.nn.one_hot(top_idx, num_experts, dtype=jnp.float32) * valid[:, None, None]
-  flat = jnp.swapaxes(onehot, 0, 1).reshape(k * t, num_experts)  # slot-major order
-  position = (jnp.cumsum(flat, axis=0) - 1.0) * flat
-  keep = flat * (position < capacity)
-  pos_1h = jax.nn.one_hot(position.astype(jnp.int32), capacity, dtype=jnp.float32)
-  dispatch_slots = keep[..., None] * pos_1h  # (kT, E, C)
-  dispatch_slots = jnp.swapaxes(dispatch_slots.reshape(k, t, num_experts, capacity), 0, 1)
-  dispatch = jnp.sum(dispatch_slots, axis=1)
-  combine = jnp.sum(dispatch_slots * top_w[:, :, None, None], axis=1)
-  return dispatch, combine
+  upd = jnp.broadcast_to(tokens[:, None, :], (t, k, tokens.shape[-1]))
+  buf = jnp.zeros((num_experts, capacity, tokens.shape[-1]), tokens.dtype)
+  return buf.at[top_idx, slot].set(upd, mode="drop")
+
+
+def gather_from_experts(expert_out: Array, top_idx: Array, slot: Array, weight: Array
+                        ) -> Array:
+  """(E, C, D) expert outputs -> (T, D): the weighted sum over each token's kept choices."""
+  y = expert_out.at[top_idx, slot].get(mode="fill", fill_value=0)  # (T, k, D)
+  return jnp.einsum("tkd,tk->td", y, weight.astype(y.dtype))
 
 
 class MoEBlock(nn.Module):
@@ -203,11 +235,13 @@ class MoEBlock(nn.Module):
                       dtype, pdtype, cfg.initializer_range, name="experts")
     e = cfg.num_experts
     if cfg.capacity_factor is not None:
+      # Scatter into (E, C, D) buffers, grouped matmuls, gather back: linear in the tokens
+      # (a one-hot (T, E, C) dispatch einsum would be quadratic: C grows with T).
       cap = expert_capacity(b * t, e, cfg.top_k, cfg.capacity_factor)
-      dispatch, combine = capacity_dispatch(top_idx, top_w, valid, e, cap)
-      expert_in = jnp.einsum("tec,td->ecd", dispatch.astype(dtype), tokens.astype(dtype))
+      slot, keep = capacity_slots(top_idx, valid, e, cap)
+      expert_in = scatter_to_experts(tokens.astype(dtype), top_idx, slot, e, cap)
       expert_out = experts(expert_in, mode="grouped")
-      out = jnp.einsum("tec,ecd->td", combine.astype(dtype), expert_out)
+      out = gather_from_experts(expert_out, top_idx, slot, top_w * keep)
     elif cfg.moe_impl == "ragged":
       flat_idx = top_idx.reshape(-1)
       order = jnp.argsort(flat_idx, stable=True)

@@ -1,0 +1,48 @@
+"""Loading ``get_config()`` files by path (``configs/`` is a folder of files, not a package).
+
+One loader for the CLIs, the experiment scripts, the benchmarks and the config files that
+build on each other (``configs/cpu_analog.py`` starts from ``configs/default.py``...).
+
+>>> load_config('configs/default.py:runlocal').train.rounds
+3
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import types
+
+import ml_collections
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_module(path: str | os.PathLike) -> types.ModuleType:
+  """Executes a Python file as a fresh module (named after its stem)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_fedalign_cfg_{path.stem}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def load_config(spec: str | os.PathLike, arg: str | None = None,
+                relative_to: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
+  """``'path/to/config.py[:arg]'`` -> its ``get_config(arg)``.
+
+  A relative path is looked up under ``relative_to`` (e.g. the calling config's folder) when
+  given, else the working directory, then the repository root. ``arg`` overrides the part
+  after ``:``.
+  """
+  path, _, spec_arg = str(spec).partition(":")
+  arg = arg if arg is not None else (spec_arg or None)
+  p = pathlib.Path(path)
+  if not p.is_absolute():
+    bases = [pathlib.Path(relative_to)] if relative_to is not None else []
+    bases += [pathlib.Path.cwd(), REPO]
+    p = next((b / p for b in bases if (b / p).exists()), bases[0] / p)
+  mod = load_module(p)
+  return mod.get_config(arg) if arg else mod.get_config()
