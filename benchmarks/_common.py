@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -16,18 +15,8 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 def machine() -> dict[str, Any]:
   """What the numbers were measured on (CPU model, cores, JAX version, devices)."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(),
-          "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": len(jax.devices()), "python": platform.python_version(),
-          "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+  from fedalign.hardware import describe
+  return {**describe(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def mem_available_bytes() -> int | None:

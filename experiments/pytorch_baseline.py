@@ -76,7 +76,6 @@ import logging
 import math
 import os
 import pathlib
-import platform
 import shlex
 import shutil
 import statistics
@@ -446,21 +445,14 @@ def timing_summary(jax_rows: Sequence[Mapping[str, Any]], torch_rows: Sequence[M
 
 def machine_info() -> dict[str, Any]:
   import flax
-  import jax
   import optax
   import transformers
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+  from fedalign.hardware import describe
+  hw = describe()
+  return {"cpu": hw["cpu"], "cores": hw["cores"], "python": hw["python"],
           "torch": torch.__version__, "transformers": transformers.__version__,
-          "jax": jax.__version__, "jax_backend": jax.default_backend(),
-          "jax_devices": len(jax.devices()), "flax": flax.__version__,
+          "jax": hw["jax"], "jax_backend": hw["backend"],
+          "jax_devices": hw["devices"], "flax": flax.__version__,
           "optax": optax.__version__, "numpy": np.__version__,
           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 

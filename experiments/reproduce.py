@@ -475,15 +475,9 @@ def _label(m: str) -> str:
 def hardware() -> dict[str, Any]:
   """Processor, machine, CPU count, JAX devices and version of this process."""
   import jax
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-        break
-  except OSError:
-    pass
-  return {"processor": cpu, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+  from fedalign.hardware import cpu_name
+  return {"processor": f"{cpu_name()} ({platform.machine()})", "machine": platform.machine(),
+          "cpu_count": os.cpu_count(),
           "jax_version": jax.__version__, "devices": str(jax.devices()),
           "python": platform.python_version()}
 
