@@ -33,18 +33,17 @@ figures from XLA's accounting of one compiled training step on CPU, as in the MM
 
 * Weights 32.8 GB (16.4B, bfloat16), LoRA adapters 147.0M parameters (0.29 GB), one client's
   training state ~1.2 GB, the round's 10 deltas ~3 GB (details in the MMLU config).
-* Activations at batch 8 x 192 tokens (1,536 tokens per step, 180 slots per expert): 1.31 GB
-  per MoE layer with float32 activations (an upper figure), ~35 GB for the 27 MoE layers +
-  ~1.7 GB for the rest (float32 logits 1,536 x 102,400).
-* Peak ~60-75 GB with ``train.chunk_size=1``: one 80 GB H100 (or A100-80GB), with little
-  margin at the upper figure; ``--config.train.batch_size=4`` (0.51 GB per MoE layer) needs
-  ~52 GB. Mesh: none (one device); several GPUs as in the MMLU config (``use_mesh=True``,
+* Activations at batch 8 x 192 tokens (1,536 tokens per step, 180 slots per expert): 0.90 GB
+  per MoE layer with float32 activations (an upper figure; linear in the tokens per step), ~24
+  GB for the 27 MoE layers + ~1.7 GB for the rest (float32 logits 1,536 x 102,400).
+* Peak ~55-65 GB with ``train.chunk_size=1``: one 80 GB H100 (or A100-80GB);
+  ``--config.train.batch_size=4`` needs ~50 GB. Mesh: none (one device); several GPUs as in the MMLU config (``use_mesh=True``,
   ``chunk_size`` = the number of GPUs, a divisor of 10; each GPU holds the full frozen weights).
-* Time, FLOP basis ~2.8B active parameters per token: forward ~9 GFLOP per token (2 x 2.8B,
-  +0.7 capacity slack, +2.5 dispatch/combine einsums at 1,536 tokens per step); XLA counts
-  18.5 GFLOP per training token. A round is one epoch over 8,111 x 192 tokens = 1.56M tokens,
-  ~2.9e16 FLOP: 75-190 s on one H100 at 15-40% of its bfloat16 peak; an evaluation (1,931 x 4
-  x 192 tokens) ~1.3e16 FLOP, 35-90 s. 25 rounds + 5 evaluations: ~35-90 min, plus
+* Time, FLOP basis ~2.8B active parameters per token: forward ~6.3 GFLOP per token (2 x 2.8B,
+  +0.7 capacity slack; the scatter/gather dispatch adds no matmul FLOPs); XLA counts 12.1 GFLOP
+  per training token. A round is one epoch over 8,111 x 192 tokens = 1.56M tokens, ~1.9e16
+  FLOP: 50-130 s on one H100 at 15-40% of its bfloat16 peak; an evaluation (1,931 x 4 x 192
+  tokens) ~1e16 FLOP, 25-65 s. 25 rounds + 5 evaluations: ~25-60 min, plus
   compilation (5-15 min) and checkpoint writes (~33 GB each); within a factor ~3.
 
 Tiny variant that runs on CPU in seconds (random 2-layer DeepSeek-MoE, LoRA rank 4, BPE on the

@@ -49,14 +49,16 @@ widths, the per-MoE-layer increment times 27):
   one client's training state (adapters, gradients, 2 AdamW moments) ~1.2 GB; the round keeps
   all 10 clients' deltas (~3 GB). Adapters and their AdamW moments are bfloat16 like the base
   (``load_pretrained``'s dtype applies to every parameter).
-* Activations at batch 2 x 512 tokens (1,024 tokens per step, 120 slots per expert): 0.81 GB
+* Activations at batch 2 x 512 tokens (1,024 tokens per step, 120 slots per expert): 0.67 GB
   per MoE layer with float32 activations (the CPU backend upcasts bfloat16 matmuls, so this is
-  an upper figure; bfloat16 activations take less, the capacity-dispatch one-hots stay
-  float32): ~22 GB for the 27 MoE layers + ~1.2 GB for the rest (float32 logits 1,024 x
-  102,400). They grow faster than the tokens per step: batch 4 measures 2.1 GB per MoE layer.
+  an upper figure; bfloat16 activations take less): ~18 GB for the 27 MoE layers + ~1.2 GB for
+  the rest (float32 logits 1,024 x 102,400). Linear in the tokens per step (capacity dispatch
+  scatters tokens into (E, C, D) buffers; no (T, E, C) one-hot tensor): batch 4 measures 1.33 GB
+  per MoE layer (``python benchmarks/paper_memory.py --batch 2 --seq 512``; the earlier one-hot
+  dispatch took 0.81 / 2.1 GB).
 * Peak ~50-60 GB with ``train.chunk_size=1`` (clients trained one after another inside the
   jitted round): one 80 GB H100 (or A100-80GB). ``--config.train.batch_size=4`` needs
-  ~95 GB: an H200 (141 GB). Checkpoints hold the full parameters (~33 GB on disk each;
+  ~75 GB: an H100 with little margin, or an H200 (141 GB). Checkpoints hold the full parameters (~33 GB on disk each;
   ``checkpoint.keep=1``).
 * Mesh: none (``train.use_mesh=False``, one device). With several GPUs,
   ``--config.train.use_mesh=True --config.train.chunk_size=N`` shards each chunk of N clients
@@ -64,14 +66,14 @@ widths, the per-MoE-layer increment times 27):
   a full replica of the frozen weights (no model parallelism), so each still needs the peak
   above. N should divide 10 (2, 5 or 10 GPUs), else weight-0 padding clients are trained. The
   mesh path is tested on fake CPU devices only.
-* Time, FLOP basis ~2.8B active parameters per token: forward ~8 GFLOP per token (2 x 2.8B,
-  +0.7 for the 25% capacity slack on the 1.4B routed parameters, +1.7 for the dispatch/combine
-  einsums at 1,024 tokens per step); training ~2x forward (the frozen base needs activation
-  gradients but no weight gradients): XLA counts 16.6 GFLOP per token. A round is one epoch over
-  11,535 x 512 tokens (padding included) = 5.9M tokens, ~1.0e17 FLOP: 250-650 s on one H100 at
+* Time, FLOP basis ~2.8B active parameters per token: forward ~6.3 GFLOP per token (2 x 2.8B,
+  +0.7 for the 25% capacity slack on the 1.4B routed parameters; the scatter/gather dispatch
+  adds no matmul FLOPs); training ~2x forward (the frozen base needs activation gradients but
+  no weight gradients): XLA counts 12.4 GFLOP per token. A round is one epoch over
+  11,535 x 512 tokens (padding included) = 5.9M tokens, ~7.3e16 FLOP: 185-490 s on one H100 at
   15-40% of its 989 TFLOP/s bfloat16 peak (the per-expert matmuls are small: 120 rows). An
-  evaluation (2,792 x 4 options x 512 tokens, 4 sequences per forward, ~10 GFLOP per token) is
-  ~5.7e16 FLOP, 140-380 s. 25 rounds + 5 evaluations: ~2-5 h, plus the compilation of the
+  evaluation (2,792 x 4 options x 512 tokens, 4 sequences per forward, ~7 GFLOP per token) is
+  ~4e16 FLOP, 100-270 s. 25 rounds + 5 evaluations: ~1.5-4 h, plus the compilation of the
   unrolled 28-layer round (expect 5-15 min) and checkpoint writes; within a factor ~3.
 
 Tiny variant that runs on CPU in seconds (a random 2-layer DeepSeek-MoE with 8 routed experts
