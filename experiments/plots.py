@@ -152,7 +152,7 @@ def plot_routing_heatmaps(dists: Mapping[str, np.ndarray], title: str,
   plt = _pyplot()
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  vmax = max(float(np.max(d)) for d in dists.values())
+  vmax = max(float(np.nanmax(d)) for d in dists.values())
   fig, axes = plt.subplots(1, len(dists), figsize=(3.2 * len(dists) + 1, 3.4), squeeze=False)
   im = None
   for ax, (label, d) in zip(axes[0], dists.items()):
@@ -160,9 +160,9 @@ def plot_routing_heatmaps(dists: Mapping[str, np.ndarray], title: str,
     ax.set_title(label)
     ax.set_xlabel("expert")
     ax.set_ylabel("client")
-  fig.suptitle(title)
+  fig.suptitle(title, y=1.04)
   fig.colorbar(im, ax=list(axes[0]), label="routing probability")
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return path
 
