@@ -282,7 +282,7 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
   info.setdefault("command", shlex.join([sys.executable, *sys.argv]))
   if tables_only and (workdir / "grid.json").exists():  # keep what the last run measured
     old = json.loads((workdir / "grid.json").read_text()).get("run_info", {})
-    for key in ("invocation_wall_time_s", "hardware"):
+    for key in ("invocation_wall_time_s", "hardware", "pretrain"):
       if key in old:
         info[key] = old[key]
     if "command" in old and old["command"] != info["command"]:  # the runs' own command
@@ -290,7 +290,7 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
       for key in ("command", "config_file", "overrides"):
         if key in old:
           info[key] = old[key]
-  info["pretrain"] = _pretrain_info(base)
+  info["pretrain"] = _pretrain_info(base) or info.get("pretrain")
   _write_plan(workdir, plan, base, info, target_accuracy)
   if not tables_only:
     info["hardware"] = hardware()

@@ -22,7 +22,8 @@ Example:
     ...                              data_dir="/tmp/tfds")  # doctest: +SKIP
     >>> len(test), test[0]["label"]  # doctest: +SKIP
     (7600, 2)
-    >>> import grain  # random access + grain transforms, still without TensorFlow
+    >>> import grain  # doctest: +SKIP
+    >>> # random access + grain transforms, still without TensorFlow:
     >>> ds = grain.MapDataset.source(b.as_data_source()["test"]).map(decode_example)  # doctest: +SKIP
 """
 from __future__ import annotations
