@@ -139,8 +139,8 @@ def test_runlocal_federated_data(dataset, tmp_path, shared_data):
 
 
 @pytest.mark.parametrize("dataset,method", [
-    ("mmlu", "fedavg"), ("mmlu", "fedalign"), ("hellaswag", "fedavg"),
-    ("hellaswag", "fedalign")])
+    pytest.param("mmlu", "fedavg", marks=pytest.mark.slow), ("mmlu", "fedalign"),
+    pytest.param("hellaswag", "fedavg", marks=pytest.mark.slow), ("hellaswag", "fedalign")])
 def test_runlocal_config_end_to_end(dataset, method, tmp_path, shared_data, fast_compile):
   c = load_config(dataset, "runlocal")
   assert c.model.family == "deepseek_moe" and c.train.trainable == "lora"
