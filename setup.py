@@ -1,12 +1,12 @@
 """fedalign: federated fine-tuning of Mixture-of-Experts language models in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
     name="fedalign",
     version="0.1.0",
     description=(
-        "FedAlign-MoE and federated baselines for Mixture-of-Experts language models "
-        "in JAX/Flax"
+        "FedAlign-MoE and federated baselines for Mixture-of-Experts language models " "in JAX/Flax"
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

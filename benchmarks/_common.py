@@ -1,4 +1,5 @@
 """Shared helpers of the benchmark scripts: machine description, timing, tables, JSON output."""
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 def machine() -> dict[str, Any]:
   """What the numbers were measured on (CPU model, cores, JAX version, devices)."""
   from fedalign.hardware import describe
+
   return {**describe(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 

@@ -13,6 +13,7 @@ the concatenation of the expert leaves, the O(N) cosine ``_cos_last``, the pairw
 Median of --reps calls after a warm-up. Results: markdown table and
 benchmarks/results/aggregation_breakdown.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import block, machine, markdown_table, median, time_calls, write_json  # noqa: E402
-from fedalign.aggregation.fedalign import (_cos_last, _csum, _esum, _pairwise_cos,  # noqa: E402
-                                           _pairwise_gate)
+from fedalign.aggregation.fedalign import (
+    _cos_last,
+    _csum,
+    _esum,
+    _pairwise_cos,  # noqa: E402
+    _pairwise_gate,
+)
 
 D = F = 64
 
@@ -44,23 +50,29 @@ def main() -> None:
   c, e, pdim = args.clients, args.experts, 3 * D * F
   k = jax.random.split(jax.random.key(0), 6)
   x = block(jax.random.normal(k[0], (c, e, pdim)))
-  parts = block([x[..., i * D * F:(i + 1) * D * F] + 0.0 for i in range(3)])
+  parts = block([x[..., i * D * F : (i + 1) * D * F] + 0.0 for i in range(3)])
   w = jax.random.uniform(k[1], (c, e))
   mu = jax.random.normal(k[2], (c, e, D))
   kernels = jax.random.normal(k[3], (c, D, e))
   biases = jax.random.normal(k[4], (c, e))
   cases = {
       "_esum(w, x): einsum 'ce,ce...->e...' (HIGHEST)": (_esum, (w, x)),
-      "same sum as jnp.sum(w[..., None] * x, 0)": (lambda w, x: jnp.sum(w[..., None] * x, 0),
-                                                   (w, x)),
+      "same sum as jnp.sum(w[..., None] * x, 0)": (
+          lambda w, x: jnp.sum(w[..., None] * x, 0),
+          (w, x),
+      ),
       "_csum(w, x): FedAvg's weighted sum over clients": (_csum, (w[:, 0], x)),
       "concatenate the 3 expert leaves into x": (lambda ps: jnp.concatenate(ps, -1), (parts,)),
       "_cos_last(x, x_bar): O(N) cosine": (lambda x, y: _cos_last(x, y[None]), (x, x[0])),
       "_pairwise_cos(x): (C, C, E) cosine": (_pairwise_cos, (x,)),
       "_pairwise_gate: all at once, (C, C, E, E) logits": (
-          lambda m, kk, b: _pairwise_gate(m, kk, b), (mu, kernels, biases)),
+          lambda m, kk, b: _pairwise_gate(m, kk, b),
+          (mu, kernels, biases),
+      ),
       f"_pairwise_gate: chunks of {args.chunk} clients": (
-          lambda m, kk, b: _pairwise_gate(m, kk, b, args.chunk), (mu, kernels, biases)),
+          lambda m, kk, b: _pairwise_gate(m, kk, b, args.chunk),
+          (mu, kernels, biases),
+      ),
   }
   info = machine()
   rows = []
@@ -70,18 +82,32 @@ def main() -> None:
     rows.append({"op": name, "median_s": median(times), "times_s": times, "first_s": first})
     print(f"{name}: {1e3 * median(times):.1f} ms", flush=True)
   command = "python " + " ".join([str(pathlib.Path(sys.argv[0]))] + sys.argv[1:])
-  header = (f"Command: `{command}`  \nMachine: {info['cpu']} ({info['arch']}, {info['cores']} "
-            f"cores, no GPU, shared: load average {info['loadavg_at_start'][0]} at start), "
-            f"JAX {info['jax']}.  \nSizes: C = {c} clients, E = {e} experts, x (C, E, P) with "
-            f"P = 3 * {D} * {F} = {pdim} ({x.nbytes / 1e9:.2f} GB), mu (C, E, {D}). Median of "
-            f"{args.reps} calls after a warm-up.")
-  text = ("### FedAlign-MoE aggregation building blocks\n\n" + header + "\n\n"
-          + markdown_table(["operation", "median (ms)"],
-                           [[r["op"], 1e3 * r["median_s"]] for r in rows]))
+  header = (
+      f"Command: `{command}`  \nMachine: {info['cpu']} ({info['arch']}, {info['cores']} "
+      f"cores, no GPU, shared: load average {info['loadavg_at_start'][0]} at start), "
+      f"JAX {info['jax']}.  \nSizes: C = {c} clients, E = {e} experts, x (C, E, P) with "
+      f"P = 3 * {D} * {F} = {pdim} ({x.nbytes / 1e9:.2f} GB), mu (C, E, {D}). Median of "
+      f"{args.reps} calls after a warm-up."
+  )
+  text = (
+      "### FedAlign-MoE aggregation building blocks\n\n"
+      + header
+      + "\n\n"
+      + markdown_table(["operation", "median (ms)"], [[r["op"], 1e3 * r["median_s"]] for r in rows])
+  )
   print("\n" + text)
-  path = write_json("aggregation_breakdown.json", {
-      "command": command, "machine": info, "clients": c, "experts": e, "P": pdim,
-      "rows": rows, "markdown": text})
+  path = write_json(
+      "aggregation_breakdown.json",
+      {
+          "command": command,
+          "machine": info,
+          "clients": c,
+          "experts": e,
+          "P": pdim,
+          "rows": rows,
+          "markdown": text,
+      },
+  )
   print(f"\nwrote {path}")
 
 

@@ -17,6 +17,7 @@ Command (about 5 minutes on 2 CPU cores)::
 Writes ``benchmarks/results/dispatch.json`` and prints a markdown table (copied into
 benchmarks/README.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,13 @@ def main() -> None:
   args = ap.parse_args()
 
   import torch
-  from experiments.pytorch_baseline import (export_initial_model, make_fedalign_round,
-                                            make_torch_round)
+  from experiments.pytorch_baseline import (
+      export_initial_model,
+      make_fedalign_round,
+      make_torch_round,
+  )
   from fedalign.federated.server import FederatedData
+
   torch.set_num_threads(args.threads)
   base = load_config(args.config)
   work = pathlib.Path(tempfile.mkdtemp(prefix="fedalign_dispatch_"))
@@ -67,7 +72,7 @@ def main() -> None:
   warm = {n: runners[n](0) for n in names}
   rows = []
   for i in range(args.reps):
-    order = names[i % len(names):] + names[:i % len(names)]
+    order = names[i % len(names) :] + names[: i % len(names)]
     row = {"round": i + 2}
     for n in order:
       row[n] = runners[n](i + 1)
@@ -76,17 +81,36 @@ def main() -> None:
     print(f"round {i + 2}: " + ", ".join(f"{n} {row[n]:.3f}s" for n in names), flush=True)
   med = {n: median([r[n] for r in rows]) for n in names}
   torch_name = names[-1]
-  table = [[n, f"{warm[n]:.2f}", f"{med[n]:.3f}",
-            f"{median([r[torch_name] / r[n] for r in rows]):.2f}",
-            f"{median([r['dense'] / r[n] for r in rows]):.2f}"] for n in names]
-  md = markdown_table(["variant", "round 1 s (compile)", "median round s",
-                       "PyTorch / variant", "dense / variant"], table)
+  table = [
+      [
+          n,
+          f"{warm[n]:.2f}",
+          f"{med[n]:.3f}",
+          f"{median([r[torch_name] / r[n] for r in rows]):.2f}",
+          f"{median([r['dense'] / r[n] for r in rows]):.2f}",
+      ]
+      for n in names
+  ]
+  md = markdown_table(
+      ["variant", "round 1 s (compile)", "median round s", "PyTorch / variant", "dense / variant"],
+      table,
+  )
   print(md)
-  write_json("dispatch.json", {"machine": machine(), "config": args.config,
-                          "command": " ".join(["python", *sys.argv]), "reps": args.reps,
-                          "warmup_s": warm, "rows": rows, "median_s": med,
-                          "wall_s": time.time() - t0, "markdown": md,
-                          "config_values": base.to_dict()})
+  write_json(
+      "dispatch.json",
+      {
+          "machine": machine(),
+          "config": args.config,
+          "command": " ".join(["python", *sys.argv]),
+          "reps": args.reps,
+          "warmup_s": warm,
+          "rows": rows,
+          "median_s": med,
+          "wall_s": time.time() - t0,
+          "markdown": md,
+          "config_values": base.to_dict(),
+      },
+  )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Command (about a minute per shape on 2 CPU cores; needs ~4 GB RAM)::
     python benchmarks/paper_memory.py --batch 2 --seq 512     # MMLU config
     python benchmarks/paper_memory.py --batch 8 --seq 192     # HellaSwag config
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,23 @@ MOE_LAYERS = 27
 
 def step_cost(num_layers: int, batch: int, seq: int) -> tuple[float, float]:
   """(temp GB, training GFLOP per token) of one compiled LoRA gradient step."""
-  cfg = family_config("deepseek_moe", vocab_size=102400, hidden_size=2048,
-                      intermediate_size=10944, num_layers=num_layers, num_heads=16,
-                      num_kv_heads=16, num_experts=64, top_k=6, moe_intermediate_size=1408,
-                      shared_expert_intermediate_size=2816, lora_rank=8, lora_alpha=16.0,
-                      capacity_factor=1.25, max_position_embeddings=4096)
+  cfg = family_config(
+      "deepseek_moe",
+      vocab_size=102400,
+      hidden_size=2048,
+      intermediate_size=10944,
+      num_layers=num_layers,
+      num_heads=16,
+      num_kv_heads=16,
+      num_experts=64,
+      top_k=6,
+      moe_intermediate_size=1408,
+      shared_expert_intermediate_size=2816,
+      lora_rank=8,
+      lora_alpha=16.0,
+      capacity_factor=1.25,
+      max_position_embeddings=4096,
+  )
   module = build_module(cfg)
   tok = jnp.zeros((batch, seq), jnp.int32)
   mask = jnp.ones((batch, seq), bool)
@@ -51,8 +64,10 @@ def step_cost(num_layers: int, batch: int, seq: int) -> tuple[float, float]:
   compiled = jax.jit(jax.grad(loss)).lower(trainable, frozen).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return (compiled.memory_analysis().temp_size_in_bytes / 1e9,
-          cost.get("flops", 0.0) / (batch * seq) / 1e9)
+  return (
+      compiled.memory_analysis().temp_size_in_bytes / 1e9,
+      cost.get("flops", 0.0) / (batch * seq) / 1e9,
+  )
 
 
 def main() -> None:
@@ -61,10 +76,12 @@ def main() -> None:
   ap.add_argument("--seq", type=int, default=512)
   a = ap.parse_args()
   (m2, f2), (m3, f3) = step_cost(2, a.batch, a.seq), step_cost(3, a.batch, a.seq)
-  print(f"batch {a.batch} x {a.seq}: per MoE layer {m3 - m2:.2f} GB temp, "
-        f"{f3 - f2:.3f} GFLOP/token; {MOE_LAYERS} MoE layers ~{MOE_LAYERS * (m3 - m2):.1f} GB; "
-        f"whole model ~{f2 + (MOE_LAYERS - 1) * (f3 - f2):.1f} GFLOP per training token "
-        f"(2-layer model: {m2:.2f} GB temp)")
+  print(
+      f"batch {a.batch} x {a.seq}: per MoE layer {m3 - m2:.2f} GB temp, "
+      f"{f3 - f2:.3f} GFLOP/token; {MOE_LAYERS} MoE layers ~{MOE_LAYERS * (m3 - m2):.1f} GB; "
+      f"whole model ~{f2 + (MOE_LAYERS - 1) * (f3 - f2):.1f} GFLOP per training token "
+      f"(2-layer model: {m2:.2f} GB temp)"
+  )
 
 
 if __name__ == "__main__":

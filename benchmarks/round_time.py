@@ -27,6 +27,7 @@ Each configuration is called once to warm up (trace + compile + run), then ``--r
 the tables give medians. "compile" = first call - median call (an estimate of trace + compile).
 Results: printed markdown tables and benchmarks/results/round_time[_<tag>].json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,12 @@ from _common import block, machine, markdown_table, median, time_calls, write_js
 from fedalign.config_files import load_config  # noqa: E402
 from fedalign.federated.algorithms import make_algorithm  # noqa: E402
 from fedalign.federated.client import make_client_update  # noqa: E402
-from fedalign.federated.round import (CLIENT_AXIS, _finite, init_server_state,  # noqa: E402
-                                      make_round_fn)
+from fedalign.federated.round import (
+    CLIENT_AXIS,
+    _finite,
+    init_server_state,  # noqa: E402
+    make_round_fn,
+)
 from fedalign.federated.server import client_optimizer, model_config_from  # noqa: E402
 from fedalign.federated.task import CausalLMTask  # noqa: E402
 from fedalign.models import build_module, init_params, partition, trainable_mask  # noqa: E402
@@ -59,8 +64,13 @@ from fedalign.models import build_module, init_params, partition, trainable_mask
 SEED = 0
 
 
-def default_config(method: str = "fedavg", steps: int = 2, batch: int | None = None,
-                   seq: int | None = None, vocab: int | None = None):
+def default_config(
+    method: str = "fedavg",
+    steps: int = 2,
+    batch: int | None = None,
+    seq: int | None = None,
+    vocab: int | None = None,
+):
   """configs/default.py with a method, a fixed number of local steps and optional sizes."""
   cfg = load_config(REPO / "configs" / "default.py")
   cfg.method = method
@@ -86,17 +96,29 @@ class Setup:
     self.algorithm = make_algorithm(cfg, trainable, 1000)
     assert self.algorithm.init_client_state is None, "the loop baseline is for stateless methods"
     self.client_update = make_client_update(
-        CausalLMTask(build_module(self.mcfg)), self.algorithm, client_optimizer(cfg),
-        load_balance_coef=cfg.train.load_balance_coef, z_loss_coef=cfg.train.z_loss_coef,
-        learning_rate=cfg.train.learning_rate)
+        CausalLMTask(build_module(self.mcfg)),
+        self.algorithm,
+        client_optimizer(cfg),
+        load_balance_coef=cfg.train.load_balance_coef,
+        z_loss_coef=cfg.train.z_loss_coef,
+        learning_rate=cfg.train.learning_rate,
+    )
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
   def state(self, num_clients: int) -> dict:
     return init_server_state(self.params, self.algorithm, self.mask, num_clients)
 
   def vmapped_round(self, chunk_size: int | None = None, mesh=None):
-    return jax.jit(make_round_fn(self.client_update, self.algorithm, self.mask, seed=SEED,
-                                 chunk_size=chunk_size, mesh=mesh))
+    return jax.jit(
+        make_round_fn(
+            self.client_update,
+            self.algorithm,
+            self.mask,
+            seed=SEED,
+            chunk_size=chunk_size,
+            mesh=mesh,
+        )
+    )
 
   def loop_round(self):
     """The fedjax-default style: one jitted call per client, then one jitted aggregation."""
@@ -114,7 +136,8 @@ class Setup:
       zero_bad = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
       deltas, stats = jax.tree.map(zero_bad, deltas), jax.tree.map(zero_bad, stats)
       new_params, agg_state, _ = algorithm.aggregator.aggregate(
-          server_state["agg"], server_state["params"], deltas, stats, weights)
+          server_state["agg"], server_state["params"], deltas, stats, weights
+      )
       new_state = dict(server_state, params=new_params, agg=agg_state)
       loss = jnp.sum(metrics["train_loss"] * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
       return new_state, {"train_loss": loss}
@@ -125,8 +148,10 @@ class Setup:
       trainable, frozen = partition(server_state["params"], mask)
       broadcast = algorithm.broadcast(server_state["agg"])
       r = np.int32(round_idx)
-      outs = [client_jit(trainable, frozen, b, broadcast, np.int32(cid), r)
-              for b, cid in zip(client_batches, client_ids)]
+      outs = [
+          client_jit(trainable, frozen, b, broadcast, np.int32(cid), r)
+          for b, cid in zip(client_batches, client_ids)
+      ]
       round_fn.last_outs = outs
       return agg_jit(server_state, outs, weights)
 
@@ -142,22 +167,23 @@ def random_batches(cfg, num_clients: int, seed: int = 1) -> dict[str, np.ndarray
   rng = np.random.default_rng(seed)
   s, b, t = cfg.train.local_steps, cfg.train.batch_size, cfg.data.seq_len
   shape = (num_clients, s, b, t)
-  return {"tokens": rng.integers(0, cfg.data.vocab_size, shape).astype(np.int32),
-          "mask": np.ones(shape, bool), "target_mask": np.ones(shape, bool),
-          "step_mask": np.ones((num_clients, s), np.float32)}
+  return {
+      "tokens": rng.integers(0, cfg.data.vocab_size, shape).astype(np.int32),
+      "mask": np.ones(shape, bool),
+      "target_mask": np.ones(shape, bool),
+      "step_mask": np.ones((num_clients, s), np.float32),
+  }
 
 
 def round_inputs(cfg, num_clients: int):
   batches = random_batches(cfg, num_clients)
-  weights = np.full((num_clients,), float(cfg.train.local_steps * cfg.train.batch_size),
-                    np.float32)
+  weights = np.full((num_clients,), float(cfg.train.local_steps * cfg.train.batch_size), np.float32)
   ids = np.arange(num_clients, dtype=np.int32)
   return batches, weights, ids
 
 
 def max_diff(a, b) -> float:
-  return float(max(jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a),
-                                                          jax.tree.leaves(b))))
+  return float(max(jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
 
 
 def vmapped_case(setup: Setup, num_clients: int, chunk_size: int | None = None, mesh=None):
@@ -179,8 +205,7 @@ class LoopCase:
     self.client_batches = [{k: v[i] for k, v in batches.items()} for i in range(num_clients)]
 
   def __call__(self):
-    return block(self.fn(self.state, self.client_batches, self.weights, self.ids, 0))[0][
-        "params"]
+    return block(self.fn(self.state, self.client_batches, self.weights, self.ids, 0))[0]["params"]
 
   def stacked_outputs(self):
     deltas, stats, _, _ = jax.tree.map(lambda *xs: jnp.stack(xs), *self.fn.last_outs)
@@ -224,24 +249,38 @@ def time_aggregate(setup: Setup, deltas, stats, weights, reps: int) -> dict[str,
 def mesh_worker(args) -> None:
   """Runs inside the 8-fake-device subprocess; prints one JSON line."""
   from jax.sharding import Mesh
+
   cfg = default_config("fedavg", *sizes_of(args))
   setup = Setup(cfg)
   n = args.mesh_clients
   mesh = Mesh(np.array(jax.devices()), (CLIENT_AXIS,))
-  res = measure({"plain": vmapped_case(setup, n), "mesh": vmapped_case(setup, n, mesh=mesh)},
-                args.mesh_reps)
-  out = {"devices": len(jax.devices()), "clients": n, "reps": args.mesh_reps,
-         "max_abs_param_diff": max_diff(res["plain"]["params"], res["mesh"]["params"])}
+  res = measure(
+      {"plain": vmapped_case(setup, n), "mesh": vmapped_case(setup, n, mesh=mesh)}, args.mesh_reps
+  )
+  out = {
+      "devices": len(jax.devices()),
+      "clients": n,
+      "reps": args.mesh_reps,
+      "max_abs_param_diff": max_diff(res["plain"]["params"], res["mesh"]["params"]),
+  }
   for name, r in res.items():
     out.update({f"{name}_{k}": v for k, v in r.items() if k != "params"})
   print("MESH_RESULT " + json.dumps(out), flush=True)
 
 
 def run_mesh_subprocess(args) -> dict[str, Any]:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, __file__, "--mesh-worker", "--steps", str(args.steps),
-         "--mesh-reps", str(args.mesh_reps), "--mesh-clients", str(args.mesh_clients)]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  cmd = [
+      sys.executable,
+      __file__,
+      "--mesh-worker",
+      "--steps",
+      str(args.steps),
+      "--mesh-reps",
+      str(args.mesh_reps),
+      "--mesh-clients",
+      str(args.mesh_clients),
+  ]
   for flag in ("batch", "seq", "vocab"):
     if getattr(args, flag):
       cmd += [f"--{flag}", str(getattr(args, flag))]
@@ -251,7 +290,7 @@ def run_mesh_subprocess(args) -> dict[str, Any]:
     return {"error": f"timeout after {args.mesh_timeout} s"}
   for line in proc.stdout.splitlines():
     if line.startswith("MESH_RESULT "):
-      return json.loads(line[len("MESH_RESULT "):])
+      return json.loads(line[len("MESH_RESULT ") :])
   return {"error": f"exit code {proc.returncode}: {proc.stderr[-2000:]}"}
 
 
@@ -266,8 +305,13 @@ def main() -> None:
   p.add_argument("--mesh-clients", type=int, default=8)
   p.add_argument("--mesh-reps", type=int, default=2)
   p.add_argument("--mesh-timeout", type=int, default=240)
-  p.add_argument("--fedalign-round-clients", type=int, nargs="*", default=[10],
-                 help="clients counts at which the whole FedAlign-MoE round is also timed")
+  p.add_argument(
+      "--fedalign-round-clients",
+      type=int,
+      nargs="*",
+      default=[10],
+      help="clients counts at which the whole FedAlign-MoE round is also timed",
+  )
   p.add_argument("--no-mesh", action="store_true")
   p.add_argument("--no-fedalign", action="store_true")
   p.add_argument("--batch", type=int, default=None, help="override train.batch_size")
@@ -283,17 +327,24 @@ def main() -> None:
   t_start = time.perf_counter()
   cfg = default_config("fedavg", *sizes_of(args))
   fedavg = Setup(cfg)
-  fedalign = None if args.no_fedalign else Setup(default_config("fedalign",
-                                                                *sizes_of(args)))
-  sizes = {"hidden": cfg.model.hidden_size, "layers": cfg.model.num_layers,
-           "experts": cfg.model.num_experts, "top_k": cfg.model.top_k,
-           "moe_intermediate": cfg.model.moe_intermediate_size, "vocab": cfg.data.vocab_size,
-           "seq": cfg.data.seq_len, "batch": cfg.train.batch_size,
-           "local_steps": args.steps, "client_optimizer": "adamw + clip 1.0",
-           "params": fedavg.num_params}
+  fedalign = None if args.no_fedalign else Setup(default_config("fedalign", *sizes_of(args)))
+  sizes = {
+      "hidden": cfg.model.hidden_size,
+      "layers": cfg.model.num_layers,
+      "experts": cfg.model.num_experts,
+      "top_k": cfg.model.top_k,
+      "moe_intermediate": cfg.model.moe_intermediate_size,
+      "vocab": cfg.data.vocab_size,
+      "seq": cfg.data.seq_len,
+      "batch": cfg.train.batch_size,
+      "local_steps": args.steps,
+      "client_optimizer": "adamw + clip 1.0",
+      "params": fedavg.num_params,
+  }
   info = machine()
-  print(f"machine: {info}\nsizes: {sizes}\nreps: {args.reps} timed calls after 1 warm-up",
-        flush=True)
+  print(
+      f"machine: {info}\nsizes: {sizes}\nreps: {args.reps} timed calls after 1 warm-up", flush=True
+  )
 
   rows, agg_rows, chunk_row = [], [], None
   for n in args.clients:
@@ -304,39 +355,70 @@ def main() -> None:
       cases["fedalign"] = vmapped_case(fedalign, n)
     res = measure(cases, args.reps)
     v, lp = res["vmapped"], res["loop"]
-    rows.append({"clients": n, "vmapped_s": v["median_s"], "loop_s": lp["median_s"],
-                 "loop_over_vmapped": lp["median_s"] / v["median_s"],
-                 "vmapped_min_s": v["min_s"], "loop_min_s": lp["min_s"],
-                 "loop_over_vmapped_min": lp["min_s"] / v["min_s"],
-                 "vmapped_compile_s": v["compile_s"], "loop_compile_s": lp["compile_s"],
-                 "vmapped_times_s": v["times_s"], "loop_times_s": lp["times_s"],
-                 "max_abs_param_diff": max_diff(v["params"], lp["params"])})
-    print(f"[{time.perf_counter() - t_start:.0f}s] C={n}: " + ", ".join(
-        f"{k} {r['median_s']:.3f}s" for k, r in res.items()), flush=True)
+    rows.append(
+        {
+            "clients": n,
+            "vmapped_s": v["median_s"],
+            "loop_s": lp["median_s"],
+            "loop_over_vmapped": lp["median_s"] / v["median_s"],
+            "vmapped_min_s": v["min_s"],
+            "loop_min_s": lp["min_s"],
+            "loop_over_vmapped_min": lp["min_s"] / v["min_s"],
+            "vmapped_compile_s": v["compile_s"],
+            "loop_compile_s": lp["compile_s"],
+            "vmapped_times_s": v["times_s"],
+            "loop_times_s": lp["times_s"],
+            "max_abs_param_diff": max_diff(v["params"], lp["params"]),
+        }
+    )
+    print(
+        f"[{time.perf_counter() - t_start:.0f}s] C={n}: "
+        + ", ".join(f"{k} {r['median_s']:.3f}s" for k, r in res.items()),
+        flush=True,
+    )
     if "chunked" in res:
       ch = res["chunked"]
-      chunk_row = {"clients": n, "chunk_size": args.chunk_size, "vmapped_s": v["median_s"],
-                   "chunked_s": ch["median_s"],
-                   "chunked_over_vmapped": ch["median_s"] / v["median_s"],
-                   "vmapped_compile_s": v["compile_s"], "chunked_compile_s": ch["compile_s"],
-                   "chunked_times_s": ch["times_s"],
-                   "max_abs_param_diff": max_diff(v["params"], ch["params"])}
+      chunk_row = {
+          "clients": n,
+          "chunk_size": args.chunk_size,
+          "vmapped_s": v["median_s"],
+          "chunked_s": ch["median_s"],
+          "chunked_over_vmapped": ch["median_s"] / v["median_s"],
+          "vmapped_compile_s": v["compile_s"],
+          "chunked_compile_s": ch["compile_s"],
+          "chunked_times_s": ch["times_s"],
+          "max_abs_param_diff": max_diff(v["params"], ch["params"]),
+      }
     deltas, stats, weights = cases["loop"].stacked_outputs()
     agg_reps = max(args.reps, 5)
     a_avg = time_aggregate(fedavg, deltas, stats, weights, agg_reps)
-    agg_rows.append({"method": "fedavg", "clients": n, "aggregate_s": a_avg["median_s"],
-                     "round_method": "fedavg", "round_s": v["median_s"],
-                     "share": a_avg["median_s"] / v["median_s"],
-                     "aggregate_times_s": a_avg["times_s"]})
+    agg_rows.append(
+        {
+            "method": "fedavg",
+            "clients": n,
+            "aggregate_s": a_avg["median_s"],
+            "round_method": "fedavg",
+            "round_s": v["median_s"],
+            "share": a_avg["median_s"] / v["median_s"],
+            "aggregate_times_s": a_avg["times_s"],
+        }
+    )
     if fedalign is not None:
       a_fa = time_aggregate(fedalign, deltas, stats, weights, agg_reps)
       r_fa = res.get("fedalign", v)
-      agg_rows.append({"method": "fedalign (pairwise, gate)", "clients": n,
-                       "aggregate_s": a_fa["median_s"],
-                       "round_method": "fedalign" if "fedalign" in res else "fedavg",
-                       "round_s": r_fa["median_s"], "share": a_fa["median_s"] / r_fa["median_s"],
-                       "aggregate_times_s": a_fa["times_s"], "round_times_s": r_fa["times_s"],
-                       "round_compile_s": r_fa["compile_s"]})
+      agg_rows.append(
+          {
+              "method": "fedalign (pairwise, gate)",
+              "clients": n,
+              "aggregate_s": a_fa["median_s"],
+              "round_method": "fedalign" if "fedalign" in res else "fedavg",
+              "round_s": r_fa["median_s"],
+              "share": a_fa["median_s"] / r_fa["median_s"],
+              "aggregate_times_s": a_fa["times_s"],
+              "round_times_s": r_fa["times_s"],
+              "round_compile_s": r_fa["compile_s"],
+          }
+      )
     del cases, res
 
   mesh = None if args.no_mesh else run_mesh_subprocess(args)
@@ -344,46 +426,97 @@ def main() -> None:
 
   reduced = bool(args.batch or args.seq or args.vocab)
   command = "python " + " ".join([str(pathlib.Path(sys.argv[0]))] + sys.argv[1:])
-  header = (f"Command: `{command}`  \nMachine: {info['cpu']} ({info['arch']}, "
-            f"{info['cores']} cores, no GPU, shared: load average {info['loadavg_at_start'][0]} "
-            f"at start), JAX {info['jax']} ({info['backend']}).  \n"
-            f"Model ({'reduced sizes' if reduced else 'default config'}): "
-            f"decoder MoE, hidden {sizes['hidden']}, "
-            f"{sizes['layers']} layers, {sizes['experts']} experts top-{sizes['top_k']}, "
-            f"moe_intermediate {sizes['moe_intermediate']}, vocab {sizes['vocab']}, "
-            f"seq {sizes['seq']}, batch {sizes['batch']}, {sizes['params']:,} params, all "
-            f"trainable; {args.steps} local steps (AdamW) per client; random tokens.  \n"
-            f"Medians of {args.reps} timed calls after 1 warm-up call, the configurations of "
-            f"one client count interleaved call by call; 'min:' = ratio of the fastest calls; "
-            f"compile = first call - median. Total script time {total:.0f} s.")
+  header = (
+      f"Command: `{command}`  \nMachine: {info['cpu']} ({info['arch']}, "
+      f"{info['cores']} cores, no GPU, shared: load average {info['loadavg_at_start'][0]} "
+      f"at start), JAX {info['jax']} ({info['backend']}).  \n"
+      f"Model ({'reduced sizes' if reduced else 'default config'}): "
+      f"decoder MoE, hidden {sizes['hidden']}, "
+      f"{sizes['layers']} layers, {sizes['experts']} experts top-{sizes['top_k']}, "
+      f"moe_intermediate {sizes['moe_intermediate']}, vocab {sizes['vocab']}, "
+      f"seq {sizes['seq']}, batch {sizes['batch']}, {sizes['params']:,} params, all "
+      f"trainable; {args.steps} local steps (AdamW) per client; random tokens.  \n"
+      f"Medians of {args.reps} timed calls after 1 warm-up call, the configurations of "
+      f"one client count interleaved call by call; 'min:' = ratio of the fastest calls; "
+      f"compile = first call - median. Total script time {total:.0f} s."
+  )
   t1 = markdown_table(
-      ["clients", "vmapped round (s)", "loop round (s)", "loop / vmapped",
-       "min: loop / vmapped", "vmapped per client (ms)", "compile vmapped (s)",
-       "compile loop (s)", "max abs param diff"],
-      [[r["clients"], r["vmapped_s"], r["loop_s"], r["loop_over_vmapped"],
-        r["loop_over_vmapped_min"], 1e3 * r["vmapped_s"] / r["clients"],
-        r["vmapped_compile_s"], r["loop_compile_s"], f"{r['max_abs_param_diff']:.1e}"]
-       for r in rows])
-  tables = ["### FedAvg round: one-jit vmapped round vs per-client jitted loop\n\n" + header
-            + "\n\n" + t1]
+      [
+          "clients",
+          "vmapped round (s)",
+          "loop round (s)",
+          "loop / vmapped",
+          "min: loop / vmapped",
+          "vmapped per client (ms)",
+          "compile vmapped (s)",
+          "compile loop (s)",
+          "max abs param diff",
+      ],
+      [
+          [
+              r["clients"],
+              r["vmapped_s"],
+              r["loop_s"],
+              r["loop_over_vmapped"],
+              r["loop_over_vmapped_min"],
+              1e3 * r["vmapped_s"] / r["clients"],
+              r["vmapped_compile_s"],
+              r["loop_compile_s"],
+              f"{r['max_abs_param_diff']:.1e}",
+          ]
+          for r in rows
+      ],
+  )
+  tables = [
+      "### FedAvg round: one-jit vmapped round vs per-client jitted loop\n\n" + header + "\n\n" + t1
+  ]
   if chunk_row:
     tables.append(
         f"### Chunked vmapped round (chunk_size={chunk_row['chunk_size']}, "
         f"{chunk_row['clients']} clients, FedAvg; timed interleaved with the rows above)\n\n"
         + markdown_table(
-            ["clients", "vmapped, all at once (s)", "chunked (s)", "chunked / all at once",
-             "compile all at once (s)", "compile chunked (s)", "max abs param diff"],
-            [[chunk_row["clients"], chunk_row["vmapped_s"], chunk_row["chunked_s"],
-              chunk_row["chunked_over_vmapped"], chunk_row["vmapped_compile_s"],
-              chunk_row["chunked_compile_s"], f"{chunk_row['max_abs_param_diff']:.1e}"]]))
+            [
+                "clients",
+                "vmapped, all at once (s)",
+                "chunked (s)",
+                "chunked / all at once",
+                "compile all at once (s)",
+                "compile chunked (s)",
+                "max abs param diff",
+            ],
+            [
+                [
+                    chunk_row["clients"],
+                    chunk_row["vmapped_s"],
+                    chunk_row["chunked_s"],
+                    chunk_row["chunked_over_vmapped"],
+                    chunk_row["vmapped_compile_s"],
+                    chunk_row["chunked_compile_s"],
+                    f"{chunk_row['max_abs_param_diff']:.1e}",
+                ]
+            ],
+        )
+    )
   tables.append(
       "### Aggregation's share of the round (jitted aggregate alone, on the round's stacked "
       "deltas and stats, vs the whole vmapped round; the FedAlign-MoE round itself is timed at "
       f"{args.fedalign_round_clients} clients, elsewhere the FedAvg round of the same size "
-      "is the denominator)\n\n" + markdown_table(
+      "is the denominator)\n\n"
+      + markdown_table(
           ["aggregator", "clients", "aggregate alone (ms)", "round", "round (s)", "share"],
-          [[r["method"], r["clients"], 1e3 * r["aggregate_s"], r["round_method"], r["round_s"],
-            f"{100 * r['share']:.2f}%"] for r in agg_rows]))
+          [
+              [
+                  r["method"],
+                  r["clients"],
+                  1e3 * r["aggregate_s"],
+                  r["round_method"],
+                  r["round_s"],
+                  f"{100 * r['share']:.2f}%",
+              ]
+              for r in agg_rows
+          ],
+      )
+  )
   if mesh is not None:
     if "error" in mesh:
       tables.append(f"### Mesh of 8 fake CPU devices\n\nnot measured: {mesh['error']}")
@@ -391,19 +524,47 @@ def main() -> None:
       tables.append(
           "### Mesh of 8 fake CPU devices (subprocess, XLA_FLAGS="
           "--xla_force_host_platform_device_count=8; the fake devices share the same 2 cores: "
-          "correctness, not speed-up)\n\n" + markdown_table(
-              ["clients", f"1 device (s, median of {mesh['reps']})",
-               "'clients' mesh, 8 devices (s)", "mesh / 1 device",
-               "compile 1 device (s)", "compile mesh (s)", "max abs param diff"],
-              [[mesh["clients"], mesh["plain_median_s"], mesh["mesh_median_s"],
-                mesh["mesh_median_s"] / mesh["plain_median_s"], mesh["plain_compile_s"],
-                mesh["mesh_compile_s"], f"{mesh['max_abs_param_diff']:.1e}"]]))
+          "correctness, not speed-up)\n\n"
+          + markdown_table(
+              [
+                  "clients",
+                  f"1 device (s, median of {mesh['reps']})",
+                  "'clients' mesh, 8 devices (s)",
+                  "mesh / 1 device",
+                  "compile 1 device (s)",
+                  "compile mesh (s)",
+                  "max abs param diff",
+              ],
+              [
+                  [
+                      mesh["clients"],
+                      mesh["plain_median_s"],
+                      mesh["mesh_median_s"],
+                      mesh["mesh_median_s"] / mesh["plain_median_s"],
+                      mesh["plain_compile_s"],
+                      mesh["mesh_compile_s"],
+                      f"{mesh['max_abs_param_diff']:.1e}",
+                  ]
+              ],
+          )
+      )
   text = "\n\n".join(tables)
   print("\n" + text)
-  path = write_json(f"round_time{'_' + args.tag if args.tag else ''}.json", {
-      "command": command, "machine": info, "sizes": sizes, "reps": args.reps,
-      "total_script_s": total, "rounds": rows, "aggregation_share": agg_rows,
-      "chunked": chunk_row, "mesh": mesh, "markdown": text})
+  path = write_json(
+      f"round_time{'_' + args.tag if args.tag else ''}.json",
+      {
+          "command": command,
+          "machine": info,
+          "sizes": sizes,
+          "reps": args.reps,
+          "total_script_s": total,
+          "rounds": rows,
+          "aggregation_share": agg_rows,
+          "chunked": chunk_row,
+          "mesh": mesh,
+          "markdown": text,
+      },
+  )
   print(f"\nwrote {path}")
 
 

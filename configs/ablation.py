@@ -20,14 +20,21 @@ Hardware and time: as configs/default.py (2 CPU cores, a few minutes per row). E
 paper reports 0.774 / 0.802 / 0.831 / 0.841 / 0.852 on Switch-base-16; see docs/results.md for
 what this project measured at CPU scale.
 """
+
 import pathlib
 
 import ml_collections
 
 from fedalign.config_files import load_config
 
-ROWS = ("direct_averaging", "uniform_gating", "consistency", "adaptive_alpha", "semantic",
-        "permutation")
+ROWS = (
+    "direct_averaging",
+    "uniform_gating",
+    "consistency",
+    "adaptive_alpha",
+    "semantic",
+    "permutation",
+)
 
 
 def _default() -> ml_collections.ConfigDict:

@@ -27,6 +27,7 @@ Commands::
 ``pretrain.data_dir`` defaults to ``../shared/data`` next to the repository (the folder with
 ``dolly/``, ``mmlu/`` and ``hellaswag/``); ``:runlocal`` is a tiny variant for tests.
 """
+
 import pathlib
 
 import ml_collections
@@ -58,17 +59,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.moe_intermediate_size = 16
 
   c.train.rounds = 25
-  c.train.local_steps = 0                # whole local epochs, as in the paper
+  c.train.local_steps = 0  # whole local epochs, as in the paper
   c.train.local_epochs = 1
   c.train.batch_size = 32
   c.train.learning_rate = 1e-3
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.enabled = True
-  c.pretrain.dir = ""                    # "" = WORKDIR/pretrained
+  c.pretrain.dir = ""  # "" = WORKDIR/pretrained
   c.pretrain.data_dir = str((REPO.parent / "shared" / "data").resolve())
   c.pretrain.sources = "dolly,mmlu,hellaswag"
-  c.pretrain.max_chars = 0               # 0 = every document of the sources
+  c.pretrain.max_chars = 0  # 0 = every document of the sources
   c.pretrain.added_tokens = (" World", " Sports", " Business", " Tech")
   c.pretrain.steps = 4000
   c.pretrain.batch_size = 32

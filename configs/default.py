@@ -16,6 +16,7 @@ Expected: see docs/results.md for what this exact command measured; from scratch
 alpha = 0.1 the global model stays close to chance for many rounds (every client sees mostly
 one class), which is the regime FedAlign-MoE targets.
 """
+
 import ml_collections
 
 
@@ -26,27 +27,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "agnews_embedded"     # agnews_embedded | agnews (TFDS, needs data.data_dir)
-                                         # | mmlu | hellaswag (multiple choice, data.data_dir)
-  c.data.data_dir = ""                   # manual dir for TFDS builders / the MC readers
+  c.data.dataset = "agnews_embedded"  # agnews_embedded | agnews (TFDS, needs data.data_dir)
+  # | mmlu | hellaswag (multiple choice, data.data_dir)
+  c.data.data_dir = ""  # manual dir for TFDS builders / the MC readers
   c.data.num_clients = 10
-  c.data.partition = "dirichlet"         # dirichlet | iid | pathological
+  c.data.partition = "dirichlet"  # dirichlet | iid | pathological
   c.data.alpha = 0.1
-  c.data.classes_per_client = 2          # pathological partition only
+  c.data.classes_per_client = 2  # pathological partition only
   c.data.min_client_size = 20
   c.data.seq_len = 48
-  c.data.tokenizer = "bpe"               # bpe (trained on client text) | bytes | path/to/tokenizer.json
+  c.data.tokenizer = "bpe"  # bpe (trained on client text) | bytes | path/to/tokenizer.json
   c.data.vocab_size = 1024
-  c.data.max_train_examples = 0          # 0 = all
-  c.data.max_test_examples = 0           # 0 = all of the test split
-  c.data.validation_examples = 0         # > 0: hold out this many training rows (fixed, seed-
-                                         # independent) as a validation split
+  c.data.max_train_examples = 0  # 0 = all
+  c.data.max_test_examples = 0  # 0 = all of the test split
+  c.data.validation_examples = 0  # > 0: hold out this many training rows (fixed, seed-
+  # independent) as a validation split
 
   c.model = ml_collections.ConfigDict()
-  c.model.type = "decoder"               # decoder (MoE causal LM) | switch (encoder-decoder)
+  c.model.type = "decoder"  # decoder (MoE causal LM) | switch (encoder-decoder)
   c.model.family = "mixtral"
-  c.model.hf_checkpoint = ""             # a local HF checkpoint directory (overrides the sizes
-                                         # and the tokenizer: its tokenizer.json)
+  c.model.hf_checkpoint = ""  # a local HF checkpoint directory (overrides the sizes
+  # and the tokenizer: its tokenizer.json)
   c.model.hidden_size = 64
   c.model.intermediate_size = 128
   c.model.num_layers = 2
@@ -58,31 +59,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.shared_expert_intermediate_size = 0
   c.model.lora_rank = 0
   c.model.lora_alpha = 16.0
-  c.model.moe_impl = "dense"              # every expert on every token (exact, dropless)
-  c.model.capacity_factor = 0.0          # > 0: sparse top-k dispatch with this capacity factor
+  c.model.moe_impl = "dense"  # every expert on every token (exact, dropless)
+  c.model.capacity_factor = 0.0  # > 0: sparse top-k dispatch with this capacity factor
 
   c.train = ml_collections.ConfigDict()
   c.train.rounds = 20
   c.train.clients_per_round = 10
   c.train.local_epochs = 1
-  c.train.local_steps = 10               # > 0: fixed local steps per round (the LLM-FL max_steps
-                                         # convention); 0 = train.local_epochs whole epochs
+  c.train.local_steps = 10  # > 0: fixed local steps per round (the LLM-FL max_steps
+  # convention); 0 = train.local_epochs whole epochs
   c.train.batch_size = 32
-  c.train.optimizer = "adamw"            # adamw | sgd
+  c.train.optimizer = "adamw"  # adamw | sgd
   c.train.learning_rate = 1e-3
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
   c.train.load_balance_coef = 0.01
   c.train.z_loss_coef = 0.0
-  c.train.prompt_loss_weight = 0.0       # > 0: also a next-token loss on the prompt text
-  c.train.trainable = "full"             # full | lora (adapters + routers)
-  c.train.chunk_size = 2                 # clients per vmapped chunk (0 = all at once); chunks
-                                         # group clients of similar size: less padded work
-  c.train.use_mesh = False               # shard clients over all devices on a 'clients' mesh
+  c.train.prompt_loss_weight = 0.0  # > 0: also a next-token loss on the prompt text
+  c.train.trainable = "full"  # full | lora (adapters + routers)
+  c.train.chunk_size = 2  # clients per vmapped chunk (0 = all at once); chunks
+  # group clients of similar size: less padded work
+  c.train.use_mesh = False  # shard clients over all devices on a 'clients' mesh
 
   c.server = ml_collections.ConfigDict()
-  c.server.optimizer = "none"            # none (plain averaging) | sgd | momentum | adam | yogi | adagrad
-  c.server.learning_rate = 1.0           # fedadam/fedyogi/fedadagrad want about 1e-2
+  c.server.optimizer = "none"  # none (plain averaging) | sgd | momentum | adam | yogi | adagrad
+  c.server.learning_rate = 1.0  # fedadam/fedyogi/fedadagrad want about 1e-2
   c.server.momentum = 0.9
   c.server.b1 = 0.9
   c.server.b2 = 0.99
@@ -101,15 +102,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fedalign.adaptive_alpha = True
   c.fedalign.semantic_selection = True
   c.fedalign.permutation_alignment = False
-  c.fedalign.centroid_clip = 0.0         # 0 = no clipping of uploaded centroids
+  c.fedalign.centroid_clip = 0.0  # 0 = no clipping of uploaded centroids
   c.fedalign.centroid_noise_std = 0.0
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.split = "test"                  # test | validation (needs data.validation_examples)
-  c.eval.every = 1                       # evaluate every N rounds (and after the last)
+  c.eval.split = "test"  # test | validation (needs data.validation_examples)
+  c.eval.every = 1  # evaluate every N rounds (and after the last)
   c.eval.batch_size = 256
   c.eval.per_client = True
-  c.eval.specialization_examples = 512   # test prompts for the expert-specialization MI (0 = off)
+  c.eval.specialization_examples = 512  # test prompts for the expert-specialization MI (0 = off)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1

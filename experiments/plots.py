@@ -20,6 +20,7 @@ Example:
   >>> plot_metric_vs_round(curves, 'test accuracy', 'alpha=0.1', out).name
   'acc.png'
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ Curve = tuple[np.ndarray, np.ndarray]  # (rounds, values)
 
 def _pyplot():
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   return plt
 
 
@@ -59,8 +62,11 @@ def metric_curve(records: Sequence[dict], key: str) -> Curve | None:
   >>> metric_curve([{'round': 1, 'a': 0.5}, {'round': 2}], 'a')
   (array([1]), array([0.5]))
   """
-  pts = [(r["round"], float(r[key])) for r in records
-         if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+  pts = [
+      (r["round"], float(r[key]))
+      for r in records
+      if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])
+  ]
   if not pts:
     return None
   rounds, values = zip(*pts)
@@ -87,8 +93,9 @@ def mean_std_curve(curves: Sequence[Curve]) -> tuple[np.ndarray, np.ndarray, np.
   return rounds, stacked.mean(axis=0), std
 
 
-def plot_metric_vs_round(curves: Mapping[str, Sequence[Curve]], ylabel: str, title: str,
-                         path: str | pathlib.Path) -> pathlib.Path | None:
+def plot_metric_vs_round(
+    curves: Mapping[str, Sequence[Curve]], ylabel: str, title: str, path: str | pathlib.Path
+) -> pathlib.Path | None:
   """One line per label (mean over its curves, e.g. seeds) with a +-std band; None when empty."""
   curves = {k: list(v) for k, v in curves.items() if v}
   if not curves:
@@ -105,6 +112,7 @@ def plot_metric_vs_round(curves: Mapping[str, Sequence[Curve]], ylabel: str, tit
     if len(cs) > 1:
       ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2)
   from matplotlib.ticker import MaxNLocator
+
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("round")
   ax.set_ylabel(ylabel)
@@ -136,16 +144,19 @@ def load_client_routing(entry_dir: str | pathlib.Path) -> np.ndarray | None:
     records = [r for r in read_metrics(entry_dir) if "client_routing" in r]
     if records:
       value = records[-1]["client_routing"]
-      mats = [np.asarray(v, np.float64) for v in
-              (value.values() if isinstance(value, dict) else [value])]
+      mats = [
+          np.asarray(v, np.float64)
+          for v in (value.values() if isinstance(value, dict) else [value])
+      ]
   mats = [m for m in mats if m.ndim == 2]
   if not mats or len({m.shape for m in mats}) != 1:
     return None
   return np.mean(mats, axis=0)
 
 
-def plot_routing_heatmaps(dists: Mapping[str, np.ndarray], title: str,
-                          path: str | pathlib.Path) -> pathlib.Path | None:
+def plot_routing_heatmaps(
+    dists: Mapping[str, np.ndarray], title: str, path: str | pathlib.Path
+) -> pathlib.Path | None:
   """Side-by-side clients x experts heatmaps, one per label; None when ``dists`` is empty."""
   if not dists:
     return None
@@ -167,10 +178,11 @@ def plot_routing_heatmaps(dists: Mapping[str, np.ndarray], title: str,
   return path
 
 
-def make_grid_plots(workdir: str | pathlib.Path,
-                    groups: Mapping[str, Mapping[str, Sequence[str]]],
-                    heatmap_labels: Sequence[str] = ("FedAvg", "FedAlign-MoE")
-                    ) -> tuple[list[pathlib.Path], list[str]]:
+def make_grid_plots(
+    workdir: str | pathlib.Path,
+    groups: Mapping[str, Mapping[str, Sequence[str]]],
+    heatmap_labels: Sequence[str] = ("FedAvg", "FedAlign-MoE"),
+) -> tuple[list[pathlib.Path], list[str]]:
   """Writes the plots of a grid under ``workdir/plots``.
 
   Args:
@@ -186,18 +198,27 @@ def make_grid_plots(workdir: str | pathlib.Path,
   out = workdir / "plots"
   written: list[pathlib.Path] = []
   notes: list[str] = []
-  keys = [("test_accuracy", "global test accuracy", "accuracy"),
-          ("routing_divergence", "routing divergence (JS)", "routing_divergence"),
-          ("expert_role_preservation", "expert-role preservation", "role_preservation")]
+  keys = [
+      ("test_accuracy", "global test accuracy", "accuracy"),
+      ("routing_divergence", "routing divergence (JS)", "routing_divergence"),
+      ("expert_role_preservation", "expert-role preservation", "role_preservation"),
+  ]
   for title, lines in groups.items():
     slug = "_".join("".join(ch if ch.isalnum() or ch == "." else " " for ch in title).split())
-    records = {label: [read_metrics(workdir / name) for name in names
-                       if (workdir / name / "summary.json").exists()
-                       and not (workdir / name / "FAILED.txt").exists()]
-               for label, names in lines.items()}
+    records = {
+        label: [
+            read_metrics(workdir / name)
+            for name in names
+            if (workdir / name / "summary.json").exists()
+            and not (workdir / name / "FAILED.txt").exists()
+        ]
+        for label, names in lines.items()
+    }
     for key, ylabel, stem in keys:
-      curves = {label: [c for c in (metric_curve(r, key) for r in recs) if c is not None]
-                for label, recs in records.items()}
+      curves = {
+          label: [c for c in (metric_curve(r, key) for r in recs) if c is not None]
+          for label, recs in records.items()
+      }
       p = plot_metric_vs_round(curves, ylabel, title, out / f"{stem}_{slug}.png")
       if p is not None:
         written.append(p)
@@ -211,11 +232,16 @@ def make_grid_plots(workdir: str | pathlib.Path,
           dists[label] = d
           break
     if len(dists) == len(heatmap_labels):
-      written.append(plot_routing_heatmaps(dists, f"per-client routing, {title}",
-                                           out / f"routing_heatmap_{slug}.png"))
+      written.append(
+          plot_routing_heatmaps(
+              dists, f"per-client routing, {title}", out / f"routing_heatmap_{slug}.png"
+          )
+      )
     elif any(label in lines for label in heatmap_labels):
-      notes.append(f"routing heatmap ({title}): the runs saved no per-client routing "
-                   "distributions (routing_distributions.npz / 'client_routing'); skipped")
+      notes.append(
+          f"routing heatmap ({title}): the runs saved no per-client routing "
+          "distributions (routing_distributions.npz / 'client_routing'); skipped"
+      )
   for n in notes:
     log.info("plots: %s", n)
   return written, notes

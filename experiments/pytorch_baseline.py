@@ -68,6 +68,7 @@ In Python (a few seconds)::
     >>> 0.0 <= summary['final_test_accuracy'] <= 1.0  # doctest: +SKIP
     True
 """
+
 from __future__ import annotations
 
 import copy
@@ -111,12 +112,14 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   3
   """
   from fedalign import config_files
+
   return config_files.load_config(spec)
 
 
 def check_supported(config: ml_collections.ConfigDict) -> None:
   """The baseline covers FedAvg of a random-init Mixtral decoder with full fine-tuning."""
   from fedalign.federated.server import model_type, validate_config
+
   validate_config(config)
   problems = []
   if model_type(config) != "decoder":
@@ -130,21 +133,27 @@ def check_supported(config: ml_collections.ConfigDict) -> None:
   if config.train.optimizer != "adamw":
     problems.append(f"train.optimizer={config.train.optimizer!r} (expected 'adamw')")
   if config.server.optimizer != "none" or config.method not in ("fedavg",):
-    problems.append(f"method={config.method!r} / server.optimizer={config.server.optimizer!r}"
-                    " (expected plain FedAvg)")
+    problems.append(
+        f"method={config.method!r} / server.optimizer={config.server.optimizer!r}"
+        " (expected plain FedAvg)"
+    )
   if problems:
-    raise ValueError("the PyTorch baseline supports plain FedAvg of a random-init Mixtral "
-                     "decoder with full AdamW fine-tuning; unsupported: " + "; ".join(problems))
+    raise ValueError(
+        "the PyTorch baseline supports plain FedAvg of a random-init Mixtral "
+        "decoder with full AdamW fine-tuning; unsupported: " + "; ".join(problems)
+    )
 
 
 # ----------------------------------------------------------------------------- model I/O
-def export_initial_model(config: ml_collections.ConfigDict, tokenizer: Any,
-                         directory: str | os.PathLike) -> tuple[Any, Any, pathlib.Path]:
+def export_initial_model(
+    config: ml_collections.ConfigDict, tokenizer: Any, directory: str | os.PathLike
+) -> tuple[Any, Any, pathlib.Path]:
   """fedalign's initial model (``load_model``: init_params with config.seed) as an HF
   checkpoint; returns ``(model config, params, directory)``."""
   from fedalign.federated.server import load_model
   from fedalign.models import MoEModel
   from fedalign.models.hf import save_pretrained
+
   mcfg, params = load_model(config, tokenizer)
   path = save_pretrained(MoEModel(mcfg, params), directory)
   return mcfg, params, pathlib.Path(path)
@@ -154,6 +163,7 @@ def load_torch_model(directory: str | os.PathLike) -> torch.nn.Module:
   """``AutoModelForCausalLM.from_pretrained`` in float32 (default attention and experts
   implementations of the installed transformers)."""
   import transformers
+
   return transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
 
 
@@ -162,16 +172,21 @@ def torch_state_to_params(state: Mapping[str, torch.Tensor], hf_dir: str | os.Pa
   through :func:`fedalign.models.hf.load_pretrained` (the config.json of ``hf_dir``)."""
   from safetensors.torch import save_file
   from fedalign.models.hf import load_pretrained
+
   with tempfile.TemporaryDirectory() as tmp:
     shutil.copy(pathlib.Path(hf_dir) / "config.json", pathlib.Path(tmp) / "config.json")
-    save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()},
-              str(pathlib.Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()},
+        str(pathlib.Path(tmp) / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return load_pretrained(tmp).params
 
 
 # ----------------------------------------------------------------------------- loss
-def router_losses(router_logits: Sequence[torch.Tensor], mask: torch.Tensor, top_k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def router_losses(
+    router_logits: Sequence[torch.Tensor], mask: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
   """fedalign's (load-balance, z) router losses, each averaged over the MoE layers.
 
   Per layer (valid = unpadded tokens, n = their count, g = softmax of the router logits):
@@ -199,22 +214,28 @@ def router_losses(router_logits: Sequence[torch.Tensor], mask: torch.Tensor, top
   return torch.stack(lbs).mean(), torch.stack(zs).mean()
 
 
-def shifted_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_cross_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
   """(sum of next-token CE over positions t+1 with ``target``, their count), as fedalign's."""
-  ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                       tokens[:, 1:].reshape(-1).long(), reduction="none")
+  ce = F.cross_entropy(
+      logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+      tokens[:, 1:].reshape(-1).long(),
+      reduction="none",
+  )
   w = target[:, 1:].reshape(-1).to(torch.float32)
   return torch.sum(ce * w), torch.sum(w)
 
 
-def client_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
-                config: ml_collections.ConfigDict) -> tuple[torch.Tensor, torch.Tensor]:
+def client_loss(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], config: ml_collections.ConfigDict
+) -> tuple[torch.Tensor, torch.Tensor]:
   """(total loss to differentiate, task loss) of one batch: label-word CE + router losses."""
   t = config.train
   tokens, mask, target = batch["tokens"], batch["mask"], batch["target_mask"]
-  out = model(input_ids=tokens, attention_mask=mask.long(), output_router_logits=True,
-              use_cache=False)
+  out = model(
+      input_ids=tokens, attention_mask=mask.long(), output_router_logits=True, use_cache=False
+  )
   total, count = shifted_cross_entropy(out.logits, tokens, target & mask)
   task = total / count.clamp_min(1.0)
   if t.prompt_loss_weight:
@@ -227,16 +248,26 @@ def client_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
   return loss, task
 
 
-def make_optimizer(model: torch.nn.Module, config: ml_collections.ConfigDict
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, config: ml_collections.ConfigDict
+) -> torch.optim.Optimizer:
   """AdamW with optax.adamw's defaults (b1=0.9, b2=0.999, eps=1e-8)."""
   t = config.train
-  return torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(0.9, 0.999),
-                           eps=1e-8, weight_decay=t.weight_decay)
+  return torch.optim.AdamW(
+      model.parameters(),
+      lr=t.learning_rate,
+      betas=(0.9, 0.999),
+      eps=1e-8,
+      weight_decay=t.weight_decay,
+  )
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               batch: Mapping[str, torch.Tensor], config: ml_collections.ConfigDict) -> float:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Mapping[str, torch.Tensor],
+    config: ml_collections.ConfigDict,
+) -> float:
   """One local step (forward, backward, clip, AdamW); returns the task loss."""
   optimizer.zero_grad(set_to_none=True)
   loss, task = client_loss(model, batch, config)
@@ -250,15 +281,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 def step_batch(batches: Mapping[str, np.ndarray], c: int, s: int) -> dict[str, torch.Tensor]:
   """Client c's step-s batch as tensors, padded example slots (all-False mask) dropped."""
   rows = np.asarray(batches["mask"][c, s]).any(axis=-1)
-  return {"tokens": torch.from_numpy(np.asarray(batches["tokens"][c, s][rows], np.int64)),
-          "mask": torch.from_numpy(np.asarray(batches["mask"][c, s][rows], bool)),
-          "target_mask": torch.from_numpy(np.asarray(batches["target_mask"][c, s][rows],
-                                                     bool))}
+  return {
+      "tokens": torch.from_numpy(np.asarray(batches["tokens"][c, s][rows], np.int64)),
+      "mask": torch.from_numpy(np.asarray(batches["mask"][c, s][rows], bool)),
+      "target_mask": torch.from_numpy(np.asarray(batches["target_mask"][c, s][rows], bool)),
+  }
 
 
-def train_client(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor],
-                 batches: Mapping[str, np.ndarray], c: int,
-                 config: ml_collections.ConfigDict) -> tuple[StateDict, float, int]:
+def train_client(
+    model: torch.nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    batches: Mapping[str, np.ndarray],
+    c: int,
+    config: ml_collections.ConfigDict,
+) -> tuple[StateDict, float, int]:
   """Local training of the c-th sampled client from the global state.
 
   Returns (deep copy of the local state dict, mean task loss over real steps, real steps).
@@ -271,8 +307,7 @@ def train_client(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor
     if not batches["step_mask"][c, s]:
       continue  # padded step: nothing to do
     losses.append(train_step(model, optimizer, step_batch(batches, c, s), config))
-  return (copy.deepcopy(model.state_dict()), float(np.mean(losses)) if losses else 0.0,
-          len(losses))
+  return (copy.deepcopy(model.state_dict()), float(np.mean(losses)) if losses else 0.0, len(losses))
 
 
 def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> StateDict:
@@ -302,8 +337,9 @@ def _finite(state: Mapping[str, torch.Tensor]) -> bool:
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test: Mapping[str, np.ndarray], candidate_ids: Any,
-             batch_size: int) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module, test: Mapping[str, np.ndarray], candidate_ids: Any, batch_size: int
+) -> dict[str, Any]:
   """Label-word accuracy: the label word removed from the input, log-softmax at last_index,
   argmax over the candidate ids (fedalign's ``classification_eval``)."""
   model.eval()
@@ -314,9 +350,9 @@ def evaluate(model: torch.nn.Module, test: Mapping[str, np.ndarray], candidate_i
   last = np.asarray(test["last_index"])
   preds = []
   for i in range(0, len(tokens), batch_size):
-    tb = torch.from_numpy(tokens[i:i + batch_size].astype(np.int64))
-    mb = torch.from_numpy(mask[i:i + batch_size].astype(np.int64))
-    lb = torch.from_numpy(last[i:i + batch_size].astype(np.int64))
+    tb = torch.from_numpy(tokens[i : i + batch_size].astype(np.int64))
+    mb = torch.from_numpy(mask[i : i + batch_size].astype(np.int64))
+    lb = torch.from_numpy(last[i : i + batch_size].astype(np.int64))
     hidden = model.model(input_ids=tb, attention_mask=mb, use_cache=False).last_hidden_state
     row = hidden[torch.arange(len(lb)), lb]
     logp = torch.log_softmax(model.lm_head(row).float(), dim=-1)[:, cand]
@@ -326,14 +362,20 @@ def evaluate(model: torch.nn.Module, test: Mapping[str, np.ndarray], candidate_i
   return {"acc": float(correct.mean()), "pred": pred, "correct": correct}
 
 
-def torch_round(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor], data: Any,
-                config: ml_collections.ConfigDict, r: int) -> tuple[StateDict, float, list[int]]:
+def torch_round(
+    model: torch.nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    data: Any,
+    config: ml_collections.ConfigDict,
+    r: int,
+) -> tuple[StateDict, float, list[int]]:
   """One FedAvg round (the part that ``round_time_s`` times): sample, batch, train the clients
   one after another, average; the new global state is loaded into ``model``.
 
   Returns (new global state, example-weighted mean train loss, excluded client ids).
   """
   from fedalign.federated.server import sample_clients
+
   ids = sample_clients(config.seed, r, config.data.num_clients, config.train.clients_per_round)
   batches = data.round_batches(config, ids, r)
   states, weights, losses, excluded = [], [], [], []
@@ -353,8 +395,9 @@ def torch_round(model: torch.nn.Module, global_state: Mapping[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- the run
-def run_baseline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                 threads: int = 2) -> dict[str, Any]:
+def run_baseline(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, threads: int = 2
+) -> dict[str, Any]:
   """Runs the PyTorch FedAvg baseline; returns the summary written to summary.json."""
   from fedalign.federated.server import FederatedData
   from fedalign.metrics.evaluation import client_accuracy
@@ -368,8 +411,10 @@ def run_baseline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   t0 = time.time()
   data = FederatedData(config, workdir)
   if data.candidate_ids is None:
-    raise ValueError("the PyTorch baseline scores single-token label words only; this "
-                     "tokenizer splits a label word (use data.tokenizer='bpe').")
+    raise ValueError(
+        "the PyTorch baseline scores single-token label words only; this "
+        "tokenizer splits a label word (use data.tokenizer='bpe')."
+    )
   _, _, hf_dir = export_initial_model(config, data.tokenizer, workdir / "hf_init")
   model = load_torch_model(hf_dir)
   global_state = copy.deepcopy(model.state_dict())
@@ -381,22 +426,33 @@ def run_baseline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     rt = time.time()
     global_state, train_loss, excluded = torch_round(model, global_state, data, config, r)
     round_time = time.time() - rt
-    record = {"round": r + 1, "method": METHOD, "train_loss": train_loss,
-              "excluded_clients": excluded, "round_time_s": round_time}
+    record = {
+        "round": r + 1,
+        "method": METHOD,
+        "train_loss": train_loss,
+        "excluded_clients": excluded,
+        "round_time_s": round_time,
+    }
     if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
       ev = evaluate(model, data.test, data.candidate_ids, config.eval.batch_size)
       record["test_accuracy"] = ev["acc"]
       if config.eval.per_client:
-        acc_c = np.asarray(client_accuracy(ev["correct"], data.test["labels"],
-                                           data.label_counts))
+        acc_c = np.asarray(client_accuracy(ev["correct"], data.test["labels"], data.label_counts))
         record["client_accuracy"] = [round(float(a), 5) for a in acc_c]
         record["mean_client_accuracy"] = float(acc_c.mean())
       record["elapsed_s"] = time.time() - t0
       history.append({"round": r + 1, "test_accuracy": ev["acc"], "train_loss": train_loss})
       with metrics_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
-      log.info("round %d/%d %s test_accuracy=%.4f train_loss=%.4f (%.2fs)", r + 1, rounds,
-               METHOD, ev["acc"], train_loss, round_time)
+      log.info(
+          "round %d/%d %s test_accuracy=%.4f train_loss=%.4f (%.2fs)",
+          r + 1,
+          rounds,
+          METHOD,
+          ev["acc"],
+          train_loss,
+          round_time,
+      )
   accs = [h["test_accuracy"] for h in history]
   summary = {
       "method": METHOD,
@@ -417,16 +473,16 @@ def run_baseline(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 # ----------------------------------------------------------------------------- comparison
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()
-          if line.strip()]
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
 
 
 def _median(xs: Sequence[float]) -> float:
   return float(statistics.median(xs)) if xs else float("nan")
 
 
-def timing_summary(jax_rows: Sequence[Mapping[str, Any]], torch_rows: Sequence[Mapping[str, Any]]
-                   ) -> dict[str, float]:
+def timing_summary(
+    jax_rows: Sequence[Mapping[str, Any]], torch_rows: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
   """Median round times excluding round 1 (JAX compiles in it), JAX compile estimate, ratio.
 
   >>> j = [{'round_time_s': 10.0}, {'round_time_s': 1.0}, {'round_time_s': 1.2}]
@@ -437,10 +493,16 @@ def timing_summary(jax_rows: Sequence[Mapping[str, Any]], torch_rows: Sequence[M
   jt = [r["round_time_s"] for r in jax_rows]
   tt = [r["round_time_s"] for r in torch_rows]
   jm, tm = _median(jt[1:]), _median(tt[1:])
-  return {"jax_round1_s": jt[0], "jax_median_s": jm, "jax_compile_s": jt[0] - jm,
-          "torch_round1_s": tt[0], "torch_median_s": tm, "ratio": tm / jm,
-          "jax_min_s": min(jt[1:], default=float("nan")),
-          "torch_min_s": min(tt[1:], default=float("nan"))}
+  return {
+      "jax_round1_s": jt[0],
+      "jax_median_s": jm,
+      "jax_compile_s": jt[0] - jm,
+      "torch_round1_s": tt[0],
+      "torch_median_s": tm,
+      "ratio": tm / jm,
+      "jax_min_s": min(jt[1:], default=float("nan")),
+      "torch_min_s": min(tt[1:], default=float("nan")),
+  }
 
 
 def machine_info() -> dict[str, Any]:
@@ -448,13 +510,22 @@ def machine_info() -> dict[str, Any]:
   import optax
   import transformers
   from fedalign.hardware import describe
+
   hw = describe()
-  return {"cpu": hw["cpu"], "cores": hw["cores"], "python": hw["python"],
-          "torch": torch.__version__, "transformers": transformers.__version__,
-          "jax": hw["jax"], "jax_backend": hw["backend"],
-          "jax_devices": hw["devices"], "flax": flax.__version__,
-          "optax": optax.__version__, "numpy": np.__version__,
-          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+  return {
+      "cpu": hw["cpu"],
+      "cores": hw["cores"],
+      "python": hw["python"],
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
+      "jax": hw["jax"],
+      "jax_backend": hw["backend"],
+      "jax_devices": hw["devices"],
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "numpy": np.__version__,
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+  }
 
 
 def make_fedalign_round(config: ml_collections.ConfigDict, data: Any) -> Any:
@@ -470,6 +541,7 @@ def make_fedalign_round(config: ml_collections.ConfigDict, data: Any) -> Any:
   from fedalign.federated.task import CausalLMTask
   from fedalign.models import build_module
   from fedalign.models.lora import partition, trainable_mask
+
   t = config.train
   mcfg, params = load_model(config, data.tokenizer)
   module = build_module(mcfg)
@@ -477,12 +549,17 @@ def make_fedalign_round(config: ml_collections.ConfigDict, data: Any) -> Any:
   trainable, _ = partition(params, mask)
   algorithm = make_algorithm(config, trainable, config.data.num_clients)
   client_update = make_client_update(
-      CausalLMTask(module, t.prompt_loss_weight), algorithm, client_optimizer(config),
-      load_balance_coef=t.load_balance_coef, z_loss_coef=t.z_loss_coef,
-      learning_rate=t.learning_rate)
+      CausalLMTask(module, t.prompt_loss_weight),
+      algorithm,
+      client_optimizer(config),
+      load_balance_coef=t.load_balance_coef,
+      z_loss_coef=t.z_loss_coef,
+      learning_rate=t.learning_rate,
+  )
   chunk = t.chunk_size or None
-  round_fn = jax.jit(make_round_fn(client_update, algorithm, mask, seed=config.seed,
-                                   chunk_size=chunk))
+  round_fn = jax.jit(
+      make_round_fn(client_update, algorithm, mask, seed=config.seed, chunk_size=chunk)
+  )
   state = [init_server_state(params, algorithm, mask, config.data.num_clients)]
   cpr = t.clients_per_round
   pad_to = cpr if chunk is None else int(math.ceil(cpr / chunk) * chunk)
@@ -496,8 +573,10 @@ def make_fedalign_round(config: ml_collections.ConfigDict, data: Any) -> Any:
     weights = data.client_sizes[ids].astype(np.float32)
     if pad_to > cpr:  # weight-0 padding clients, as run_experiment
       extra = pad_to - cpr
-      batches = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
-                 for k, v in batches.items()}
+      batches = {
+          k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+          for k, v in batches.items()
+      }
       weights = np.concatenate([weights, np.zeros(extra, np.float32)])
       ids = np.concatenate([ids, np.repeat(ids[:1], extra)])
     state[0], out = round_fn(state[0], batches, jnp.asarray(weights), jnp.asarray(ids), r)
@@ -507,8 +586,9 @@ def make_fedalign_round(config: ml_collections.ConfigDict, data: Any) -> Any:
   return run
 
 
-def make_torch_round(config: ml_collections.ConfigDict, data: Any,
-                     hf_dir: str | os.PathLike, threads: int) -> Any:
+def make_torch_round(
+    config: ml_collections.ConfigDict, data: Any, hf_dir: str | os.PathLike, threads: int
+) -> Any:
   """The baseline's round (:func:`torch_round`) with ``threads`` intra-op threads as
   ``run(r) -> seconds`` (its own model and global state)."""
   model = load_torch_model(hf_dir)
@@ -527,9 +607,13 @@ def make_torch_round(config: ml_collections.ConfigDict, data: Any,
   return run
 
 
-def interleaved_timing(config: ml_collections.ConfigDict, data: Any,
-                       hf_dir: str | os.PathLike, reps: int,
-                       torch_threads: Sequence[int] = (2, 1)) -> dict[str, Any]:
+def interleaved_timing(
+    config: ml_collections.ConfigDict,
+    data: Any,
+    hf_dir: str | os.PathLike,
+    reps: int,
+    torch_threads: Sequence[int] = (2, 1),
+) -> dict[str, Any]:
   """Round times of fedalign and of the baseline (once per entry of ``torch_threads``)
   alternated on the same rounds, the order rotating every round, so that changes of the
   machine's load hit all of them alike. Round 0 of each is a warm-up (jit compile for
@@ -547,34 +631,45 @@ def interleaved_timing(config: ml_collections.ConfigDict, data: Any,
   rows = []
   for i in range(reps):
     r = i + 1
-    order = names[i % len(names):] + names[:i % len(names)]
+    order = names[i % len(names) :] + names[: i % len(names)]
     row = {"round": r + 1, "order": order}
     for name in order:
       row[name] = runners[name](r)
     row["loadavg_1min"] = os.getloadavg()[0]
     rows.append(row)
-    log.info("interleaved round %d: %s", r + 1,
-             ", ".join(f"{n} {row[n]:.3f}s" for n in names))
+    log.info("interleaved round %d: %s", r + 1, ", ".join(f"{n} {row[n]:.3f}s" for n in names))
   med = {name: _median([row[name] for row in rows]) for name in names}
-  ratios = {f"torch{th}": _median([row[f"torch{th}"] / row["jax"] for row in rows])
-            for th in torch_threads}
-  return {"warmup": warm, "rows": rows, "median_s": med, "median_ratio": ratios,
-          "torch_threads": list(torch_threads)}
+  ratios = {
+      f"torch{th}": _median([row[f"torch{th}"] / row["jax"] for row in rows])
+      for th in torch_threads
+  }
+  return {
+      "warmup": warm,
+      "rows": rows,
+      "median_s": med,
+      "median_ratio": ratios,
+      "torch_threads": list(torch_threads),
+  }
 
 
-def run_compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                out_md: str | os.PathLike = DEFAULT_MD, threads: int = 2,
-                command: str | None = None, timing_reps: int = 6,
-                noise_seeds: int = 1) -> dict[str, Any]:
+def run_compare(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    out_md: str | os.PathLike = DEFAULT_MD,
+    threads: int = 2,
+    command: str | None = None,
+    timing_reps: int = 6,
+    noise_seeds: int = 1,
+) -> dict[str, Any]:
   """fedalign's FedAvg (``run_experiment``), then the PyTorch baseline, on one config in one
   process, then an interleaved timing phase and ``noise_seeds`` more fedalign runs with seeds
   seed+1, ... (the seed-noise reference); writes the markdown report and
   ``workdir/compare.json``."""
   from fedalign.federated.server import FederatedData, run_experiment
+
   check_supported(config)
   if config.train.use_mesh:
-    raise ValueError("--compare times fedalign's single-device round: set "
-                     "train.use_mesh=False.")
+    raise ValueError("--compare times fedalign's single-device round: set " "train.use_mesh=False.")
   torch.set_num_threads(threads)
   workdir = pathlib.Path(workdir)
   if workdir.exists():
@@ -594,27 +689,42 @@ def run_compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   load_after_runs = os.getloadavg()
   t2 = time.time()
   data = FederatedData(config, workdir / "torch")
-  inter = interleaved_timing(config, data, workdir / "torch" / "hf_init", timing_reps,
-                             torch_threads=sorted({threads, 1}, reverse=True))
+  inter = interleaved_timing(
+      config,
+      data,
+      workdir / "torch" / "hf_init",
+      timing_reps,
+      torch_threads=sorted({threads, 1}, reverse=True),
+  )
   t_inter = time.time() - t2
   noise = []
   for k in range(1, noise_seeds + 1):
     cfg_k = copy.deepcopy(config)
     cfg_k.seed = config.seed + k
     run_experiment(cfg_k, workdir / f"jax_seed{cfg_k.seed}")
-    noise.append({"seed": cfg_k.seed, "rows": [
-        {kk: r.get(kk) for kk in ("round", "test_accuracy", "train_loss")}
-        for r in read_metrics(workdir / f"jax_seed{cfg_k.seed}" / "metrics.jsonl")]})
+    noise.append(
+        {
+            "seed": cfg_k.seed,
+            "rows": [
+                {kk: r.get(kk) for kk in ("round", "test_accuracy", "train_loss")}
+                for r in read_metrics(workdir / f"jax_seed{cfg_k.seed}" / "metrics.jsonl")
+            ],
+        }
+    )
   load_end = os.getloadavg()
   jax_rows = read_metrics(workdir / "jax" / "metrics.jsonl")
   torch_rows = read_metrics(workdir / "torch" / "metrics.jsonl")
   keys = ("round", "test_accuracy", "train_loss", "round_time_s")
   result = {
-      "command": command, "machine": machine_info(),
-      "loadavg": {"start": load_start, "between": load_mid, "after_runs": load_after_runs,
-                  "end": load_end},
-      "wall_s": {"jax": t_jax, "torch": t_torch, "interleaved": t_inter,
-                 "total": time.time() - t0},
+      "command": command,
+      "machine": machine_info(),
+      "loadavg": {
+          "start": load_start,
+          "between": load_mid,
+          "after_runs": load_after_runs,
+          "end": load_end,
+      },
+      "wall_s": {"jax": t_jax, "torch": t_torch, "interleaved": t_inter, "total": time.time() - t0},
       "timing": timing_summary(jax_rows, torch_rows),
       "interleaved": inter,
       "jax": [{k: r.get(k) for k in keys} for r in jax_rows],
@@ -645,8 +755,9 @@ def flops_per_token(cfg: Mapping[str, Any], dense_experts: bool) -> float:
   h, hkv, dim = m["num_heads"], m["num_kv_heads"], m["hidden_size"]
   hd = dim // h
   attn = dim * h * hd * 2 + dim * hkv * hd * 2 + 2 * d["seq_len"] * h * hd
-  experts = (m["num_experts"] if dense_experts else m["top_k"]) * 3 * dim * m[
-      "moe_intermediate_size"]
+  experts = (
+      (m["num_experts"] if dense_experts else m["top_k"]) * 3 * dim * m["moe_intermediate_size"]
+  )
   per_layer = attn + dim * m["num_experts"] + experts
   return float(m["num_layers"] * per_layer + dim * d["vocab_size"])
 
@@ -663,8 +774,10 @@ def render_markdown(res: Mapping[str, Any]) -> str:
   if all(goal_met.values()):
     goal = "met"
   elif goal_met.get(main_th):
-    goal = (f"met against the {main_th}-thread baseline only, whose rounds include contention "
-            "stalls; not met against the 1-thread baseline: not robustly met")
+    goal = (
+        f"met against the {main_th}-thread baseline only, whose rounds include contention "
+        "stalls; not met against the 1-thread baseline: not robustly met"
+    )
   else:
     goal = "not met"
   jrows, trows = res["jax"], res["torch"]
@@ -684,9 +797,12 @@ def render_markdown(res: Mapping[str, Any]) -> str:
       "## Result",
       "",
       f"* **Round time (CPU, interleaved, median of {len(it['rows'])} rounds), PyTorch / "
-      "fedalign:** " + "; ".join(
+      "fedalign:** "
+      + "; ".join(
           f"**{ratio[f'torch{th}']:.2f}x** against PyTorch with {th} thread{'s' * (th > 1)}"
-          f"{' (as specified)' if th == main_th else ''}" for th in ths)
+          f"{' (as specified)' if th == main_th else ''}"
+          for th in ths
+      )
       + f" (> 1: fedalign faster). Medians: fedalign {it['median_s']['jax']:.3f} s, "
       + ", ".join(f"PyTorch {th} thr {it['median_s'][f'torch{th}']:.3f} s" for th in ths)
       + " per round.",
@@ -698,22 +814,27 @@ def render_markdown(res: Mapping[str, Any]) -> str:
       f"{t['jax_round1_s']:.2f} s including jit compilation (about {t['jax_compile_s']:.1f} s "
       f"of compile); warm-up rounds of the interleaved phase: fedalign "
       f"{it['warmup']['jax']:.2f} s (compile), "
-      + ", ".join(f"PyTorch {th} thr {it['warmup'][f'torch{th}']:.2f} s" for th in ths) + ".",
+      + ", ".join(f"PyTorch {th} thr {it['warmup'][f'torch{th}']:.2f} s" for th in ths)
+      + ".",
       "",
       "## Accuracy per round",
       "",
   ]
-  head = ("| round | fedalign acc | PyTorch acc | diff | fedalign train loss "
-          "| PyTorch train loss | loss diff |")
+  head = (
+      "| round | fedalign acc | PyTorch acc | diff | fedalign train loss "
+      "| PyTorch train loss | loss diff |"
+  )
   sep = "|---:|---:|---:|---:|---:|---:|---:|"
   for nz in noise:
     head += f" fedalign seed {nz['seed']} acc |"
     sep += "---:|"
   lines += [head, sep]
   for i, (j, p) in enumerate(zip(jrows, trows)):
-    row = (f"| {j['round']} | {j['test_accuracy']:.4f} | {p['test_accuracy']:.4f} "
-           f"| {p['test_accuracy'] - j['test_accuracy']:+.4f} | {j['train_loss']:.5f} "
-           f"| {p['train_loss']:.5f} | {p['train_loss'] - j['train_loss']:+.1e} |")
+    row = (
+        f"| {j['round']} | {j['test_accuracy']:.4f} | {p['test_accuracy']:.4f} "
+        f"| {p['test_accuracy'] - j['test_accuracy']:+.4f} | {j['train_loss']:.5f} "
+        f"| {p['train_loss']:.5f} | {p['train_loss'] - j['train_loss']:+.1e} |"
+    )
     for nz in noise:
       rr = nz["rows"]
       row += f" {rr[i]['test_accuracy']:.4f} |" if i < len(rr) else " |"
@@ -733,11 +854,16 @@ def render_markdown(res: Mapping[str, Any]) -> str:
       f"{max(d_loss):.1e} at most. For scale: the sampling standard error of an accuracy "
       f"around {p_mid:.2f} on {n_test} test examples is {se:.3f}.",
   ]
-  verdict = ("The differences have no systematic sign and stay well within the "
-             "seed-to-seed variation above: there is no systematic gap.")
+  verdict = (
+      "The differences have no systematic sign and stay well within the "
+      "seed-to-seed variation above: there is no systematic gap."
+  )
   if noise:
-    gaps = [abs(j["test_accuracy"] - r["test_accuracy"])
-            for nz in noise for j, r in zip(jrows, nz["rows"])]
+    gaps = [
+        abs(j["test_accuracy"] - r["test_accuracy"])
+        for nz in noise
+        for j, r in zip(jrows, nz["rows"])
+    ]
     lines += [
         "",
         f"Seed noise (fedalign seed {cfg['seed']} vs seed(s) "
@@ -747,8 +873,10 @@ def render_markdown(res: Mapping[str, Any]) -> str:
         "between the two engines on the same seed.",
     ]
     if max(d_acc) > max(gaps) or np.mean(d_acc) > np.mean(gaps):
-      verdict = ("**The engine gap is larger than the seed-to-seed variation measured "
-                 "here: look for a systematic difference.**")
+      verdict = (
+          "**The engine gap is larger than the seed-to-seed variation measured "
+          "here: look for a systematic difference.**"
+      )
   lines += [
       "",
       "### Why the curves are not bit-identical",
@@ -773,19 +901,27 @@ def render_markdown(res: Mapping[str, Any]) -> str:
       "`run_experiment` builds it and the baseline's `torch_round` with each thread count "
       "(own model each), the same rounds' batches for all, the order rotating every round:",
       "",
-      "| round | fedalign s | " + " | ".join(f"PyTorch {th} thr s" for th in ths) + " | "
-      + " | ".join(f"{th} thr / fedalign" for th in ths) + " | load avg (1 min) |",
+      "| round | fedalign s | "
+      + " | ".join(f"PyTorch {th} thr s" for th in ths)
+      + " | "
+      + " | ".join(f"{th} thr / fedalign" for th in ths)
+      + " | load avg (1 min) |",
       "|---:|---:|" + "---:|" * (2 * len(ths)) + "---:|",
   ]
   for row in it["rows"]:
-    lines.append(f"| {row['round']} | {row['jax']:.3f} | "
-                 + " | ".join(f"{row[f'torch{th}']:.3f}" for th in ths) + " | "
-                 + " | ".join(f"{row[f'torch{th}'] / row['jax']:.2f}" for th in ths)
-                 + f" | {row['loadavg_1min']:.2f} |")
+    lines.append(
+        f"| {row['round']} | {row['jax']:.3f} | "
+        + " | ".join(f"{row[f'torch{th}']:.3f}" for th in ths)
+        + " | "
+        + " | ".join(f"{row[f'torch{th}'] / row['jax']:.2f}" for th in ths)
+        + f" | {row['loadavg_1min']:.2f} |"
+    )
   lines += [
       f"| **median** | **{it['median_s']['jax']:.3f}** | "
-      + " | ".join(f"**{it['median_s'][f'torch{th}']:.3f}**" for th in ths) + " | "
-      + " | ".join(f"**{ratio[f'torch{th}']:.2f}**" for th in ths) + " | |",
+      + " | ".join(f"**{it['median_s'][f'torch{th}']:.3f}**" for th in ths)
+      + " | "
+      + " | ".join(f"**{ratio[f'torch{th}']:.2f}**" for th in ths)
+      + " | |",
       "",
       "(The ratio columns' medians are medians of the per-round ratios.)",
       "",
@@ -795,8 +931,10 @@ def render_markdown(res: Mapping[str, Any]) -> str:
       "|---:|---:|---:|",
   ]
   for j, p in zip(jrows, trows):
-    lines.append(f"| {j['round']} | {j['round_time_s']:.3f}"
-                 f"{' (incl. compile)' if j['round'] == 1 else ''} | {p['round_time_s']:.3f} |")
+    lines.append(
+        f"| {j['round']} | {j['round_time_s']:.3f}"
+        f"{' (incl. compile)' if j['round'] == 1 else ''} | {p['round_time_s']:.3f} |"
+    )
   lines += [
       f"| median of rounds 2.. | {t['jax_median_s']:.3f} | {t['torch_median_s']:.3f} |",
       "",
@@ -826,20 +964,23 @@ def render_markdown(res: Mapping[str, Any]) -> str:
       "### Why (CPU)",
       "",
       f"* **Work per token.** fedalign's MoE block with `moe_impl='{cfg['model']['moe_impl']}'`"
-      + (f" runs every expert on every token and combines with the top-k weights; "
-         f"transformers dispatches each token to its top-{cfg['model']['top_k']} experts only. "
-         f"For this model that is {dense / 1e3:.0f}k vs {sparse / 1e3:.0f}k forward "
-         f"multiply-adds per token ({dense / sparse:.2f}x; experts "
-         f"{cfg['model']['num_experts']}/{cfg['model']['top_k']} = "
-         f"{cfg['model']['num_experts'] / cfg['model']['top_k']:.0f}x, diluted by attention "
-         "and the lm_head), so at equal FLOP throughput fedalign is expected to be slower "
-         "by about that factor. Measured: fedalign's round takes "
-         + ", ".join(f"{1 / ratio[f'torch{th}']:.2f}x PyTorch's ({th} thr)" for th in ths)
-         + ", i.e. per model FLOP fedalign runs at "
-         + ", ".join(f"{dense / sparse * ratio[f'torch{th}']:.2f}x" for th in ths)
-         + " PyTorch's speed: most of the gap is the dense expert computation, not the "
-         "engine."
-         if cfg["model"]["moe_impl"] == "dense" else "."),
+      + (
+          f" runs every expert on every token and combines with the top-k weights; "
+          f"transformers dispatches each token to its top-{cfg['model']['top_k']} experts only. "
+          f"For this model that is {dense / 1e3:.0f}k vs {sparse / 1e3:.0f}k forward "
+          f"multiply-adds per token ({dense / sparse:.2f}x; experts "
+          f"{cfg['model']['num_experts']}/{cfg['model']['top_k']} = "
+          f"{cfg['model']['num_experts'] / cfg['model']['top_k']:.0f}x, diluted by attention "
+          "and the lm_head), so at equal FLOP throughput fedalign is expected to be slower "
+          "by about that factor. Measured: fedalign's round takes "
+          + ", ".join(f"{1 / ratio[f'torch{th}']:.2f}x PyTorch's ({th} thr)" for th in ths)
+          + ", i.e. per model FLOP fedalign runs at "
+          + ", ".join(f"{dense / sparse * ratio[f'torch{th}']:.2f}x" for th in ths)
+          + " PyTorch's speed: most of the gap is the dense expert computation, not the "
+          "engine."
+          if cfg["model"]["moe_impl"] == "dense"
+          else "."
+      ),
       "* **Clients in parallel buy nothing on 2 cores.** Both engines already keep the 2 "
       "cores busy inside one client's matmuls; vmapping the clients makes the matmuls "
       "bigger, not more parallel. The one-jit / vmapped-clients design pays off on an "
@@ -914,38 +1055,60 @@ def render_markdown(res: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- CLI
 def main(argv: list[str]) -> None:
   from absl import app
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = _CONFIG.value
   command = "python -m experiments.pytorch_baseline " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
+      shlex.quote(a) for a in sys.argv[1:]
+  )
   if _COMPARE.value:
-    res = run_compare(config, _WORKDIR.value, _OUT.value, _THREADS.value, command,
-                      _TIMING_REPS.value, _NOISE_SEEDS.value)
+    res = run_compare(
+        config,
+        _WORKDIR.value,
+        _OUT.value,
+        _THREADS.value,
+        command,
+        _TIMING_REPS.value,
+        _NOISE_SEEDS.value,
+    )
     it = res["interleaved"]
-    print("ratio(PyTorch/fedalign): " + ", ".join(
-        f"{k}={v:.2f}" for k, v in it["median_ratio"].items())
-        + f" medians_s={it['median_s']} report={_OUT.value}")
+    print(
+        "ratio(PyTorch/fedalign): "
+        + ", ".join(f"{k}={v:.2f}" for k, v in it["median_ratio"].items())
+        + f" medians_s={it['median_s']} report={_OUT.value}"
+    )
   else:
     summary = run_baseline(config, _WORKDIR.value, _THREADS.value)
-    print(f"final_test_accuracy={summary['final_test_accuracy']:.4f} "
-          f"rounds={summary['rounds']} workdir={_WORKDIR.value}")
+    print(
+        f"final_test_accuracy={summary['final_test_accuracy']:.4f} "
+        f"rounds={summary['rounds']} workdir={_WORKDIR.value}"
+    )
 
 
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
-                                            lock_config=True)
+
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Path to a get_config() file.", lock_config=True
+  )
   _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-  _COMPARE = flags.DEFINE_bool("compare", False, "Run fedalign's FedAvg and this baseline one "
-                               "after the other and write the markdown report (--out).")
+  _COMPARE = flags.DEFINE_bool(
+      "compare",
+      False,
+      "Run fedalign's FedAvg and this baseline one "
+      "after the other and write the markdown report (--out).",
+  )
   _OUT = flags.DEFINE_string("out", str(DEFAULT_MD), "Markdown report of --compare.")
   _THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads.")
   _TIMING_REPS = flags.DEFINE_integer("timing_reps", 6, "--compare: interleaved timed rounds.")
-  _NOISE_SEEDS = flags.DEFINE_integer("noise_seeds", 1, "--compare: extra fedalign runs with "
-                                      "seeds seed+1.. (seed-noise reference).")
+  _NOISE_SEEDS = flags.DEFINE_integer(
+      "noise_seeds",
+      1,
+      "--compare: extra fedalign runs with " "seeds seed+1.. (seed-noise reference).",
+  )
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

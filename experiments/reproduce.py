@@ -34,6 +34,7 @@ In Python (a tiny grid, about a minute on 2 CPU cores)::
     >>> out = reproduce.run_grid(base, plan, tempfile.mkdtemp())  # doctest: +SKIP
     >>> print(out['markdown'])  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,10 +66,18 @@ DEFAULT_METHODS = ("fedavg", "fedprox", "fedmoe", "fedalign", "fedalign_perm")
 METHOD_VARIANTS: dict[str, dict[str, Any]] = {
     "fedalign_perm": {"method": "fedalign", "fedalign.permutation_alignment": True},
 }
-METHOD_LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedmoe": "FedMoE",
-                 "fedalign": "FedAlign-MoE", "fedalign_perm": "FedAlign-MoE + perm. align",
-                 "scaffold": "SCAFFOLD", "fedavgm": "FedAvgM", "fedadam": "FedAdam",
-                 "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad"}
+METHOD_LABELS = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedmoe": "FedMoE",
+    "fedalign": "FedAlign-MoE",
+    "fedalign_perm": "FedAlign-MoE + perm. align",
+    "scaffold": "SCAFFOLD",
+    "fedavgm": "FedAvgM",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+    "fedadagrad": "FedAdagrad",
+}
 ABLATION_ALPHA = 0.1
 ABLATION_DESCRIPTIONS = {
     "direct_averaging": "FedAvg (no alignment)",
@@ -81,12 +90,23 @@ ABLATION_DESCRIPTIONS = {
 # The CI-sized setting (tests, the notebook's FEDALIGN_NOTEBOOK_TINY=1): on top of
 # configs/default.py:runlocal, a few seconds of compute per entry on 2 CPU cores.
 TINY_OVERRIDES: dict[str, Any] = {
-    "data.num_clients": 4, "data.max_train_examples": 300, "data.max_test_examples": 100,
-    "data.min_client_size": 10, "data.seq_len": 24, "data.vocab_size": 280,
-    "model.hidden_size": 16, "model.intermediate_size": 32, "model.moe_intermediate_size": 16,
-    "model.num_heads": 2, "model.num_kv_heads": 1, "model.num_layers": 1,
-    "train.clients_per_round": 3, "train.local_steps": 1, "train.batch_size": 8,
-    "train.rounds": 2, "eval.per_client": False,
+    "data.num_clients": 4,
+    "data.max_train_examples": 300,
+    "data.max_test_examples": 100,
+    "data.min_client_size": 10,
+    "data.seq_len": 24,
+    "data.vocab_size": 280,
+    "model.hidden_size": 16,
+    "model.intermediate_size": 32,
+    "model.moe_intermediate_size": 16,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 1,
+    "model.num_layers": 1,
+    "train.clients_per_round": 3,
+    "train.local_steps": 1,
+    "train.batch_size": 8,
+    "train.rounds": 2,
+    "eval.per_client": False,
 }
 
 
@@ -112,8 +132,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     *parents, leaf = key.split(".")
     for i, part in enumerate(parents):
       if part not in node:
-        raise KeyError(f"unknown config field {'.'.join(parents[:i + 1])!r} (in override "
-                       f"{key}={value!r})")
+        raise KeyError(
+            f"unknown config field {'.'.join(parents[:i + 1])!r} (in override " f"{key}={value!r})"
+        )
       node = node[part]
     if leaf not in node:
       raise KeyError(f"unknown config field {key!r} (override {key}={value!r})")
@@ -130,8 +151,9 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def ablation_overrides(ablation_file: str | pathlib.Path = REPO / "configs" / "ablation.py"
-                       ) -> dict[str, dict[str, Any]]:
+def ablation_overrides(
+    ablation_file: str | pathlib.Path = REPO / "configs" / "ablation.py",
+) -> dict[str, dict[str, Any]]:
   """row -> the dotted fields that ``configs/ablation.py`` sets for it (``method`` plus every
   field some row changes from the default), applied on top of the grid's base config.
 
@@ -149,8 +171,9 @@ def ablation_overrides(ablation_file: str | pathlib.Path = REPO / "configs" / "a
 @dataclasses.dataclass
 class Entry:
   """One run of the grid: ``name`` is its sub-directory, ``label`` the method or ablation row."""
+
   name: str
-  group: str                    # 'grid' | 'ablation'
+  group: str  # 'grid' | 'ablation'
   label: str
   alpha: float
   seed: int
@@ -175,20 +198,33 @@ def method_overrides(method: str) -> dict[str, Any]:
   return dict(METHOD_VARIANTS.get(method, {"method": method}))
 
 
-def make_plan(methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[int],
-              ablation: bool = False) -> list[Entry]:
+def make_plan(
+    methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[int], ablation: bool = False
+) -> list[Entry]:
   """The entries of methods x alphas x seeds, then (``ablation``) the ablation rows x seeds.
 
   >>> [e.name for e in make_plan(['fedavg'], [1.0, 0.1], [0])]
   ['fedavg_a1.0_s0', 'fedavg_a0.1_s0']
   """
-  plan = [Entry(entry_name(m, a, s), "grid", m, float(a), int(s), method_overrides(m))
-          for m in methods for a in alphas for s in seeds]
+  plan = [
+      Entry(entry_name(m, a, s), "grid", m, float(a), int(s), method_overrides(m))
+      for m in methods
+      for a in alphas
+      for s in seeds
+  ]
   if ablation:
     for row, ov in ablation_overrides().items():
       for s in seeds:
-        plan.append(Entry(f"ablation_{row}_a{ABLATION_ALPHA}_s{s}", "ablation", row,
-                          ABLATION_ALPHA, int(s), ov))
+        plan.append(
+            Entry(
+                f"ablation_{row}_a{ABLATION_ALPHA}_s{s}",
+                "ablation",
+                row,
+                ABLATION_ALPHA,
+                int(s),
+                ov,
+            )
+        )
   return plan
 
 
@@ -220,13 +256,20 @@ def is_finished(entry_dir: pathlib.Path, config: ml_collections.ConfigDict) -> b
   except (OSError, ValueError):
     return False
   acc = summary.get("final_test_accuracy")
-  return (summary.get("config") == json.loads(config.to_json())
-          and isinstance(acc, (int, float)) and math.isfinite(acc))
+  return (
+      summary.get("config") == json.loads(config.to_json())
+      and isinstance(acc, (int, float))
+      and math.isfinite(acc)
+  )
 
 
-def run_entry(entry: Entry, base: ml_collections.ConfigDict, workdir: pathlib.Path,
-              runner: Callable[[ml_collections.ConfigDict, pathlib.Path], dict] | None = None,
-              progress: str = "") -> dict[str, Any]:
+def run_entry(
+    entry: Entry,
+    base: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    runner: Callable[[ml_collections.ConfigDict, pathlib.Path], dict] | None = None,
+    progress: str = "",
+) -> dict[str, Any]:
   """Runs (resumes, or skips when finished) one entry; never raises except on interrupts.
 
   Returns ``{'name', 'status': 'done'|'skipped'|'failed', 'error', 'seconds'}``.
@@ -241,8 +284,12 @@ def run_entry(entry: Entry, base: ml_collections.ConfigDict, workdir: pathlib.Pa
       return {"name": entry.name, "status": "skipped", "error": None, "seconds": 0.0}
     d.mkdir(parents=True, exist_ok=True)
     failed.unlink(missing_ok=True)
-    log.info("%s %s: running (%s)", progress, entry.name,
-             "resuming" if (d / "checkpoints").exists() else "new")
+    log.info(
+        "%s %s: running (%s)",
+        progress,
+        entry.name,
+        "resuming" if (d / "checkpoints").exists() else "new",
+    )
     summary = runner(config, d)
     acc = summary.get("final_test_accuracy") if isinstance(summary, dict) else None
     if not isinstance(acc, (int, float)) or not math.isfinite(acc):
@@ -251,15 +298,20 @@ def run_entry(entry: Entry, base: ml_collections.ConfigDict, workdir: pathlib.Pa
     msg = f"{type(e).__name__}: {e}"
     d.mkdir(parents=True, exist_ok=True)
     failed.write_text(msg + "\n\n" + traceback.format_exc())
-    return {"name": entry.name, "status": "failed", "error": msg,
-            "seconds": time.time() - t0}
+    return {"name": entry.name, "status": "failed", "error": msg, "seconds": time.time() - t0}
   return {"name": entry.name, "status": "done", "error": None, "seconds": time.time() - t0}
 
 
-def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | os.PathLike,
-             *, target_accuracy: float = 0.6, run_info: dict[str, Any] | None = None,
-             docs_out: str | os.PathLike | None = None, tables_only: bool = False
-             ) -> dict[str, Any]:
+def run_grid(
+    base: ml_collections.ConfigDict,
+    plan: list[Entry],
+    workdir: str | os.PathLike,
+    *,
+    target_accuracy: float = 0.6,
+    run_info: dict[str, Any] | None = None,
+    docs_out: str | os.PathLike | None = None,
+    tables_only: bool = False,
+) -> dict[str, Any]:
   """Runs every entry of ``plan`` (unique directories once), then writes tables and plots.
 
   Returns ``{'statuses': [...], 'markdown': str, 'results': dict, 'plots': [...]}``.
@@ -267,8 +319,9 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if base.data.get("partition", "dirichlet") != "dirichlet":
-    log.warning("config.data.partition=%r: data.alpha (the grid's alpha) has no effect",
-                base.data.partition)
+    log.warning(
+        "config.data.partition=%r: data.alpha (the grid's alpha) has no effect", base.data.partition
+    )
   if "pretrain" in base and base.pretrain.enabled and not base.pretrain.dir:
     base.pretrain.dir = str(workdir.resolve() / "pretrained")  # one checkpoint for the grid
   plan = dedupe_plan(plan, base)
@@ -298,8 +351,14 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
       st = run_entry(e, base, workdir, progress=f"[{i + 1}/{len(unique)}]")
       statuses.append(st)
       if st["status"] == "failed":
-        log.error("[%d/%d] %s: FAILED (%s) - see %s", i + 1, len(unique), e.name,
-                  st["error"].splitlines()[0][:300], workdir / e.name / "FAILED.txt")
+        log.error(
+            "[%d/%d] %s: FAILED (%s) - see %s",
+            i + 1,
+            len(unique),
+            e.name,
+            st["error"].splitlines()[0][:300],
+            workdir / e.name / "FAILED.txt",
+        )
       elif st["status"] == "skipped":
         log.info("[%d/%d] %s: finished earlier, skipped", i + 1, len(unique), e.name)
       else:
@@ -309,9 +368,14 @@ def run_grid(base: ml_collections.ConfigDict, plan: list[Entry], workdir: str | 
     _write_plan(workdir, plan, base, info, target_accuracy)
   report = write_report(workdir, target_accuracy=target_accuracy, docs_out=docs_out)
   n_failed = sum(s["status"] == "failed" for s in statuses)
-  log.info("grid: %d entries, %d run, %d skipped, %d failed; tables in %s",
-           len(unique), sum(s["status"] == "done" for s in statuses),
-           sum(s["status"] == "skipped" for s in statuses), n_failed, workdir / "results.md")
+  log.info(
+      "grid: %d entries, %d run, %d skipped, %d failed; tables in %s",
+      len(unique),
+      sum(s["status"] == "done" for s in statuses),
+      sum(s["status"] == "skipped" for s in statuses),
+      n_failed,
+      workdir / "results.md",
+  )
   return {"statuses": statuses, **report}
 
 
@@ -323,16 +387,35 @@ def _pretrain_info(base: ml_collections.ConfigDict) -> dict[str, Any] | None:
   if not path.exists():
     return None
   info = json.loads(path.read_text())
-  keep = ("documents", "tokens_seen", "epochs", "validation_loss_before",
-          "validation_loss_after", "wall_time_s")
-  return {"dir": base.pretrain.dir, "seed": base.pretrain.seed,
-          "sources": base.pretrain.sources, **{k: info[k] for k in keep}}
+  keep = (
+      "documents",
+      "tokens_seen",
+      "epochs",
+      "validation_loss_before",
+      "validation_loss_after",
+      "wall_time_s",
+  )
+  return {
+      "dir": base.pretrain.dir,
+      "seed": base.pretrain.seed,
+      "sources": base.pretrain.sources,
+      **{k: info[k] for k in keep},
+  }
 
 
-def _write_plan(workdir: pathlib.Path, plan: list[Entry], base: ml_collections.ConfigDict,
-                info: dict[str, Any], target_accuracy: float) -> None:
-  data = {"entries": [dataclasses.asdict(e) for e in plan], "run_info": info,
-          "target_accuracy": target_accuracy, "base_config": json.loads(base.to_json())}
+def _write_plan(
+    workdir: pathlib.Path,
+    plan: list[Entry],
+    base: ml_collections.ConfigDict,
+    info: dict[str, Any],
+    target_accuracy: float,
+) -> None:
+  data = {
+      "entries": [dataclasses.asdict(e) for e in plan],
+      "run_info": info,
+      "target_accuracy": target_accuracy,
+      "base_config": json.loads(base.to_json()),
+  }
   (workdir / "grid.json").write_text(json.dumps(data, indent=2, default=str))
 
 
@@ -355,15 +438,17 @@ def read_entry(entry_dir: pathlib.Path, target_accuracy: float) -> dict[str, Any
     reached = int(curve[0][hit[0]]) if hit.size else None
   times = [r["round_time_s"] for r in records if "round_time_s" in r]
   last5 = s.get("last5_mean_test_accuracy")
-  return {"status": "ok",
-          "final": float(s["final_test_accuracy"]),
-          "last5": float(last5) if last5 is not None else float(np.mean(accs[-5:])),
-          "best": float(s.get("best_test_accuracy", np.max(accs) if accs.size else np.nan)),
-          "last5_std": float(np.std(accs[-5:])) if accs.size else float("nan"),
-          "rounds_to_target": reached,
-          "rounds": int(s.get("rounds", curve[0][-1] if curve is not None else 0)),
-          "wall_time_s": float(s.get("wall_time_s", float("nan"))),
-          "mean_round_time_s": float(np.mean(times)) if times else float("nan")}
+  return {
+      "status": "ok",
+      "final": float(s["final_test_accuracy"]),
+      "last5": float(last5) if last5 is not None else float(np.mean(accs[-5:])),
+      "best": float(s.get("best_test_accuracy", np.max(accs) if accs.size else np.nan)),
+      "last5_std": float(np.std(accs[-5:])) if accs.size else float("nan"),
+      "rounds_to_target": reached,
+      "rounds": int(s.get("rounds", curve[0][-1] if curve is not None else 0)),
+      "wall_time_s": float(s.get("wall_time_s", float("nan"))),
+      "mean_round_time_s": float(np.mean(times)) if times else float("nan"),
+  }
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -379,23 +464,31 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 
 def _aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
   ok = [r for r in results if r["status"] == "ok"]
-  agg: dict[str, Any] = {"seeds": seeds, "n_ok": len(ok),
-                         "failed": [{"seed": s, "error": r["error"]} for s, r in
-                                    zip(seeds, results) if r["status"] != "ok"]}
+  agg: dict[str, Any] = {
+      "seeds": seeds,
+      "n_ok": len(ok),
+      "failed": [
+          {"seed": s, "error": r["error"]} for s, r in zip(seeds, results) if r["status"] != "ok"
+      ],
+  }
   if ok:
     agg["last5"] = mean_std([r["last5"] for r in ok])
     agg["final"] = mean_std([r["final"] for r in ok])
     agg["stability"] = mean_std([r["last5_std"] for r in ok])
     reached = [r["rounds_to_target"] for r in ok if r["rounds_to_target"] is not None]
-    agg["rounds_to_target"] = {"mean": float(np.mean(reached)) if reached else None,
-                               "reached": len(reached), "n": len(ok)}
+    agg["rounds_to_target"] = {
+        "mean": float(np.mean(reached)) if reached else None,
+        "reached": len(reached),
+        "n": len(ok),
+    }
     agg["mean_round_time_s"] = float(np.nanmean([r["mean_round_time_s"] for r in ok]))
     agg["wall_time_s"] = float(np.nansum([r["wall_time_s"] for r in ok]))
   return agg
 
 
-def collect_results(workdir: str | os.PathLike, target_accuracy: float | None = None
-                    ) -> dict[str, Any]:
+def collect_results(
+    workdir: str | os.PathLike, target_accuracy: float | None = None
+) -> dict[str, Any]:
   """Aggregates the entries of ``workdir/grid.json`` from their files, over seeds.
 
   Returns ``{'grid': {method: {alpha: agg}}, 'ablation': {row: agg}, 'methods', 'alphas',
@@ -427,20 +520,33 @@ def collect_results(workdir: str | os.PathLike, target_accuracy: float | None = 
     ref = grid.get("fedavg", {}).get(str(a), {}).get("last5")
     for m in methods:
       cell = grid[m][str(a)]
-      cell["gain_vs_fedavg"] = (None if ref is None or "last5" not in cell or ref["mean"] == 0
-                                else (cell["last5"]["mean"] - ref["mean"]) / ref["mean"])
+      cell["gain_vs_fedavg"] = (
+          None
+          if ref is None or "last5" not in cell or ref["mean"] == 0
+          else (cell["last5"]["mean"] - ref["mean"]) / ref["mean"]
+      )
   ablation = {}
   for row in rows:
     es = [e for e in entries if e.group == "ablation" and e.label == row]
     ablation[row] = _aggregate([res(e) for e in es], [e.seed for e in es])
     ablation[row]["entries"] = sorted({e.name for e in es})
-  wall = sum(r.get("wall_time_s", 0.0) for r in cache.values()
-             if r["status"] == "ok" and math.isfinite(r.get("wall_time_s", float("nan"))))
-  return {"grid": grid, "ablation": ablation, "methods": methods, "alphas": alphas,
-          "rows": rows, "target_accuracy": target, "run_info": plan.get("run_info", {}),
-          "entries_wall_time_s": wall,
-          "seeds": sorted({e.seed for e in entries}),
-          "entries": {e.name: res(e) for e in entries}}
+  wall = sum(
+      r.get("wall_time_s", 0.0)
+      for r in cache.values()
+      if r["status"] == "ok" and math.isfinite(r.get("wall_time_s", float("nan")))
+  )
+  return {
+      "grid": grid,
+      "ablation": ablation,
+      "methods": methods,
+      "alphas": alphas,
+      "rows": rows,
+      "target_accuracy": target,
+      "run_info": plan.get("run_info", {}),
+      "entries_wall_time_s": wall,
+      "seeds": sorted({e.seed for e in entries}),
+      "entries": {e.name: res(e) for e in entries},
+  }
 
 
 def _table_head(alphas: Sequence[float], columns: Sequence[str]) -> list[str]:
@@ -481,21 +587,28 @@ def hardware() -> dict[str, Any]:
   """Processor, machine, CPU count, JAX devices and version of this process."""
   import jax
   from fedalign.hardware import cpu_name
-  return {"processor": f"{cpu_name()} ({platform.machine()})", "machine": platform.machine(),
-          "cpu_count": os.cpu_count(),
-          "jax_version": jax.__version__, "devices": str(jax.devices()),
-          "python": platform.python_version()}
+
+  return {
+      "processor": f"{cpu_name()} ({platform.machine()})",
+      "machine": platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "jax_version": jax.__version__,
+      "devices": str(jax.devices()),
+      "python": platform.python_version(),
+  }
 
 
 def _pretrain_lines(p: dict[str, Any] | None) -> list[str]:
   """The header line about the pre-trained start (``fedalign.pretrain``), if any."""
   if not p:
     return ["- start: random initialisation (no pre-training)"]
-  return [f"- start: the checkpoint `{p['dir']}` pre-trained once (seed {p['seed']}) by "
-          f"`fedalign.pretrain` on {p['sources']} text ({p['documents']} documents, "
-          f"{p['tokens_seen'] / 1e6:.1f}M tokens seen, {p['epochs']:.2f} epochs): held-out "
-          f"next-token loss {p['validation_loss_before']:.3f} -> "
-          f"{p['validation_loss_after']:.3f}, {p['wall_time_s']:.0f} s"]
+  return [
+      f"- start: the checkpoint `{p['dir']}` pre-trained once (seed {p['seed']}) by "
+      f"`fedalign.pretrain` on {p['sources']} text ({p['documents']} documents, "
+      f"{p['tokens_seen'] / 1e6:.1f}M tokens seen, {p['epochs']:.2f} epochs): held-out "
+      f"next-token loss {p['validation_loss_before']:.3f} -> "
+      f"{p['validation_loss_after']:.3f}, {p['wall_time_s']:.0f} s"
+  ]
 
 
 def render_markdown(res: dict[str, Any]) -> str:
@@ -503,32 +616,47 @@ def render_markdown(res: dict[str, Any]) -> str:
   info = res["run_info"]
   hw = info.get("hardware") or hardware()  # the machine that ran the entries
   target = res["target_accuracy"]
-  lines = ["# FedAlign-MoE reproduction results", "",
-           "Generated by `experiments/reproduce.py` from the entries' `summary.json` and "
-           "`metrics.jsonl` (nothing typed in).", "",
-           f"- command: `{info.get('command', '?')}`"
-           + (f" (tables regenerated by `{info['tables_command']}`)"
-              if info.get("tables_command") else ""),
-           f"- config file: `{info.get('config_file', '?')}`; overrides: "
-           + (", ".join(f"`{o}`" for o in info.get("overrides", [])) or "none"),
-           f"- methods: {', '.join(res['methods']) or '-'}; Dirichlet alphas: "
-           f"{', '.join(str(a) for a in res['alphas']) or '-'}; seeds: "
-           f"{', '.join(str(s) for s in res['seeds'])}"
-           + ("; ablation rows at alpha = 0.1" if res["rows"] else ""),
-           *_pretrain_lines(info.get("pretrain")),
-           f"- hardware: {hw['processor']}, machine {hw['machine']}, {hw['cpu_count']} CPUs; "
-           f"jax.devices() = {hw['devices']}; JAX {hw['jax_version']}, Python {hw['python']}",
-           f"- wall time: {res['entries_wall_time_s']:.1f} s summed over the entries' "
-           "`wall_time_s` (a resumed entry counts its last segment only)"
-           + (f"; last invocation {info['invocation_wall_time_s']:.1f} s"
-              if "invocation_wall_time_s" in info else ""), ""]
+  lines = [
+      "# FedAlign-MoE reproduction results",
+      "",
+      "Generated by `experiments/reproduce.py` from the entries' `summary.json` and "
+      "`metrics.jsonl` (nothing typed in).",
+      "",
+      f"- command: `{info.get('command', '?')}`"
+      + (
+          f" (tables regenerated by `{info['tables_command']}`)"
+          if info.get("tables_command")
+          else ""
+      ),
+      f"- config file: `{info.get('config_file', '?')}`; overrides: "
+      + (", ".join(f"`{o}`" for o in info.get("overrides", [])) or "none"),
+      f"- methods: {', '.join(res['methods']) or '-'}; Dirichlet alphas: "
+      f"{', '.join(str(a) for a in res['alphas']) or '-'}; seeds: "
+      f"{', '.join(str(s) for s in res['seeds'])}"
+      + ("; ablation rows at alpha = 0.1" if res["rows"] else ""),
+      *_pretrain_lines(info.get("pretrain")),
+      f"- hardware: {hw['processor']}, machine {hw['machine']}, {hw['cpu_count']} CPUs; "
+      f"jax.devices() = {hw['devices']}; JAX {hw['jax_version']}, Python {hw['python']}",
+      f"- wall time: {res['entries_wall_time_s']:.1f} s summed over the entries' "
+      "`wall_time_s` (a resumed entry counts its last segment only)"
+      + (
+          f"; last invocation {info['invocation_wall_time_s']:.1f} s"
+          if "invocation_wall_time_s" in info
+          else ""
+      ),
+      "",
+  ]
 
   # (a) the paper-style table
   if res["methods"]:
-    lines += ["## Accuracy by method and heterogeneity", "",
-              "Global test accuracy, mean ± std (ddof = 1) over seeds of each run's mean over "
-              "its last 5 evaluated rounds (*last-5*) and of its final accuracy (*final*); "
-              "*gain* = relative gain of the last-5 mean over FedAvg at the same alpha.", ""]
+    lines += [
+        "## Accuracy by method and heterogeneity",
+        "",
+        "Global test accuracy, mean ± std (ddof = 1) over seeds of each run's mean over "
+        "its last 5 evaluated rounds (*last-5*) and of its final accuracy (*final*); "
+        "*gain* = relative gain of the last-5 mean over FedAvg at the same alpha.",
+        "",
+    ]
     lines += _table_head(res["alphas"], ("last-5", "final", "gain"))
     for m in res["methods"]:
       row = [_label(m)]
@@ -541,18 +669,25 @@ def render_markdown(res: dict[str, Any]) -> str:
         if agg["failed"]:
           note = f" (n={agg['n_ok']}; failed: {_cell_error(agg)})"
         gain = agg.get("gain_vs_fedavg")
-        row += [fmt_ms(agg["last5"]) + note, fmt_ms(agg["final"]),
-                "-" if gain is None or m == "fedavg" else f"{100 * gain:+.1f}%"]
+        row += [
+            fmt_ms(agg["last5"]) + note,
+            fmt_ms(agg["final"]),
+            "-" if gain is None or m == "fedavg" else f"{100 * gain:+.1f}%",
+        ]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
 
   # (b) the ablation
   if res["rows"]:
-    lines += ["## Ablation (cumulative, alpha = 0.1)", "",
-              "Rows of `configs/ablation.py` applied to the same base config; Δ = difference "
-              "of the last-5 means.", "",
-              "| row | adds | last-5 | final | Δ vs previous row | Δ vs direct averaging |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "## Ablation (cumulative, alpha = 0.1)",
+        "",
+        "Rows of `configs/ablation.py` applied to the same base config; Δ = difference "
+        "of the last-5 means.",
+        "",
+        "| row | adds | last-5 | final | Δ vs previous row | Δ vs direct averaging |",
+        "|---|---|---|---|---|---|",
+    ]
     first = prev = None
     for r in res["rows"]:
       agg = res["ablation"][r]
@@ -564,20 +699,26 @@ def render_markdown(res: dict[str, Any]) -> str:
       mean = agg["last5"]["mean"]
       first = mean if first is None and r == res["rows"][0] else first
       note = f" (n={agg['n_ok']}; failed: {_cell_error(agg)})" if agg["failed"] else ""
-      lines.append(f"| {r} | {desc} | {fmt_ms(agg['last5'])}{note} | {fmt_ms(agg['final'])} | "
-                   f"{'-' if prev is None else f'{mean - prev:+.3f}'} | "
-                   f"{'-' if first is None or r == res['rows'][0] else f'{mean - first:+.3f}'}"
-                   " |")
+      lines.append(
+          f"| {r} | {desc} | {fmt_ms(agg['last5'])}{note} | {fmt_ms(agg['final'])} | "
+          f"{'-' if prev is None else f'{mean - prev:+.3f}'} | "
+          f"{'-' if first is None or r == res['rows'][0] else f'{mean - first:+.3f}'}"
+          " |"
+      )
       prev = mean
     lines.append("")
 
   # (c) convergence
   if res["methods"]:
-    lines += [f"## Convergence (target accuracy {target})", "",
-              "Rounds until the global test accuracy first reaches the target (mean over the "
-              "seeds that reach it); stability = std of the accuracy over the last 5 "
-              "evaluated rounds (mean over seeds); round time = mean seconds per round "
-              "(local training + aggregation).", ""]
+    lines += [
+        f"## Convergence (target accuracy {target})",
+        "",
+        "Rounds until the global test accuracy first reaches the target (mean over the "
+        "seeds that reach it); stability = std of the accuracy over the last 5 "
+        "evaluated rounds (mean over seeds); round time = mean seconds per round "
+        "(local training + aggregation).",
+        "",
+    ]
     lines += _table_head(res["alphas"], (f"rounds to {target}", "stability", "s/round"))
     for m in res["methods"]:
       row = [_label(m)]
@@ -599,8 +740,12 @@ def render_markdown(res: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write_report(workdir: str | os.PathLike, *, target_accuracy: float | None = None,
-                 docs_out: str | os.PathLike | None = None) -> dict[str, Any]:
+def write_report(
+    workdir: str | os.PathLike,
+    *,
+    target_accuracy: float | None = None,
+    docs_out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
   """(Re)writes ``results.md``, ``results.json`` and ``plots/`` of a grid directory from its
   entries' files (and ``docs_out`` with a copy of the plots). Returns
   ``{'markdown', 'results', 'plots', 'plot_notes'}``."""
@@ -652,11 +797,14 @@ def _kept_section(path: pathlib.Path) -> str:
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
-                                  lock_config=True)
+
+  config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Grid directory (one sub-directory per entry).")
-  flags.DEFINE_list("methods", list(DEFAULT_METHODS),
-                    f"Methods: config.method values or {sorted(METHOD_VARIANTS)}.")
+  flags.DEFINE_list(
+      "methods",
+      list(DEFAULT_METHODS),
+      f"Methods: config.method values or {sorted(METHOD_VARIANTS)}.",
+  )
   flags.DEFINE_list("alphas", ["1.0", "0.1"], "Dirichlet concentrations.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
   flags.DEFINE_bool("ablation", False, "Also run the rows of configs/ablation.py at alpha=0.1.")
@@ -664,8 +812,12 @@ def _define_flags():
   flags.DEFINE_string("docs_out", None, "Also write the tables here (e.g. docs/results.md).")
   flags.DEFINE_bool("tables_only", False, "Only rewrite the tables and plots.")
   flags.DEFINE_bool("compilation_cache", True, "Persist compiled programs in WORKDIR/.jax_cache.")
-  flags.DEFINE_bool("tiny", False, "Smoke-test size: apply TINY_OVERRIDES (fields not given "
-                    "as --config.* flags) on top of --config.")
+  flags.DEFINE_bool(
+      "tiny",
+      False,
+      "Smoke-test size: apply TINY_OVERRIDES (fields not given "
+      "as --config.* flags) on top of --config.",
+  )
   return flags.FLAGS
 
 
@@ -673,6 +825,7 @@ def main(argv: list[str]) -> None:
   from absl import app, flags
   from ml_collections import config_flags
   from fedalign.federated.algorithms import METHODS
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
@@ -680,8 +833,10 @@ def main(argv: list[str]) -> None:
   FLAGS = flags.FLAGS
   unknown = [m for m in FLAGS.methods if m not in METHODS and m not in METHOD_VARIANTS]
   if unknown:
-    raise app.UsageError(f"--methods: unknown {unknown}; expected config.method values "
-                         f"{METHODS} or {sorted(METHOD_VARIANTS)}")
+    raise app.UsageError(
+        f"--methods: unknown {unknown}; expected config.method values "
+        f"{METHODS} or {sorted(METHOD_VARIANTS)}"
+    )
   try:
     alphas = [float(a) for a in FLAGS.alphas]
     seeds = [int(s) for s in FLAGS.seeds]
@@ -693,8 +848,9 @@ def main(argv: list[str]) -> None:
   if FLAGS.tiny:
     given = set(config_flags.get_override_values(FLAGS["config"]))
     apply_overrides(base, {k: v for k, v in TINY_OVERRIDES.items() if k not in given})
-    overrides.append("--tiny: " + ", ".join(f"{k}={v}" for k, v in TINY_OVERRIDES.items()
-                                             if k not in given))
+    overrides.append(
+        "--tiny: " + ", ".join(f"{k}={v}" for k, v in TINY_OVERRIDES.items() if k not in given)
+    )
   run_info = {
       "command": shlex.join(["python", "-m", "experiments.reproduce", *sys.argv[1:]]),
       "config_file": config_flags.get_config_filename(FLAGS["config"]),
@@ -702,20 +858,33 @@ def main(argv: list[str]) -> None:
   }
   if FLAGS.compilation_cache:  # entries of equal shapes reuse compiled rounds across runs
     import jax
-    jax.config.update("jax_compilation_cache_dir",
-                      str(pathlib.Path(FLAGS.workdir).resolve() / ".jax_cache"))
-  out = run_grid(base, plan, FLAGS.workdir, target_accuracy=FLAGS.target_accuracy,
-                 run_info=run_info, docs_out=FLAGS.docs_out, tables_only=FLAGS.tables_only)
+
+    jax.config.update(
+        "jax_compilation_cache_dir", str(pathlib.Path(FLAGS.workdir).resolve() / ".jax_cache")
+    )
+  out = run_grid(
+      base,
+      plan,
+      FLAGS.workdir,
+      target_accuracy=FLAGS.target_accuracy,
+      run_info=run_info,
+      docs_out=FLAGS.docs_out,
+      tables_only=FLAGS.tables_only,
+  )
   print(out["markdown"])
   failed = [s for s in out["statuses"] if s["status"] == "failed"]
   if failed:
-    print(f"{len(failed)} entr{'y' if len(failed) == 1 else 'ies'} failed: "
-          + ", ".join(s["name"] for s in failed), file=sys.stderr)
+    print(
+        f"{len(failed)} entr{'y' if len(failed) == 1 else 'ies'} failed: "
+        + ", ".join(s["name"] for s in failed),
+        file=sys.stderr,
+    )
     sys.exit(1)
 
 
 if __name__ == "__main__":
   from absl import app, flags as _flags
+
   _define_flags()
   _flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

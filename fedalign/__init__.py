@@ -3,4 +3,5 @@
 Subpackages: :mod:`fedalign.models`, :mod:`fedalign.data`, :mod:`fedalign.federated`,
 :mod:`fedalign.aggregation`, :mod:`fedalign.metrics`. Entry point: ``python -m fedalign.main``.
 """
+
 __version__ = "0.1.0"

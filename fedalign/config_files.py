@@ -6,6 +6,7 @@ build on each other (``configs/cpu_analog.py`` starts from ``configs/default.py`
 >>> load_config('configs/default.py:runlocal').train.rounds
 3
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,8 +30,9 @@ def load_module(path: str | os.PathLike) -> types.ModuleType:
   return mod
 
 
-def load_config(spec: str | os.PathLike, arg: str | None = None,
-                relative_to: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
+def load_config(
+    spec: str | os.PathLike, arg: str | None = None, relative_to: str | os.PathLike | None = None
+) -> ml_collections.ConfigDict:
   """``'path/to/config.py[:arg]'`` -> its ``get_config(arg)``.
 
   A relative path is looked up under ``relative_to`` (e.g. the calling config's folder) when

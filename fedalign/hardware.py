@@ -5,6 +5,7 @@ PyTorch comparison.
 >>> sorted(info)[:3]
 ['arch', 'backend', 'cores']
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,14 @@ def cpu_name() -> str:
 def describe() -> dict[str, Any]:
   """CPU, architecture, cores, Python, JAX version, backend and devices of this process."""
   import jax
-  return {"cpu": cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
-          "python": platform.python_version(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "devices": len(jax.devices()),
-          "device_kinds": sorted({d.device_kind for d in jax.devices()})}
+
+  return {
+      "cpu": cpu_name(),
+      "arch": platform.machine(),
+      "cores": os.cpu_count(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": len(jax.devices()),
+      "device_kinds": sorted({d.device_kind for d in jax.devices()}),
+  }

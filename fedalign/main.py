@@ -4,6 +4,7 @@ Any config field can be overridden with ``--config.KEY=VALUE`` (ml_collections),
 ``--config.method=fedalign --config.data.alpha=1.0 --config.train.rounds=25``. Running the
 same command with the same workdir resumes from the latest complete checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,12 +13,16 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a get_config() file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, plots.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, "
-    "multi-node GPUs); see fedalign/federated/distributed.py.")
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first (multi-host TPU pods, "
+    "multi-node GPUs); see fedalign/federated/distributed.py.",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -27,12 +32,16 @@ def main(argv: list[str]) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
   if _DISTRIBUTED.value:
     from fedalign.federated.distributed import initialize
+
     initialize()
   from fedalign.federated.server import run_experiment
+
   summary = run_experiment(_CONFIG.value, _WORKDIR.value)
-  print(f"final_test_accuracy={summary['final_test_accuracy']:.4f} "
-        f"best_test_accuracy={summary['best_test_accuracy']:.4f} "
-        f"rounds={summary['rounds']} workdir={_WORKDIR.value}")
+  print(
+      f"final_test_accuracy={summary['final_test_accuracy']:.4f} "
+      f"best_test_accuracy={summary['best_test_accuracy']:.4f} "
+      f"rounds={summary['rounds']} workdir={_WORKDIR.value}"
+  )
 
 
 def run() -> None:

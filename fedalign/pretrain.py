@@ -32,6 +32,7 @@ Example (a few seconds)::
     >>> sorted(p.name for p in path.iterdir())  # doctest: +SKIP
     ['config.json', 'model.safetensors', 'pretrain_info.json', 'pretrain_loss.png', ...]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,12 +59,17 @@ INFO_FILE = "pretrain_info.json"
 def _pretrain_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Everything the checkpoint depends on (the cache key)."""
   p = config.pretrain
-  model = {k: v for k, v in config.model.to_dict().items()
-           if k not in ("hf_checkpoint", "lora_rank", "lora_alpha", "moe_impl",
-                        "capacity_factor")}
-  return {"pretrain": {k: v for k, v in p.to_dict().items() if k not in ("enabled", "dir")},
-          "model": model, "vocab_size": config.data.vocab_size,
-          "load_balance_coef": config.train.load_balance_coef}
+  model = {
+      k: v
+      for k, v in config.model.to_dict().items()
+      if k not in ("hf_checkpoint", "lora_rank", "lora_alpha", "moe_impl", "capacity_factor")
+  }
+  return {
+      "pretrain": {k: v for k, v in p.to_dict().items() if k not in ("enabled", "dir")},
+      "model": model,
+      "vocab_size": config.data.vocab_size,
+      "load_balance_coef": config.train.load_balance_coef,
+  }
 
 
 def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
@@ -72,28 +78,38 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
   sources = [s.strip() for s in str(p.sources).split(",") if s.strip()]
   bad = [s for s in sources if s not in SOURCES]
   if not sources or bad:
-    raise ValueError(f"config.pretrain.sources={p.sources!r} is invalid: expected a "
-                     f"comma-separated subset of {SOURCES}")
+    raise ValueError(
+        f"config.pretrain.sources={p.sources!r} is invalid: expected a "
+        f"comma-separated subset of {SOURCES}"
+    )
   if config.data.dataset.split("_")[0] in sources:
-    raise ValueError(f"config.pretrain.sources={p.sources!r} contains the federated dataset "
-                     f"config.data.dataset={config.data.dataset!r}: pre-training text must be "
-                     "disjoint from the clients' and the test data")
+    raise ValueError(
+        f"config.pretrain.sources={p.sources!r} contains the federated dataset "
+        f"config.data.dataset={config.data.dataset!r}: pre-training text must be "
+        "disjoint from the clients' and the test data"
+    )
   for name in ("steps", "batch_size", "seq_len"):
     if int(p[name]) < 1:
       raise ValueError(f"config.pretrain.{name}={p[name]!r} is invalid: expected an integer >= 1")
   if not p.learning_rate > 0:
-    raise ValueError(f"config.pretrain.learning_rate={p.learning_rate!r} is invalid: expected "
-                     "a positive float")
+    raise ValueError(
+        f"config.pretrain.learning_rate={p.learning_rate!r} is invalid: expected "
+        "a positive float"
+    )
   if config.model.get("type", "decoder") != "decoder":
-    raise ValueError(f"config.model.type={config.model.type!r}: pre-training supports "
-                     "'decoder' models only")
+    raise ValueError(
+        f"config.model.type={config.model.type!r}: pre-training supports " "'decoder' models only"
+    )
   if not pathlib.Path(p.data_dir).is_dir():
-    raise ValueError(f"config.pretrain.data_dir={p.data_dir!r} is not a directory: expected "
-                     "the folder holding dolly/, mmlu/ and hellaswag/ (../shared/data)")
+    raise ValueError(
+        f"config.pretrain.data_dir={p.data_dir!r} is not a directory: expected "
+        "the folder holding dolly/, mmlu/ and hellaswag/ (../shared/data)"
+    )
 
 
-def pretrain_corpus(data_dir: str | os.PathLike, sources: Sequence[str] = SOURCES,
-                    max_chars: int = 0) -> list[str]:
+def pretrain_corpus(
+    data_dir: str | os.PathLike, sources: Sequence[str] = SOURCES, max_chars: int = 0
+) -> list[str]:
   """Documents of the pre-training corpus, in a fixed order.
 
   Dolly: instruction, context and response; MMLU (test + dev): question and the four choices;
@@ -101,6 +117,7 @@ def pretrain_corpus(data_dir: str | os.PathLike, sources: Sequence[str] = SOURCE
   many characters are collected (sources interleaved, so each contributes).
   """
   from fedalign.data import sources as src
+
   data_dir = pathlib.Path(data_dir)
   per_source: list[list[str]] = []
   for name in sources:
@@ -108,16 +125,19 @@ def pretrain_corpus(data_dir: str | os.PathLike, sources: Sequence[str] = SOURCE
       docs = []
       for split in src.dolly_splits(data_dir / "dolly"):
         for r in src.read_dolly(data_dir / "dolly", split).records:
-          docs.append("\n".join(t for t in (r["instruction"], r["context"], r["response"])
-                                if t.strip()))
+          docs.append(
+              "\n".join(t for t in (r["instruction"], r["context"], r["response"]) if t.strip())
+          )
     elif name == "mmlu":
       docs = []
       for split in src.mmlu_splits(data_dir / "mmlu"):
         for r in src.read_mmlu(data_dir / "mmlu", split).records:
           docs.append(r["question"] + "\n" + "\n".join(r["choices"]))
     elif name == "hellaswag":
-      docs = [r["ctx"] + " " + r["endings"][r["label"]]
-              for r in src.read_hellaswag(data_dir / "hellaswag").records]
+      docs = [
+          r["ctx"] + " " + r["endings"][r["label"]]
+          for r in src.read_hellaswag(data_dir / "hellaswag").records
+      ]
     else:
       raise ValueError(f"unknown pre-training source {name!r}: expected one of {SOURCES}")
     per_source.append(docs)
@@ -132,8 +152,9 @@ def pretrain_corpus(data_dir: str | os.PathLike, sources: Sequence[str] = SOURCE
   return out
 
 
-def pack_windows(ids: Sequence[Sequence[int]], seq_len: int, bos_id: int, eos_id: int
-                 ) -> np.ndarray:
+def pack_windows(
+    ids: Sequence[Sequence[int]], seq_len: int, bos_id: int, eos_id: int
+) -> np.ndarray:
   """Concatenates ``<bos> doc <eos>`` streams and cuts them into (N, seq_len) windows.
 
   >>> pack_windows([[5, 6], [7]], 4, 1, 2).tolist()
@@ -141,7 +162,7 @@ def pack_windows(ids: Sequence[Sequence[int]], seq_len: int, bos_id: int, eos_id
   """
   stream = np.fromiter((t for doc in ids for t in (bos_id, *doc, eos_id)), np.int32)
   n = len(stream) // seq_len
-  return stream[:n * seq_len].reshape(n, seq_len)
+  return stream[: n * seq_len].reshape(n, seq_len)
 
 
 def pretrain(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> pathlib.Path:
@@ -164,30 +185,44 @@ def pretrain(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> p
   t0 = time.time()
   sources = [s.strip() for s in str(p.sources).split(",") if s.strip()]
   docs = pretrain_corpus(p.data_dir, sources, int(p.max_chars))
-  log.info("pre-training corpus: %d documents, %.1f MB from %s", len(docs),
-           sum(map(len, docs)) / 1e6, sources)
-  tok = train_bpe(docs, config.data.vocab_size, path=out_dir / "tokenizer.json",
-                  added_tokens=list(p.added_tokens))
+  log.info(
+      "pre-training corpus: %d documents, %.1f MB from %s",
+      len(docs),
+      sum(map(len, docs)) / 1e6,
+      sources,
+  )
+  tok = train_bpe(
+      docs,
+      config.data.vocab_size,
+      path=out_dir / "tokenizer.json",
+      added_tokens=list(p.added_tokens),
+  )
   windows = pack_windows(tok.encode(docs), int(p.seq_len), tok.bos_id, tok.eos_id)
   rng = np.random.default_rng(int(p.seed))
   windows = windows[rng.permutation(len(windows))]
   n_val = max(1, len(windows) // 50)
   val, train = windows[:n_val], windows[n_val:]
   if len(train) < p.batch_size:
-    raise ValueError(f"the pre-training corpus gives {len(train)} windows of "
-                     f"config.pretrain.seq_len={p.seq_len}, fewer than config.pretrain."
-                     f"batch_size={p.batch_size}: raise pretrain.max_chars")
+    raise ValueError(
+        f"the pre-training corpus gives {len(train)} windows of "
+        f"config.pretrain.seq_len={p.seq_len}, fewer than config.pretrain."
+        f"batch_size={p.batch_size}: raise pretrain.max_chars"
+    )
 
   cfg = model_config_from(config, tok.vocab_size)
-  cfg = dataclasses.replace(
-      cfg, max_position_embeddings=max(int(p.seq_len), config.data.seq_len))
+  cfg = dataclasses.replace(cfg, max_position_embeddings=max(int(p.seq_len), config.data.seq_len))
   module = build_module(cfg)
   params = init_params(cfg, jax.random.key(int(p.seed)), seq_len=int(p.seq_len))
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, p.learning_rate, min(int(p.warmup_steps), int(p.steps) - 1) or 1, int(p.steps),
-      end_value=p.learning_rate * 0.1)
-  opt = optax.chain(optax.clip_by_global_norm(1.0),
-                    optax.adamw(schedule, weight_decay=float(p.weight_decay)))
+      0.0,
+      p.learning_rate,
+      min(int(p.warmup_steps), int(p.steps) - 1) or 1,
+      int(p.steps),
+      end_value=p.learning_rate * 0.1,
+  )
+  opt = optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=float(p.weight_decay))
+  )
   opt_state = opt.init(params)
   lb = float(config.train.load_balance_coef)
 
@@ -208,8 +243,9 @@ def pretrain(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> p
 
   def val_loss(params):
     b = int(p.batch_size)
-    losses = [float(eval_ce(params, jnp.asarray(val[i:i + b])))
-              for i in range(0, len(val) - b + 1, b)] or [float(eval_ce(params, val))]
+    losses = [
+        float(eval_ce(params, jnp.asarray(val[i : i + b]))) for i in range(0, len(val) - b + 1, b)
+    ] or [float(eval_ce(params, val))]
     return float(np.mean(losses))
 
   val_before = val_loss(params)
@@ -220,33 +256,52 @@ def pretrain(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> p
     j = s % per_epoch
     if j == 0 and s:
       order = rng.permutation(len(train))
-    batch = train[order[j * p.batch_size:(j + 1) * p.batch_size]]
+    batch = train[order[j * p.batch_size : (j + 1) * p.batch_size]]
     params, opt_state, ce = step(params, opt_state, jnp.asarray(batch))
     if s % 50 == 0 or s == p.steps - 1:
       losses.append((s + 1, float(ce)))
       log.info("pretrain step %d/%d loss %.4f", s + 1, p.steps, losses[-1][1])
   val_after = val_loss(params)
-  save_pretrained(MoEModel(cfg, params), out_dir,
-                  extra_config={"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-                                "pad_token_id": tok.pad_id})
-  info = {"fields": _pretrain_fields(config), "documents": len(docs),
-          "characters": int(sum(map(len, docs))), "train_windows": int(len(train)),
-          "validation_windows": int(n_val), "tokens_seen": int(p.steps * p.batch_size
-                                                                * p.seq_len),
-          "epochs": float(p.steps * p.batch_size / len(train)),
-          "validation_loss_before": val_before, "validation_loss_after": val_after,
-          "loss_curve": losses, "wall_time_s": time.time() - t0}
+  save_pretrained(
+      MoEModel(cfg, params),
+      out_dir,
+      extra_config={
+          "bos_token_id": tok.bos_id,
+          "eos_token_id": tok.eos_id,
+          "pad_token_id": tok.pad_id,
+      },
+  )
+  info = {
+      "fields": _pretrain_fields(config),
+      "documents": len(docs),
+      "characters": int(sum(map(len, docs))),
+      "train_windows": int(len(train)),
+      "validation_windows": int(n_val),
+      "tokens_seen": int(p.steps * p.batch_size * p.seq_len),
+      "epochs": float(p.steps * p.batch_size / len(train)),
+      "validation_loss_before": val_before,
+      "validation_loss_after": val_after,
+      "loss_curve": losses,
+      "wall_time_s": time.time() - t0,
+  }
   _plot_losses(losses, out_dir / "pretrain_loss.png")
   (out_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
-  log.info("pre-trained in %.0fs: held-out loss %.3f -> %.3f; checkpoint %s",
-           info["wall_time_s"], val_before, val_after, out_dir)
+  log.info(
+      "pre-trained in %.0fs: held-out loss %.3f -> %.3f; checkpoint %s",
+      info["wall_time_s"],
+      val_before,
+      val_after,
+      out_dir,
+  )
   return out_dir
 
 
 def _plot_losses(losses: list[tuple[int, float]], path: pathlib.Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(5, 3.2))
   ax.plot([s for s, _ in losses], [v for _, v in losses])
   ax.set_xlabel("step")
@@ -262,15 +317,19 @@ def is_cached(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> 
   """True when ``out_dir`` holds a finished pre-training of exactly this config."""
   out_dir = pathlib.Path(out_dir)
   info = out_dir / INFO_FILE
-  if not (info.is_file() and (out_dir / "model.safetensors").is_file()
-          and (out_dir / "tokenizer.json").is_file()):
+  if not (
+      info.is_file()
+      and (out_dir / "model.safetensors").is_file()
+      and (out_dir / "tokenizer.json").is_file()
+  ):
     return False
   stored = json.loads(info.read_text()).get("fields")
   return stored == json.loads(json.dumps(_pretrain_fields(config)))
 
 
-def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str | os.PathLike
-                      ) -> pathlib.Path:
+def ensure_pretrained(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> pathlib.Path:
   """The checkpoint directory of ``config.pretrain``, pre-training it unless cached.
 
   The directory is ``config.pretrain.dir`` or, when that is empty, ``workdir/pretrained``.
@@ -285,16 +344,19 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str | os.PathL
   return pretrain(config, out)
 
 
-def maybe_pretrained(config: ml_collections.ConfigDict, workdir: str | os.PathLike
-                     ) -> ml_collections.ConfigDict:
+def maybe_pretrained(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> ml_collections.ConfigDict:
   """``config`` with ``model.hf_checkpoint`` set to the (cached) pre-trained checkpoint when
   ``config.pretrain.enabled``; unchanged otherwise."""
   if "pretrain" not in config or not config.pretrain.enabled:
     return config
   if config.model.hf_checkpoint:
-    raise ValueError("config.pretrain.enabled=True and config.model.hf_checkpoint="
-                     f"{config.model.hf_checkpoint!r}: choose one (pre-train, or load a "
-                     "checkpoint)")
+    raise ValueError(
+        "config.pretrain.enabled=True and config.model.hf_checkpoint="
+        f"{config.model.hf_checkpoint!r}: choose one (pre-train, or load a "
+        "checkpoint)"
+    )
   path = ensure_pretrained(config, workdir)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.hf_checkpoint = str(path)
@@ -304,21 +366,28 @@ def maybe_pretrained(config: ml_collections.ConfigDict, workdir: str | os.PathLi
 
 def main(argv: list[str]) -> None:
   from absl import app
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
   config = _FLAGS.config
   config.pretrain.dir = _FLAGS.workdir
-  out = (pretrain(config, _FLAGS.workdir) if _FLAGS.force
-         else ensure_pretrained(config, _FLAGS.workdir))
+  out = (
+      pretrain(config, _FLAGS.workdir)
+      if _FLAGS.force
+      else ensure_pretrained(config, _FLAGS.workdir)
+  )
   info = json.loads((pathlib.Path(out) / INFO_FILE).read_text())
-  print(f"checkpoint={out} validation_loss={info['validation_loss_before']:.3f}->"
-        f"{info['validation_loss_after']:.3f} wall_time_s={info['wall_time_s']:.0f}")
+  print(
+      f"checkpoint={out} validation_loss={info['validation_loss_before']:.3f}->"
+      f"{info['validation_loss_after']:.3f} wall_time_s={info['wall_time_s']:.0f}"
+  )
 
 
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
+
   config_flags.DEFINE_config_file("config", None, "Experiment config with a pretrain section.")
   flags.DEFINE_string("workdir", None, "Checkpoint directory to write (or reuse).")
   flags.DEFINE_bool("force", False, "Pre-train even when a matching cache exists.")

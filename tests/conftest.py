@@ -3,6 +3,7 @@
 Eight fake CPU devices are requested before JAX starts so that sharding tests can build a
 'clients' mesh; every other test runs on the first device as usual.
 """
+
 import os
 import pathlib
 
@@ -17,10 +18,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-    """Path of ../shared/data (the real benchmark files); skips when absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not found")
-    return SHARED_DATA
+  """Path of ../shared/data (the real benchmark files); skips when absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"{SHARED_DATA} not found")
+  return SHARED_DATA
 
 
 def pytest_configure(config):
@@ -32,7 +33,9 @@ def pytest_configure(config):
   import tempfile
 
   import jax
+
   cache = os.environ.get("FEDALIGN_TEST_COMPILATION_CACHE") or tempfile.mkdtemp(
-      prefix="fedalign-xla-cache-")
+      prefix="fedalign-xla-cache-"
+  )
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -4,6 +4,7 @@
 code before the layout change of issue 11); ``tests/test_golden.py`` recomputes the same runs
 and compares at 1e-6. A change that moves these numbers is a behaviour change and must say so.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -33,12 +34,14 @@ CASES = {
     "fedadagrad": ("fedadagrad", "full", {"server.learning_rate": 0.01}),
     "scaffold": ("scaffold", "full", {}),
     "fedmoe": ("fedmoe", "full", {}),
-    "fedmoe_lora_adam": ("fedmoe", "lora", {"server.optimizer": "adam",
-                                            "server.learning_rate": 0.01}),
+    "fedmoe_lora_adam": (
+        "fedmoe",
+        "lora",
+        {"server.optimizer": "adam", "server.learning_rate": 0.01},
+    ),
     "fedalign": ("fedalign", "full", {}),
     "fedalign_linear": ("fedalign", "full", {"fedalign.pairwise": False}),
-    "fedalign_centroid": ("fedalign", "full", {"fedalign.semantic_similarity":
-                                               "centroid_cosine"}),
+    "fedalign_centroid": ("fedalign", "full", {"fedalign.semantic_similarity": "centroid_cosine"}),
     "fedalign_perm": ("fedalign", "full", {"fedalign.permutation_alignment": True}),
     "fedalign_lora": ("fedalign", "lora", {}),
     "fedalign_momentum": ("fedalign", "full", {"server.optimizer": "momentum"}),
@@ -49,13 +52,25 @@ def base_config(method: str, trainable: str, overrides: dict) -> ml_collections.
   c = ml_collections.ConfigDict()
   c.method = method
   c.seed = 0
-  c.server = ml_collections.ConfigDict(dict(optimizer="none", learning_rate=1.0, momentum=0.9,
-                                            b1=0.9, b2=0.99, eps=1e-3))
+  c.server = ml_collections.ConfigDict(
+      dict(optimizer="none", learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99, eps=1e-3)
+  )
   c.fedprox = ml_collections.ConfigDict(dict(mu=0.1))
-  c.fedalign = ml_collections.ConfigDict(dict(
-      lambda_reg=0.1, beta=1.0, semantic_similarity="gate", pairwise=True, weight_by_n=False,
-      router_weighting="consistency", adaptive_alpha=True, semantic_selection=True,
-      permutation_alignment=False, centroid_clip=0.0, centroid_noise_std=0.0))
+  c.fedalign = ml_collections.ConfigDict(
+      dict(
+          lambda_reg=0.1,
+          beta=1.0,
+          semantic_similarity="gate",
+          pairwise=True,
+          weight_by_n=False,
+          router_weighting="consistency",
+          adaptive_alpha=True,
+          semantic_selection=True,
+          permutation_alignment=False,
+          centroid_clip=0.0,
+          centroid_noise_std=0.0,
+      )
+  )
   c.train = ml_collections.ConfigDict(dict(trainable=trainable, learning_rate=0.05))
   for key, value in overrides.items():
     section, field = key.split(".")
@@ -64,14 +79,25 @@ def base_config(method: str, trainable: str, overrides: dict) -> ml_collections.
 
 
 def model_and_batches(lora: bool):
-  cfg = family_config("mixtral", vocab_size=64, hidden_size=16, intermediate_size=32,
-                      num_layers=2, num_heads=2, num_kv_heads=1, num_experts=4, top_k=2,
-                      moe_intermediate_size=8, lora_rank=4 if lora else 0,
-                      max_position_embeddings=16)
+  cfg = family_config(
+      "mixtral",
+      vocab_size=64,
+      hidden_size=16,
+      intermediate_size=32,
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      num_experts=4,
+      top_k=2,
+      moe_intermediate_size=8,
+      lora_rank=4 if lora else 0,
+      max_position_embeddings=16,
+  )
   params = init_params(cfg, jax.random.key(1), seq_len=12)
   if lora:  # non-zero adapters so that LoRA deltas are not trivially tied to the base
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(p) else x, params)
+        lambda p, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(p) else x, params
+    )
   rng = np.random.default_rng(3)
   steps, batch, seq = 3, 4, 12
   tokens = rng.integers(1, 64, size=(NUM_CLIENTS, steps, batch, seq)).astype(np.int32)
@@ -110,6 +136,7 @@ def build_round_v1(config, task, params, mask, optimizer, num_clients):
   from fedalign.federated.algorithms import make_algorithm
   from fedalign.federated.client import make_client_update
   from fedalign.federated.round import init_server_state, make_round_fn
+
   alg = make_algorithm(config, partition(params, mask)[0], num_clients)
   cu = make_client_update(task, alg, optimizer, learning_rate=0.05)
   rf = jax.jit(make_round_fn(cu, alg, mask, seed=0))
@@ -130,9 +157,12 @@ def aggregator_inputs(lora: bool):
   stats = jax.tree.map(lambda *x: jnp.stack(x), *stats)
   keys = iter(jax.random.split(jax.random.key(7), 1000))
   deltas = jax.tree.map(
-      lambda x: None if x is None else 0.01 * jax.random.normal(next(keys), (NUM_CLIENTS,)
-                                                                + x.shape, jnp.float32),
-      trainable, is_leaf=lambda x: x is None)
+      lambda x: None
+      if x is None
+      else 0.01 * jax.random.normal(next(keys), (NUM_CLIENTS,) + x.shape, jnp.float32),
+      trainable,
+      is_leaf=lambda x: x is None,
+  )
   return params, mask, trainable, deltas, stats
 
 
@@ -155,6 +185,7 @@ def run_aggregator_case(name: str, aggregate_rounds) -> dict[str, np.ndarray]:
 def aggregate_rounds_v1(config, params, mask, trainable, deltas, stats, weights):
   """The aggregator API before issue 11."""
   from fedalign.federated.algorithms import make_algorithm
+
   alg = make_algorithm(config, trainable, NUM_CLIENTS)
   state = alg.aggregator.init(params)
   if alg.init_client_state is not None:  # SCAFFOLD: fixed control-variate changes

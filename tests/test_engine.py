@@ -1,4 +1,5 @@
 """Federated engine: golden numbers per algorithm, sharding, chunking, NaN exclusion."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,8 +22,7 @@ class LinearTask:
     del rng
     err = batch["x"] @ params["w"] - batch["y"]
     zero = jnp.zeros((), jnp.float32)
-    return 0.5 * jnp.mean(err ** 2), {"routing": {}, "load_balance_loss": zero,
-                                      "router_z_loss": zero}
+    return 0.5 * jnp.mean(err**2), {"routing": {}, "load_balance_loss": zero, "router_z_loss": zero}
 
 
 def grad(w, x, y):
@@ -32,8 +32,9 @@ def grad(w, x, y):
 def make_config(method, **server):
   c = ml_collections.ConfigDict()
   c.method = method
-  c.server = ml_collections.ConfigDict(dict(optimizer="none", learning_rate=1.0, momentum=0.9,
-                                            b1=0.9, b2=0.99, eps=1e-3))
+  c.server = ml_collections.ConfigDict(
+      dict(optimizer="none", learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99, eps=1e-3)
+  )
   c.server.update(server)
   c.fedprox = ml_collections.ConfigDict(dict(mu=0.5))
   return c
@@ -46,15 +47,22 @@ def toy_data(steps=2, clients=2, seed=0):
   return {"x": x, "y": y, "step_mask": np.ones((clients, steps), bool)}
 
 
-def run_round(method, batches, weights, params=None, rounds=1, num_clients=None, chunk=None,
-              mesh=None, **server):
+def run_round(
+    method,
+    batches,
+    weights,
+    params=None,
+    rounds=1,
+    num_clients=None,
+    chunk=None,
+    mesh=None,
+    **server
+):
   params = params or {"w": jnp.array([0.5, -1.0, 2.0], jnp.float32)}
   mask = {"w": True}
   c = len(weights)
-  alg = make_algorithm(make_config(method, **server), partition(params, mask)[0],
-                       num_clients or c)
-  cu = make_client_update(LinearTask(), alg, optax.sgd(LR), load_balance_coef=0.0,
-                          learning_rate=LR)
+  alg = make_algorithm(make_config(method, **server), partition(params, mask)[0], num_clients or c)
+  cu = make_client_update(LinearTask(), alg, optax.sgd(LR), load_balance_coef=0.0, learning_rate=LR)
   rf = jax.jit(make_round_fn(cu, alg, mask, seed=0, chunk_size=chunk, mesh=mesh))
   state = init_server_state(params, alg, mask, num_clients or c)
   outs = []
@@ -101,14 +109,14 @@ def test_fedopt_golden(method):
   if method == "fedavgm":  # first momentum step: m = g
     expected = w0 - 0.01 * g
   elif method == "fedadam":  # bias-corrected first step
-    m, v = 0.1 * g / (1 - 0.9), 0.01 * g ** 2 / (1 - 0.99)
+    m, v = 0.1 * g / (1 - 0.9), 0.01 * g**2 / (1 - 0.99)
     expected = w0 - 0.01 * m / (np.sqrt(v) + 1e-3)
   elif method == "fedyogi":  # optax yogi: moments start at 1e-6, bias-corrected
     m = (0.9 * 1e-6 + 0.1 * g) / (1 - 0.9)
-    v = (1e-6 - 0.01 * np.sign(1e-6 - g ** 2) * g ** 2) / (1 - 0.99)
+    v = (1e-6 - 0.01 * np.sign(1e-6 - g**2) * g**2) / (1 - 0.99)
     expected = w0 - 0.01 * m / (np.sqrt(v) + 1e-3)
   else:  # optax adagrad: accumulator 0, eps inside the square root
-    expected = w0 - 0.01 * g / np.sqrt(g ** 2 + 1e-3)
+    expected = w0 - 0.01 * g / np.sqrt(g**2 + 1e-3)
   np.testing.assert_allclose(state["params"]["w"], expected, rtol=1e-4)
 
 
@@ -128,8 +136,7 @@ def test_scaffold_golden_two_rounds():
     w = w + 0.5 * (d[0] + d[1])
   np.testing.assert_allclose(state["params"]["w"], w, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(state["agg"]["control"]["w"], c, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(state["client_states"]["w"][:2], np.stack(ci), rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(state["client_states"]["w"][:2], np.stack(ci), rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(state["client_states"]["w"][2:], 0.0)
 
 
@@ -149,8 +156,9 @@ def test_identical_clients_equal_centralised_step():
   b["x"][1], b["y"][1] = b["x"][0], b["y"][0]
   w0 = np.array([0.5, -1.0, 2.0], np.float32)
   state, _ = run_round("fedavg", b, [5.0, 2.0])
-  np.testing.assert_allclose(state["params"]["w"], w0 - LR * grad(w0, b["x"][0, 0],
-                                                                  b["y"][0, 0]), rtol=1e-6)
+  np.testing.assert_allclose(
+      state["params"]["w"], w0 - LR * grad(w0, b["x"][0, 0], b["y"][0, 0]), rtol=1e-6
+  )
 
 
 def test_nan_client_excluded_and_reported():

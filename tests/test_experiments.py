@@ -1,5 +1,6 @@
 """experiments/: the reproduction grid (tables from the runs' files, resume, failures), the CLI
 and the demo notebook."""
+
 import json
 import math
 import pathlib
@@ -53,11 +54,16 @@ def test_tiny_grid_tables_from_files_resume_and_failure(tmp_path, monkeypatch):
   monkeypatch.setattr(reproduce, "run_experiment", flaky)
   base = tiny_base()
   plan = reproduce.make_plan(["fedavg", "fedalign"], [0.1], [0, 1])
-  out = reproduce.run_grid(base, plan, tmp_path, target_accuracy=0.6,
-                           run_info={"command": "pytest tiny grid"})
+  out = reproduce.run_grid(
+      base, plan, tmp_path, target_accuracy=0.6, run_info={"command": "pytest tiny grid"}
+  )
   status = {s["name"]: s["status"] for s in out["statuses"]}
-  assert status == {"fedavg_a0.1_s0": "done", "fedavg_a0.1_s1": "done",
-                    "fedalign_a0.1_s0": "done", "fedalign_a0.1_s1": "failed"}
+  assert status == {
+      "fedavg_a0.1_s0": "done",
+      "fedavg_a0.1_s1": "done",
+      "fedalign_a0.1_s0": "done",
+      "fedalign_a0.1_s1": "failed",
+  }
   failed_txt = (tmp_path / "fedalign_a0.1_s1" / "FAILED.txt").read_text()
   assert failed_txt.startswith("RuntimeError: injected failure for this entry")
 
@@ -106,8 +112,9 @@ def test_tiny_grid_tables_from_files_resume_and_failure(tmp_path, monkeypatch):
   assert expected_ms(new) not in table_row(md, "FedAvg")
 
   # Rerun: finished entries are skipped (no call, files untouched); the failed one is retried.
-  mtimes = {n: (tmp_path / n / "summary.json").stat().st_mtime_ns
-            for n in fedavg + ["fedalign_a0.1_s0"]}
+  mtimes = {
+      n: (tmp_path / n / "summary.json").stat().st_mtime_ns for n in fedavg + ["fedalign_a0.1_s0"]
+  }
   calls.clear()
   out2 = reproduce.run_grid(base, plan, tmp_path, target_accuracy=0.6)
   assert calls == ["fedalign_a0.1_s1"]
@@ -126,14 +133,29 @@ def fake_runner(accuracy_of, calls):
     accs = accuracy_of(config)
     with (workdir / "metrics.jsonl").open("w") as f:
       for r, a in enumerate(accs, 1):
-        f.write(json.dumps({"round": r, "method": config.method, "test_accuracy": a,
-                            "train_loss": 1.0, "round_time_s": 0.5,
-                            "routing_divergence": 0.1 / r,
-                            "expert_role_preservation": 0.5}) + "\n")
-    summary = {"method": config.method, "final_test_accuracy": accs[-1],
-               "best_test_accuracy": max(accs),
-               "last5_mean_test_accuracy": float(np.mean(accs[-5:])), "rounds": len(accs),
-               "wall_time_s": 1.0, "config": json.loads(config.to_json())}
+        f.write(
+            json.dumps(
+                {
+                    "round": r,
+                    "method": config.method,
+                    "test_accuracy": a,
+                    "train_loss": 1.0,
+                    "round_time_s": 0.5,
+                    "routing_divergence": 0.1 / r,
+                    "expert_role_preservation": 0.5,
+                }
+            )
+            + "\n"
+        )
+    summary = {
+        "method": config.method,
+        "final_test_accuracy": accs[-1],
+        "best_test_accuracy": max(accs),
+        "last5_mean_test_accuracy": float(np.mean(accs[-5:])),
+        "rounds": len(accs),
+        "wall_time_s": 1.0,
+        "config": json.loads(config.to_json()),
+    }
     (workdir / "summary.json").write_text(json.dumps(summary))
     return summary
 
@@ -152,11 +174,13 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
     return [0.3 + bonus, 0.5 + bonus + 0.01 * c.seed, 0.6 + bonus + 0.02 * c.seed]
 
   monkeypatch.setattr(reproduce, "run_experiment", fake_runner(accuracy_of, calls))
-  monkeypatch.setitem(reproduce.METHOD_VARIANTS, "broken",
-                      {"method": "fedalign", "fedalign.no_such_field": 1})
+  monkeypatch.setitem(
+      reproduce.METHOD_VARIANTS, "broken", {"method": "fedalign", "fedalign.no_such_field": 1}
+  )
   base = reproduce.load_config("configs/default.py")
-  plan = reproduce.make_plan(["fedavg", "fedprox", "fedalign", "broken"], [0.1], [0, 1],
-                             ablation=True)
+  plan = reproduce.make_plan(
+      ["fedavg", "fedprox", "fedalign", "broken"], [0.1], [0, 1], ablation=True
+  )
   out = reproduce.run_grid(base, plan, tmp_path, target_accuracy=0.61)
   st = {s["name"]: s for s in out["statuses"]}
   assert st["fedprox_a0.1_s1"]["status"] == "failed"
@@ -169,8 +193,9 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   assert len(calls) == len(set(calls)) == 6 + 8
   md = out["markdown"]
   fedavg_last5 = [np.mean([0.3, 0.5, 0.6]), np.mean([0.3, 0.51, 0.62])]
-  assert (f"| FedAvg | {expected_ms(fedavg_last5)} | {expected_ms([0.6, 0.62])} | - |"
-          == table_row(md, "FedAvg"))
+  assert f"| FedAvg | {expected_ms(fedavg_last5)} | {expected_ms([0.6, 0.62])} | - |" == table_row(
+      md, "FedAvg"
+  )
   fedalign_last5 = [np.mean([0.4, 0.6, 0.7]), np.mean([0.4, 0.61, 0.72])]
   gain = (np.mean(fedalign_last5) - np.mean(fedavg_last5)) / np.mean(fedavg_last5) * 100
   assert f"{gain:+.1f}%" in table_row(md, "FedAlign-MoE")
@@ -188,8 +213,9 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
 
   # Heatmap once the runs save per-client routing distributions.
   for name in ("fedavg_a0.1_s0", "fedalign_a0.1_s0"):
-    np.savez(tmp_path / name / "routing_distributions.npz",
-             **{"layers_0/mlp": np.full((4, 8), 1 / 8)})
+    np.savez(
+        tmp_path / name / "routing_distributions.npz", **{"layers_0/mlp": np.full((4, 8), 1 / 8)}
+    )
   rep = reproduce.write_report(tmp_path, docs_out=tmp_path / "docs" / "results.md")
   assert (tmp_path / "plots" / "routing_heatmap_alpha_0.1.png").exists()
   docs = (tmp_path / "docs" / "results.md").read_text()
@@ -198,8 +224,9 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   assert rep["markdown"] in docs
   assert "- start: random initialisation (no pre-training)" in docs
   # A hand-written reading below the marker survives regeneration.
-  (tmp_path / "docs" / "results.md").write_text(docs + "\n" + reproduce.KEEP_MARKER
-                                                + "\n## Reading\nFedAlign wins by 0.1.\n")
+  (tmp_path / "docs" / "results.md").write_text(
+      docs + "\n" + reproduce.KEEP_MARKER + "\n## Reading\nFedAlign wins by 0.1.\n"
+  )
   reproduce.write_report(tmp_path, docs_out=tmp_path / "docs" / "results.md")
   again = (tmp_path / "docs" / "results.md").read_text()
   assert again.count("## Reading\nFedAlign wins by 0.1.") == 1
@@ -219,9 +246,19 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
 def test_cli_writes_header_and_records_failures(tmp_path):
   """Every entry fails config validation (no compute): exit 1, FAILED.txt, tables say so."""
   docs = tmp_path / "docs" / "results.md"
-  cmd = [sys.executable, "-m", "experiments.reproduce", "--config=configs/default.py:runlocal",
-         f"--workdir={tmp_path / 'grid'}", "--methods=fedavg,fedalign_perm", "--alphas=0.1",
-         "--seeds=0", "--tiny", "--config.train.clients_per_round=99", f"--docs_out={docs}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "experiments.reproduce",
+      "--config=configs/default.py:runlocal",
+      f"--workdir={tmp_path / 'grid'}",
+      "--methods=fedavg,fedalign_perm",
+      "--alphas=0.1",
+      "--seeds=0",
+      "--tiny",
+      "--config.train.clients_per_round=99",
+      f"--docs_out={docs}",
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "2 entries failed" in proc.stderr
@@ -230,12 +267,14 @@ def test_cli_writes_header_and_records_failures(tmp_path):
   md = docs.read_text()
   assert "--config.train.clients_per_round=99" in md and "configs/default.py:runlocal" in md
   assert "failed: s0: ValueError: config.train.clients_per_round=99" in table_row(
-      md, "FedAlign-MoE + perm. align")
+      md, "FedAlign-MoE + perm. align"
+  )
   grid = json.loads((tmp_path / "grid" / "grid.json").read_text())
   perm = [e for e in grid["entries"] if e["label"] == "fedalign_perm"][0]
   assert perm["overrides"] == {"method": "fedalign", "fedalign.permutation_alignment": True}
-  bad = subprocess.run(cmd[:5] + ["--methods=fedfoo"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
+  bad = subprocess.run(
+      cmd[:5] + ["--methods=fedfoo"], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert bad.returncode != 0 and "fedfoo" in bad.stderr
 
 
@@ -246,10 +285,12 @@ def test_demo_notebook_runs_tiny(tmp_path, monkeypatch):
   pytest.importorskip("ipykernel")
   import jax
   from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
   try:
     KernelSpecManager().get_kernel_spec("python3")
   except NoSuchKernel:  # a venv without the kernelspec: this interpreter's, in a tmp dir
     from ipykernel.kernelspec import install
+
     install(prefix=str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
   monkeypatch.setenv("FEDALIGN_NOTEBOOK_TINY", "1")
@@ -259,8 +300,9 @@ def test_demo_notebook_runs_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                          resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+  nbclient.NotebookClient(
+      nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+  ).execute()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert any("image/png" in o.get("data", {}) for o in outputs)
   table = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
@@ -283,12 +325,23 @@ def test_grid_shares_one_pretrained_checkpoint(tmp_path, monkeypatch):
   base = reproduce.load_config("configs/cpu_analog.py")
   pre = tmp_path / "pretrained"
   pre.mkdir()
-  (pre / "pretrain_info.json").write_text(json.dumps(
-      {"documents": 10, "tokens_seen": 2_000_000, "epochs": 0.5, "validation_loss_before": 6.2,
-       "validation_loss_after": 3.3, "wall_time_s": 90.0}))
+  (pre / "pretrain_info.json").write_text(
+      json.dumps(
+          {
+              "documents": 10,
+              "tokens_seen": 2_000_000,
+              "epochs": 0.5,
+              "validation_loss_before": 6.2,
+              "validation_loss_after": 3.3,
+              "wall_time_s": 90.0,
+          }
+      )
+  )
   plan = reproduce.make_plan(["fedavg", "fedalign"], [0.1], [0, 1])
   out = reproduce.run_grid(base, plan, tmp_path)
   assert seen == [str(pre.resolve())] * 4
-  assert ("- start: the checkpoint `" + str(pre.resolve()) + "` pre-trained once (seed 0)"
-          in out["markdown"])
+  assert (
+      "- start: the checkpoint `" + str(pre.resolve()) + "` pre-trained once (seed 0)"
+      in out["markdown"]
+  )
   assert "held-out next-token loss 6.200 -> 3.300, 90 s" in out["markdown"]

@@ -3,6 +3,7 @@
 The reference values are computed in numpy (float64), formula by formula from the spec, with
 explicit loops over clients and experts, independently of the implementation.
 """
+
 import functools
 
 import jax
@@ -13,8 +14,12 @@ import optax
 import pytest
 
 from fedalign.aggregation.base import apply_delta, weighted_mean
-from fedalign.aggregation.fedalign import (FedAlignConfig, broadcast, fedalign_aggregator,
-                                           gating_regularizer)
+from fedalign.aggregation.fedalign import (
+    FedAlignConfig,
+    broadcast,
+    fedalign_aggregator,
+    gating_regularizer,
+)
 from fedalign.aggregation.permutation import permute_moe_block, permute_routing_stats
 from fedalign.models.routing import routing_stats
 
@@ -36,18 +41,24 @@ def toy_problem(d=D, f=F, seed=0):
       "embed": rng.normal(size=(3, d)),
       BLOCK: {
           "router": {"kernel": rng.normal(size=(d, E)), "bias": rng.normal(size=(E,)) * 0.1},
-          "experts": {"wi_0": rng.normal(size=(E, d, f)), "wi_1": rng.normal(size=(E, d, f)),
-                      "wo": rng.normal(size=(E, f, d))},
+          "experts": {
+              "wi_0": rng.normal(size=(E, d, f)),
+              "wi_1": rng.normal(size=(E, d, f)),
+              "wo": rng.normal(size=(E, f, d)),
+          },
           "shared_expert": {"kernel": rng.normal(size=(d, d))},
       },
   }
   deltas = {
       "embed": rng.normal(size=(C, 3, d)) * 0.1,
       BLOCK: {
-          "router": {"kernel": rng.normal(size=(C, d, E)) * 0.3,
-                     "bias": rng.normal(size=(C, E)) * 0.1},
-          "experts": {k: rng.normal(size=(C,) + v.shape) * 0.1
-                      for k, v in params[BLOCK]["experts"].items()},
+          "router": {
+              "kernel": rng.normal(size=(C, d, E)) * 0.3,
+              "bias": rng.normal(size=(C, E)) * 0.1,
+          },
+          "experts": {
+              k: rng.normal(size=(C,) + v.shape) * 0.1 for k, v in params[BLOCK]["experts"].items()
+          },
           "shared_expert": {"kernel": rng.normal(size=(C, d, d)) * 0.1},
       },
   }
@@ -55,9 +66,7 @@ def toy_problem(d=D, f=F, seed=0):
   for k in ex:  # expert 0: clients 0 and 1 agree, client 2 goes the opposite way
     ex[k][1, 0] = ex[k][0, 0] + 0.02 * rng.normal(size=ex[k][0, 0].shape)
     ex[k][2, 0] = -ex[k][0, 0] + 0.02 * rng.normal(size=ex[k][0, 0].shape)
-  select = np.array([[5.0, 2.0, 0.0, 0.0],
-                     [3.0, 4.0, 0.0, 0.0],
-                     [2.0, 0.0, 6.0, 0.0]])
+  select = np.array([[5.0, 2.0, 0.0, 0.0], [3.0, 4.0, 0.0, 0.0], [2.0, 0.0, 6.0, 0.0]])
   token_count = select.sum(1)  # top-1
   prob = rng.uniform(0.2, 1.0, size=(C, E)) + select
   prob_sum = prob / prob.sum(1, keepdims=True) * token_count[:, None]
@@ -67,9 +76,16 @@ def toy_problem(d=D, f=F, seed=0):
   mu[1, 0] = mu[0, 0] + 0.05 * rng.normal(size=d)  # clients 0 and 1 serve one region with
   mu[2, 0] = -mu[0, 0]  # expert 0; client 2 another one
   centroid_sum = gate_sum[..., None] * mu
-  stats = {BLOCK: {"token_count": token_count, "prob_sum": prob_sum, "select_count": select,
-                   "margin_sum": margin_sum, "gate_sum": gate_sum,
-                   "centroid_sum": centroid_sum}}
+  stats = {
+      BLOCK: {
+          "token_count": token_count,
+          "prob_sum": prob_sum,
+          "select_count": select,
+          "margin_sum": margin_sum,
+          "gate_sum": gate_sum,
+          "centroid_sum": centroid_sum,
+      }
+  }
   return params, deltas, stats
 
 
@@ -95,8 +111,11 @@ def reference(params, deltas, stats, n, beta=1.0, pairwise=True, similarity="gat
   p = s["prob_sum"] / s["token_count"][:, None]
   c = s["select_count"]
   m = np.where(c > 0, s["margin_sum"] / np.where(c > 0, c, 1), 0.0)
-  mu = np.where(s["gate_sum"][..., None] > 0,
-                s["centroid_sum"] / np.where(s["gate_sum"] > 0, s["gate_sum"], 1)[..., None], 0.0)
+  mu = np.where(
+      s["gate_sum"][..., None] > 0,
+      s["centroid_sum"] / np.where(s["gate_sum"] > 0, s["gate_sum"], 1)[..., None],
+      0.0,
+  )
   p_g = np.full(E, 1.0 / E)
   # 4.1
   omega = np.zeros((C, E))
@@ -116,6 +135,7 @@ def reference(params, deltas, stats, n, beta=1.0, pairwise=True, similarity="gat
   pg_new = (omega * p).sum(0)
   pg_new = pg_new / pg_new.sum()
   alpha_new = np.exp(-p.std(0) / (p.mean(0) + 1e-8))
+
   # 4.2
   def flat_delta(i, e):
     return np.concatenate([dblk["experts"][k][i, e].ravel() for k in sorted(dblk["experts"])])
@@ -177,13 +197,18 @@ def reference(params, deltas, stats, n, beta=1.0, pairwise=True, similarity="gat
   nw = n / n.sum()
   new_params = {
       "embed": params["embed"] + np.tensordot(nw, deltas["embed"], 1),
-      BLOCK: {"router": {"kernel": kernel_new, "bias": bias_new},
-              "experts": new_experts,
-              "shared_expert": {"kernel": blk["shared_expert"]["kernel"] + np.tensordot(
-                  nw, dblk["shared_expert"]["kernel"], 1)}},
+      BLOCK: {
+          "router": {"kernel": kernel_new, "bias": bias_new},
+          "experts": new_experts,
+          "shared_expert": {
+              "kernel": blk["shared_expert"]["kernel"]
+              + np.tensordot(nw, dblk["shared_expert"]["kernel"], 1)
+          },
+      },
   }
-  return dict(new_params=new_params, omega=omega, S=S, tau=tau, A=A, w=w, p_g=pg_new,
-              alpha=alpha_new)
+  return dict(
+      new_params=new_params, omega=omega, S=S, tau=tau, A=A, w=w, p_g=pg_new, alpha=alpha_new
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,8 +232,11 @@ def run(config, params, deltas, stats, weights, state=None, jit=True):
 
 
 def assert_tree_close(a, b, atol=1e-5, rtol=1e-5):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
-                                                       atol=atol, rtol=rtol), a, b)
+  jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol),
+      a,
+      b,
+  )
 
 
 def assert_finite(tree):
@@ -221,29 +249,34 @@ def assert_finite(tree):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pairwise,similarity", [(True, "gate"), (False, "gate"),
-                                                 (True, "centroid_cosine"),
-                                                 (False, "centroid_cosine")])
+@pytest.mark.parametrize(
+    "pairwise,similarity",
+    [(True, "gate"), (False, "gate"), (True, "centroid_cosine"), (False, "centroid_cosine")],
+)
 def test_toy_case_matches_hand_computation(pairwise, similarity):
   params, deltas, stats = toy_problem()
   ref = reference(params, deltas, stats, N, pairwise=pairwise, similarity=similarity)
-  cfg = FedAlignConfig(pairwise=pairwise, semantic_similarity=similarity,
-                       detailed_diagnostics=True)
+  cfg = FedAlignConfig(pairwise=pairwise, semantic_similarity=similarity, detailed_diagnostics=True)
   new, state, diag = run(cfg, params, deltas, stats, N)
   assert_tree_close(new, ref["new_params"])
   for name in ("omega", "S", "tau", "A", "w"):
-    np.testing.assert_allclose(diag[f"{BLOCK}/{name}"], ref[name], atol=1e-5, rtol=1e-5,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        diag[f"{BLOCK}/{name}"], ref[name], atol=1e-5, rtol=1e-5, err_msg=name
+    )
   np.testing.assert_allclose(state["p_g"][BLOCK], ref["p_g"], rtol=1e-5)
   np.testing.assert_allclose(state["alpha"][BLOCK], ref["alpha"], rtol=1e-5)
   np.testing.assert_allclose(broadcast(state)["p_g"][BLOCK], ref["p_g"], rtol=1e-5)
   # The toy case exercises what it should: expert 3 unselected (kept), expert 2 selected by
   # client 2 alone (S = 1, its update applied in full), someone excluded from A(0).
-  np.testing.assert_array_equal(np.asarray(new[BLOCK]["experts"]["wo"][3]),
-                                np.asarray(params[BLOCK]["experts"]["wo"][3], np.float32))
-  np.testing.assert_allclose(new[BLOCK]["experts"]["wo"][2],
-                             params[BLOCK]["experts"]["wo"][2]
-                             + deltas[BLOCK]["experts"]["wo"][2, 2], rtol=1e-5)
+  np.testing.assert_array_equal(
+      np.asarray(new[BLOCK]["experts"]["wo"][3]),
+      np.asarray(params[BLOCK]["experts"]["wo"][3], np.float32),
+  )
+  np.testing.assert_allclose(
+      new[BLOCK]["experts"]["wo"][2],
+      params[BLOCK]["experts"]["wo"][2] + deltas[BLOCK]["experts"]["wo"][2, 2],
+      rtol=1e-5,
+  )
   assert ref["A"][:, 0].sum() == 2 and ref["A"][2, 0] == 0
   assert float(diag[f"{BLOCK}/kept_frac"]) == pytest.approx(0.25)
   assert float(diag[f"{BLOCK}/A_size_mean"]) == pytest.approx(ref["A"].sum() / E)
@@ -252,8 +285,7 @@ def test_toy_case_matches_hand_computation(pairwise, similarity):
 def test_beta_large_keeps_every_selecting_client():
   params, deltas, stats = toy_problem()
   ref = reference(params, deltas, stats, N, beta=10.0)
-  new, _, diag = run(FedAlignConfig(beta=10.0, detailed_diagnostics=True),
-                     params, deltas, stats, N)
+  new, _, diag = run(FedAlignConfig(beta=10.0, detailed_diagnostics=True), params, deltas, stats, N)
   assert_tree_close(new, ref["new_params"])
   np.testing.assert_array_equal(diag[f"{BLOCK}/A"], (stats[BLOCK]["select_count"] > 0))
 
@@ -263,12 +295,17 @@ def test_beta_large_keeps_every_selecting_client():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [
-    FedAlignConfig(),
-    FedAlignConfig(pairwise=False, semantic_similarity="centroid_cosine",
-                   router_weighting="overlap"),
-    FedAlignConfig(permutation_alignment=True, router_weighting="margin", weight_by_n=True),
-], ids=["default", "linear-centroid", "perm-margin"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        FedAlignConfig(),
+        FedAlignConfig(
+            pairwise=False, semantic_similarity="centroid_cosine", router_weighting="overlap"
+        ),
+        FedAlignConfig(permutation_alignment=True, router_weighting="margin", weight_by_n=True),
+    ],
+    ids=["default", "linear-centroid", "perm-margin"],
+)
 def test_identical_clients_equal_fedavg(cfg):
   params, deltas, stats = _perm_problem(seed=1, delta_scale=0.1)  # every expert selected
   same = lambda x: np.broadcast_to(x[:1], x.shape).copy()  # noqa: E731
@@ -287,8 +324,7 @@ def test_identical_clients_equal_fedavg(cfg):
 
 def test_uniform_router_and_no_semantic_selection_is_fedavg():
   params, deltas, stats = toy_problem(seed=2)
-  cfg = FedAlignConfig(router_weighting="uniform", semantic_selection=False,
-                       adaptive_alpha=False)
+  cfg = FedAlignConfig(router_weighting="uniform", semantic_selection=False, adaptive_alpha=False)
   new, state, _ = run(cfg, params, deltas, stats, N)
   fedavg = apply_delta(to_jnp(params), weighted_mean(to_jnp(deltas), jnp.asarray(N)))
   assert_tree_close(new, fedavg, atol=1e-6)
@@ -313,13 +349,16 @@ def test_adam_server_optimizer_with_frozen_leaves():
   agg = fedalign_aggregator(FedAlignConfig(server_optimizer=optax.adam(0.01)))
   trainable = jax.tree.map(lambda x: x[0], deltas)
   state = agg.init(to_jnp(params), trainable=trainable)
-  new, state, _ = jax.jit(agg.aggregate)(state, to_jnp(params), to_jnp(deltas),
-                                         to_jnp(stats), jnp.asarray(N))
+  new, state, _ = jax.jit(agg.aggregate)(
+      state, to_jnp(params), to_jnp(deltas), to_jnp(stats), jnp.asarray(N)
+  )
   assert "moe/experts/wi_1" not in state["server_opt"]["keys"]
-  np.testing.assert_array_equal(new[BLOCK]["experts"]["wi_1"],
-                                np.float32(params[BLOCK]["experts"]["wi_1"]))
-  np.testing.assert_array_equal(new[BLOCK]["router"]["kernel"],
-                                np.float32(params[BLOCK]["router"]["kernel"]))
+  np.testing.assert_array_equal(
+      new[BLOCK]["experts"]["wi_1"], np.float32(params[BLOCK]["experts"]["wi_1"])
+  )
+  np.testing.assert_array_equal(
+      new[BLOCK]["router"]["kernel"], np.float32(params[BLOCK]["router"]["kernel"])
+  )
   assert not np.allclose(new["embed"], np.float32(params["embed"]))
   assert_finite(new)
 
@@ -348,8 +387,11 @@ def _tiny_router_loss(params, p_g, top_k):
 def test_regularizer_zero_at_p_g_positive_otherwise_and_gradients():
   key = jax.random.PRNGKey(0)
   k1, k2, k3 = jax.random.split(key, 3)
-  params = {"W": jax.random.normal(k1, (3, 4)), "x": jax.random.normal(k2, (5, 3)),
-            "unrelated": jax.random.normal(k3, (3, 3))}
+  params = {
+      "W": jax.random.normal(k1, (3, 4)),
+      "x": jax.random.normal(k2, (5, 3)),
+      "unrelated": jax.random.normal(k3, (3, 3)),
+  }
   q = jnp.mean(jax.nn.softmax(params["x"] @ params["W"], axis=-1), axis=0)
   assert abs(float(_tiny_router_loss(params, q, top_k=4))) < 1e-6
   uniform = jnp.full((4,), 0.25)
@@ -388,20 +430,31 @@ def test_regularizer_alpha_mask_and_no_nan():
 def _perm_problem(seed, delta_scale):
   rng = np.random.default_rng(seed)
   d, f = 8, 2
-  params = {"norm": rng.normal(size=(d,)),
-            BLOCK: {"router": {"kernel": rng.normal(size=(d, E))},
-                    "experts": {"wi_0": rng.normal(size=(E, d, f)),
-                                "wi_1": rng.normal(size=(E, d, f)),
-                                "wo": rng.normal(size=(E, f, d))}}}
+  params = {
+      "norm": rng.normal(size=(d,)),
+      BLOCK: {
+          "router": {"kernel": rng.normal(size=(d, E))},
+          "experts": {
+              "wi_0": rng.normal(size=(E, d, f)),
+              "wi_1": rng.normal(size=(E, d, f)),
+              "wo": rng.normal(size=(E, f, d)),
+          },
+      },
+  }
   deltas = jax.tree.map(lambda x: rng.normal(size=(C,) + x.shape) * delta_scale, params)
   select = rng.integers(1, 6, size=(C, E)).astype(float)  # every expert selected
   gate_sum = select * rng.uniform(0.3, 0.9, size=(C, E))
   prob = rng.uniform(0.5, 1.0, size=(C, E))
-  stats = {BLOCK: {"token_count": select.sum(1), "prob_sum": prob / prob.sum(1, keepdims=True)
-                   * select.sum(1, keepdims=True),
-                   "select_count": select, "margin_sum": select * rng.uniform(0.1, 0.4, (C, E)),
-                   "gate_sum": gate_sum,
-                   "centroid_sum": gate_sum[..., None] * rng.normal(size=(C, E, d))}}
+  stats = {
+      BLOCK: {
+          "token_count": select.sum(1),
+          "prob_sum": prob / prob.sum(1, keepdims=True) * select.sum(1, keepdims=True),
+          "select_count": select,
+          "margin_sum": select * rng.uniform(0.1, 0.4, (C, E)),
+          "gate_sum": gate_sum,
+          "centroid_sum": gate_sum[..., None] * rng.normal(size=(C, E, d)),
+      }
+  }
   return params, deltas, stats
 
 
@@ -443,8 +496,9 @@ def test_permutation_alignment_undoes_a_client_relabelling():
   assert np.all(np.asarray(state1["has_centroids"][BLOCK]))
   stats2 = jax.tree.map(np.array, stats)
   g = stats2[BLOCK]["gate_sum"]
-  stats2[BLOCK]["centroid_sum"] = g[..., None] * (cents[None] + 0.05 * rng.normal(
-      size=(C, E, cents.shape[-1])))
+  stats2[BLOCK]["centroid_sum"] = g[..., None] * (
+      cents[None] + 0.05 * rng.normal(size=(C, E, cents.shape[-1]))
+  )
   _, deltas2, _ = _perm_problem(seed=7, delta_scale=3.0)
   ref2, _, diag = run(cfg, params, deltas2, stats2, N, state=state1)
   assert float(diag[f"{BLOCK}/perm_used_centroids"]) == 1.0
@@ -482,8 +536,13 @@ def test_params_without_moe_blocks_raise():
   with pytest.raises(ValueError, match="no MoE block"):
     agg.init({"dense": {"kernel": jnp.zeros((2, 2))}})
   with pytest.raises(ValueError, match="no MoE block"):
-    agg.aggregate({}, {"dense": {"kernel": jnp.zeros((2, 2))}},
-                  {"dense": {"kernel": jnp.zeros((3, 2, 2))}}, {}, jnp.ones(3))
+    agg.aggregate(
+        {},
+        {"dense": {"kernel": jnp.zeros((2, 2))}},
+        {"dense": {"kernel": jnp.zeros((3, 2, 2))}},
+        {},
+        jnp.ones(3),
+    )
 
 
 def test_bad_delta_shape_raises():
@@ -500,9 +559,11 @@ def test_zero_token_client_and_experts_no_nan():
   new, state, diag = run(FedAlignConfig(detailed_diagnostics=True), params, deltas, stats, N)
   assert_finite((new, state, diag))
   # expert 1 is now selected by client 0 only: its update is applied in full
-  np.testing.assert_allclose(new[BLOCK]["experts"]["wo"][1],
-                             params[BLOCK]["experts"]["wo"][1]
-                             + deltas[BLOCK]["experts"]["wo"][0, 1], rtol=1e-5)
+  np.testing.assert_allclose(
+      new[BLOCK]["experts"]["wo"][1],
+      params[BLOCK]["experts"]["wo"][1] + deltas[BLOCK]["experts"]["wo"][0, 1],
+      rtol=1e-5,
+  )
 
 
 def test_all_zero_scores_no_nan():
@@ -513,13 +574,15 @@ def test_all_zero_scores_no_nan():
     ex[k][1, 1] = -ex[k][0, 1]
   new, state, diag = run(FedAlignConfig(detailed_diagnostics=True), params, deltas, stats, N)
   assert_finite((new, state, diag))
-  np.testing.assert_allclose(diag[f"{BLOCK}/omega"], np.broadcast_to((N / N.sum())[:, None],
-                                                                     (C, E)), rtol=1e-6)
+  np.testing.assert_allclose(
+      diag[f"{BLOCK}/omega"], np.broadcast_to((N / N.sum())[:, None], (C, E)), rtol=1e-6
+  )
   np.testing.assert_allclose(diag[f"{BLOCK}/S"][:2, 1], [0.0, 0.0], atol=1e-6)
   # all-zero scores in A(1): count-weighted fallback (c = 2 and 4)
   c = stats[BLOCK]["select_count"][:, 1]
-  expected = params[BLOCK]["experts"]["wo"][1] + (c[0] * ex["wo"][0, 1] + c[1] * ex["wo"][1, 1]
-                                                 ) / (c[0] + c[1])
+  expected = params[BLOCK]["experts"]["wo"][1] + (c[0] * ex["wo"][0, 1] + c[1] * ex["wo"][1, 1]) / (
+      c[0] + c[1]
+  )
   np.testing.assert_allclose(new[BLOCK]["experts"]["wo"][1], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -527,16 +590,17 @@ def test_single_client_no_nan_and_applies_its_update():
   params, deltas, stats = toy_problem()
   one = lambda x: x[2:3]  # noqa: E731
   deltas, stats = jax.tree.map(one, deltas), jax.tree.map(one, stats)
-  new, state, diag = run(FedAlignConfig(detailed_diagnostics=True), params, deltas, stats,
-                         N[2:3])
+  new, state, diag = run(FedAlignConfig(detailed_diagnostics=True), params, deltas, stats, N[2:3])
   assert_finite((new, state, diag))
   # one client: omega = 1 (router = client router), S = 1 on selected experts
   expected = apply_delta(to_jnp(params), jax.tree.map(lambda x: jnp.float32(x[0]), deltas))
   for e in (0, 2):  # the experts client 2 selected
-    np.testing.assert_allclose(new[BLOCK]["experts"]["wo"][e], expected[BLOCK]["experts"]["wo"][e],
-                               rtol=1e-5)
-  np.testing.assert_array_equal(new[BLOCK]["experts"]["wo"][1],
-                                np.float32(params[BLOCK]["experts"]["wo"][1]))
+    np.testing.assert_allclose(
+        new[BLOCK]["experts"]["wo"][e], expected[BLOCK]["experts"]["wo"][e], rtol=1e-5
+    )
+  np.testing.assert_array_equal(
+      new[BLOCK]["experts"]["wo"][1], np.float32(params[BLOCK]["experts"]["wo"][1])
+  )
   assert_tree_close(new[BLOCK]["router"], expected[BLOCK]["router"])
   np.testing.assert_allclose(diag[f"{BLOCK}/S"][0, [0, 2]], [1.0, 1.0])
 
@@ -548,8 +612,9 @@ def test_all_clients_excluded_keeps_params_and_state():
   cfg = FedAlignConfig(server_optimizer=optax.adam(0.1), permutation_alignment=True)
   agg = fedalign_aggregator(cfg)
   state = agg.init(to_jnp(params))
-  new, new_state, diag = jax.jit(agg.aggregate)(state, to_jnp(params), to_jnp(deltas),
-                                                to_jnp(stats), jnp.zeros(C))
+  new, new_state, diag = jax.jit(agg.aggregate)(
+      state, to_jnp(params), to_jnp(deltas), to_jnp(stats), jnp.zeros(C)
+  )
   assert_tree_close(new, to_jnp(params), atol=0, rtol=0)
   for k in ("p_g", "alpha", "centroids", "server_opt"):
     assert_tree_close(new_state[k], state[k], atol=0, rtol=0)
@@ -558,8 +623,13 @@ def test_all_clients_excluded_keeps_params_and_state():
 
 def test_excluded_client_with_nan_update_is_ignored():
   params, deltas, stats = toy_problem()
-  ref, _, _ = run(None, params, jax.tree.map(lambda x: x[:2], deltas),
-                  jax.tree.map(lambda x: x[:2], stats), N[:2])
+  ref, _, _ = run(
+      None,
+      params,
+      jax.tree.map(lambda x: x[:2], deltas),
+      jax.tree.map(lambda x: x[:2], stats),
+      N[:2],
+  )
   deltas = jax.tree.map(np.array, deltas)
   for leaf in jax.tree.leaves(deltas):
     leaf[2] = np.nan
@@ -575,12 +645,17 @@ def test_excluded_client_with_nan_update_is_ignored():
 
 def test_jaxpr_has_no_callback():
   params, deltas, stats = toy_problem()
-  cfg = FedAlignConfig(permutation_alignment=True, centroid_noise_std=0.1, centroid_clip=1.0,
-                       server_optimizer=optax.adam(1e-3))
+  cfg = FedAlignConfig(
+      permutation_alignment=True,
+      centroid_noise_std=0.1,
+      centroid_clip=1.0,
+      server_optimizer=optax.adam(1e-3),
+  )
   agg = fedalign_aggregator(cfg)
   state = agg.init(to_jnp(params))
-  jaxpr = jax.make_jaxpr(jax.jit(agg.aggregate))(state, to_jnp(params), to_jnp(deltas),
-                                                 to_jnp(stats), jnp.asarray(N))
+  jaxpr = jax.make_jaxpr(jax.jit(agg.aggregate))(
+      state, to_jnp(params), to_jnp(deltas), to_jnp(stats), jnp.asarray(N)
+  )
   text = str(jaxpr)
   assert "while" in text  # the assignment solver is in the graph
   assert "callback" not in text

@@ -1,11 +1,16 @@
 """FedAlignConfig.pairwise_chunk_size: the chunked pairwise gate equals the all-at-once one."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedalign.aggregation.fedalign import (FedAlignConfig, _pairwise_gate, as_fedalign_config,
-                                           fedalign_aggregator)
+from fedalign.aggregation.fedalign import (
+    FedAlignConfig,
+    _pairwise_gate,
+    as_fedalign_config,
+    fedalign_aggregator,
+)
 from fedalign.models.routing import routing_stats
 
 C, E, D, F, K, T = 5, 4, 3, 2, 2, 12  # 5 clients: chunks of 2 leave a padded last chunk
@@ -15,12 +20,19 @@ BLOCK = "layer/moe"
 def problem(seed=0):
   """Random params/deltas and consistent stats from routing_stats on random router probs."""
   rng = np.random.default_rng(seed)
-  params = {"embed": rng.normal(size=(3, D)),
-            "layer": {"moe": {"router": {"kernel": rng.normal(size=(D, E)),
-                                         "bias": 0.1 * rng.normal(size=(E,))},
-                              "experts": {"wi_0": rng.normal(size=(E, D, F)),
-                                          "wi_1": rng.normal(size=(E, D, F)),
-                                          "wo": rng.normal(size=(E, F, D))}}}}
+  params = {
+      "embed": rng.normal(size=(3, D)),
+      "layer": {
+          "moe": {
+              "router": {"kernel": rng.normal(size=(D, E)), "bias": 0.1 * rng.normal(size=(E,))},
+              "experts": {
+                  "wi_0": rng.normal(size=(E, D, F)),
+                  "wi_1": rng.normal(size=(E, D, F)),
+                  "wo": rng.normal(size=(E, F, D)),
+              },
+          }
+      },
+  }
   deltas = jax.tree.map(lambda p: 0.1 * rng.normal(size=(C,) + p.shape), params)
   stats = []
   for i in range(C):
@@ -49,8 +61,9 @@ def test_pairwise_gate_chunks_equal_all_at_once():
   full = _pairwise_gate(mu, kernels, biases)
   assert full.shape == (7, 7, E)
   for chunk in (1, 2, 3, 7, 100):
-    np.testing.assert_allclose(_pairwise_gate(mu, kernels, biases, chunk), full,
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        _pairwise_gate(mu, kernels, biases, chunk), full, rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
@@ -58,8 +71,9 @@ def test_chunked_aggregate_equals_unchunked(chunk):
   base = aggregate(FedAlignConfig(detailed_diagnostics=True))
   chunked = aggregate(FedAlignConfig(detailed_diagnostics=True, pairwise_chunk_size=chunk))
   for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(chunked)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-6
+    )
   scores = base[2][f"{BLOCK}/S"]
   assert np.all(np.isfinite(scores)) and np.any(scores > 0)
 

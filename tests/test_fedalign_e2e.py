@@ -1,4 +1,5 @@
 """End-to-end FedAlign-MoE on the embedded default (reduced): diagnostics reach metrics.jsonl."""
+
 import importlib.util
 import json
 import math
@@ -21,6 +22,7 @@ def load_config(name, arg=None):
 def reduce(c):
   """The tiny setting of tests/test_server.py, applied to config ``c``."""
   from test_server import tiny_config
+
   tiny = tiny_config(c.method, rounds=2)
   c.data.update(tiny.data)
   c.model.update(tiny.model)
@@ -37,8 +39,15 @@ def test_fedalign_run_writes_diagnostics(tmp_path):
   assert len(rows) == 2 and summary["method"] == "fedalign"
   last = rows[-1]
   for block in ("layers_0/mlp", "layers_1/mlp"):
-    for key in ("omega_mean", "omega_min", "omega_max", "S_mean", "tau_mean", "A_size_mean",
-                "kept_frac"):
+    for key in (
+        "omega_mean",
+        "omega_min",
+        "omega_max",
+        "S_mean",
+        "tau_mean",
+        "A_size_mean",
+        "kept_frac",
+    ):
       value = last[f"agg/{block}/{key}"]
       assert math.isfinite(value), (block, key, value)
     assert 0.0 <= last[f"agg/{block}/omega_min"] <= last[f"agg/{block}/omega_max"] <= 1.0
@@ -51,12 +60,23 @@ def test_fedalign_run_writes_diagnostics(tmp_path):
 
 def test_ablation_rows_select_the_documented_switches():
   rows = {}
-  for row in ("direct_averaging", "uniform_gating", "consistency", "adaptive_alpha",
-              "semantic", "permutation"):
+  for row in (
+      "direct_averaging",
+      "uniform_gating",
+      "consistency",
+      "adaptive_alpha",
+      "semantic",
+      "permutation",
+  ):
     c = load_config("ablation", row)
     f = c.fedalign
-    rows[row] = (c.method, f.router_weighting, f.adaptive_alpha, f.semantic_selection,
-                 f.permutation_alignment)
+    rows[row] = (
+        c.method,
+        f.router_weighting,
+        f.adaptive_alpha,
+        f.semantic_selection,
+        f.permutation_alignment,
+    )
   assert rows["direct_averaging"][0] == "fedavg"
   assert rows["uniform_gating"] == ("fedalign", "uniform", False, False, False)
   assert rows["consistency"] == ("fedalign", "consistency", False, False, False)
@@ -83,8 +103,17 @@ def test_fedalign_round_with_lora_updates_only_adapters_and_routers():
   from fedalign.models import MoEConfig, MoEDecoderLM, init_params
   from fedalign.models.lora import partition, trainable_mask
 
-  cfg = MoEConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                  num_experts=4, top_k=2, moe_intermediate_size=8, lora_rank=2)
+  cfg = MoEConfig(
+      vocab_size=32,
+      hidden_size=16,
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      num_experts=4,
+      top_k=2,
+      moe_intermediate_size=8,
+      lora_rank=2,
+  )
   params = init_params(cfg, 0)
   mask = trainable_mask(params, "lora")
   conf = load_config("default")
@@ -93,20 +122,27 @@ def test_fedalign_round_with_lora_updates_only_adapters_and_routers():
   cu = make_client_update(CausalLMTask(MoEDecoderLM(cfg)), alg, optax.sgd(0.5))
   round_fn = jax.jit(make_round_fn(cu, alg, mask, seed=0))
   rng = np.random.default_rng(0)
-  batches = {"tokens": jnp.asarray(rng.integers(0, 32, (3, 2, 4, 6)), jnp.int32),
-             "mask": jnp.ones((3, 2, 4, 6), bool), "target_mask": jnp.ones((3, 2, 4, 6), bool),
-             "step_mask": jnp.ones((3, 2), bool)}
+  batches = {
+      "tokens": jnp.asarray(rng.integers(0, 32, (3, 2, 4, 6)), jnp.int32),
+      "mask": jnp.ones((3, 2, 4, 6), bool),
+      "target_mask": jnp.ones((3, 2, 4, 6), bool),
+      "step_mask": jnp.ones((3, 2), bool),
+  }
   state = init_server_state(params, alg, mask, 3)
   new, out = round_fn(state, batches, jnp.array([1.0, 2.0, 3.0]), jnp.arange(3), 0)
   experts_old = params["layers_0"]["mlp"]["experts"]
   experts_new = new["params"]["layers_0"]["mlp"]["experts"]
   for name in ("wi_0", "wi_1", "wo"):
     np.testing.assert_array_equal(experts_new[name], experts_old[name])  # frozen base
-  changed = [not np.allclose(experts_new[f"{n}_lora_b"], experts_old[f"{n}_lora_b"])
-             for n in ("wi_0", "wi_1", "wo")]
+  changed = [
+      not np.allclose(experts_new[f"{n}_lora_b"], experts_old[f"{n}_lora_b"])
+      for n in ("wi_0", "wi_1", "wo")
+  ]
   assert any(changed)  # adapters (zero-initialised B) moved
-  assert not np.allclose(new["params"]["layers_0"]["mlp"]["router"]["kernel"],
-                         params["layers_0"]["mlp"]["router"]["kernel"])
+  assert not np.allclose(
+      new["params"]["layers_0"]["mlp"]["router"]["kernel"],
+      params["layers_0"]["mlp"]["router"]["kernel"],
+  )
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new["params"]))
   diag = out["diagnostics"]
   assert 0.0 <= float(diag["layers_0/mlp/omega_min"]) <= float(diag["layers_0/mlp/omega_max"])

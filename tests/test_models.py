@@ -1,13 +1,20 @@
 """Unit tests of the Flax MoE models: parameter tree, invariances, LoRA, routing statistics,
 expert dispatch implementations and config validation (fast: tiny shapes)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from fedalign.models import (MoEConfig, build_module, family_config, finalize_stats,
-                             init_params, trainable_mask)
+from fedalign.models import (
+    MoEConfig,
+    build_module,
+    family_config,
+    finalize_stats,
+    init_params,
+    trainable_mask,
+)
 from fedalign.models.lora import combine, partition
 from fedalign.models.moe import MoEBlock
 
@@ -16,8 +23,17 @@ MASK = jnp.asarray([[1] * 6, [1, 1, 1, 1, 0, 0]], bool)
 
 
 def small(family="qwen2_moe", **kw):
-  fields = dict(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                num_experts=4, top_k=2, moe_intermediate_size=8, intermediate_size=12)
+  fields = dict(
+      vocab_size=32,
+      hidden_size=16,
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      num_experts=4,
+      top_k=2,
+      moe_intermediate_size=8,
+      intermediate_size=12,
+  )
   if family in ("qwen2_moe", "deepseek_moe"):
     fields["shared_expert_intermediate_size"] = 8
   fields.update(kw)
@@ -30,8 +46,9 @@ def random_params(module, *args, seed=0, std=0.3):
   rng = np.random.default_rng(seed)
   shapes = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
   return jax.tree_util.tree_map_with_path(
-      lambda p, s: jnp.asarray(rng.normal(float(_keys(p)[-1] == "scale"), std, s.shape),
-                               s.dtype), shapes)
+      lambda p, s: jnp.asarray(rng.normal(float(_keys(p)[-1] == "scale"), std, s.shape), s.dtype),
+      shapes,
+  )
 
 
 def logits_fn(cfg):
@@ -59,20 +76,30 @@ EXPECTED_SHAPES = {
     "layers_0": {
         "attn": _ATTN,
         "input_norm": {"scale": (8,)},
-        "mlp": {"wi_0": {"kernel": (8, 6)}, "wi_1": {"kernel": (8, 6)},
-                "wo": {"kernel": (6, 8)}},
+        "mlp": {"wi_0": {"kernel": (8, 6)}, "wi_1": {"kernel": (8, 6)}, "wo": {"kernel": (6, 8)}},
         "post_attn_norm": {"scale": (8,)},
     },
     "layers_1": {
         "attn": _ATTN,
         "input_norm": {"scale": (8,)},
         "mlp": {
-            "experts": {"wi_0": (3, 8, 4), "wi_0_lora_a": (3, 8, 2), "wi_0_lora_b": (3, 2, 4),
-                        "wi_1": (3, 8, 4), "wi_1_lora_a": (3, 8, 2), "wi_1_lora_b": (3, 2, 4),
-                        "wo": (3, 4, 8), "wo_lora_a": (3, 4, 2), "wo_lora_b": (3, 2, 8)},
+            "experts": {
+                "wi_0": (3, 8, 4),
+                "wi_0_lora_a": (3, 8, 2),
+                "wi_0_lora_b": (3, 2, 4),
+                "wi_1": (3, 8, 4),
+                "wi_1_lora_a": (3, 8, 2),
+                "wi_1_lora_b": (3, 2, 4),
+                "wo": (3, 4, 8),
+                "wo_lora_a": (3, 4, 2),
+                "wo_lora_b": (3, 2, 8),
+            },
             "router": {"kernel": (8, 3)},
-            "shared_expert": {"wi_0": {"kernel": (8, 5)}, "wi_1": {"kernel": (8, 5)},
-                              "wo": {"kernel": (5, 8)}},
+            "shared_expert": {
+                "wi_0": {"kernel": (8, 5)},
+                "wi_1": {"kernel": (8, 5)},
+                "wo": {"kernel": (5, 8)},
+            },
             "shared_expert_gate": {"kernel": (8, 1)},
         },
         "post_attn_norm": {"scale": (8,)},
@@ -82,13 +109,27 @@ EXPECTED_SHAPES = {
 
 
 def test_parameter_shape_tree():
-  cfg = family_config("qwen2_moe", vocab_size=16, hidden_size=8, num_layers=2, num_heads=2,
-                      num_kv_heads=1, num_experts=3, top_k=2, moe_intermediate_size=4,
-                      intermediate_size=6, shared_expert_intermediate_size=5, first_k_dense=1,
-                      qk_norm="head", lora_rank=2, lora_targets=("attention", "experts"),
-                      param_dtype="bfloat16")
-  tree = jax.eval_shape(build_module(cfg).init, jax.random.key(0),
-                        jnp.zeros((1, 3), jnp.int32))["params"]
+  cfg = family_config(
+      "qwen2_moe",
+      vocab_size=16,
+      hidden_size=8,
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      num_experts=3,
+      top_k=2,
+      moe_intermediate_size=4,
+      intermediate_size=6,
+      shared_expert_intermediate_size=5,
+      first_k_dense=1,
+      qk_norm="head",
+      lora_rank=2,
+      lora_targets=("attention", "experts"),
+      param_dtype="bfloat16",
+  )
+  tree = jax.eval_shape(build_module(cfg).init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))[
+      "params"
+  ]
   assert jax.tree.map(lambda s: s.shape, tree) == EXPECTED_SHAPES
   dtypes = {_keys(p): s.dtype for p, s in jax.tree_util.tree_leaves_with_path(tree)}
   assert dtypes.pop(("layers_1", "mlp", "router", "kernel")) == jnp.float32  # router in f32
@@ -105,33 +146,42 @@ def test_expert_permutation_leaves_logits_unchanged():
   perm = np.array([3, 0, 4, 2, 1])
   block = params["layers_1"]["mlp"]
   permuted = dict(params)
-  permuted["layers_1"] = {**params["layers_1"], "mlp": {
-      "experts": jax.tree.map(lambda w: w[perm], block["experts"]),
-      "router": {"kernel": block["router"]["kernel"][:, perm]}}}
+  permuted["layers_1"] = {
+      **params["layers_1"],
+      "mlp": {
+          "experts": jax.tree.map(lambda w: w[perm], block["experts"]),
+          "router": {"kernel": block["router"]["kernel"][:, perm]},
+      },
+  }
   a, b = f(params, IDS, MASK), f(permuted, IDS, MASK)
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
   # Permuting the experts alone (not the router) does change the function.
   broken = dict(permuted)
-  broken["layers_1"] = {**permuted["layers_1"], "mlp": {**permuted["layers_1"]["mlp"],
-                                                         "router": block["router"]}}
+  broken["layers_1"] = {
+      **permuted["layers_1"],
+      "mlp": {**permuted["layers_1"]["mlp"], "router": block["router"]},
+  }
   assert float(jnp.max(jnp.abs(f(broken, IDS, MASK) - a))) > 1e-3
 
 
 def _without_lora(tree):
   if isinstance(tree, dict):
-    return {k: _without_lora(v) for k, v in tree.items()
-            if not k.endswith(("lora_a", "lora_b"))}
+    return {k: _without_lora(v) for k, v in tree.items() if not k.endswith(("lora_a", "lora_b"))}
   return tree
 
 
 def test_zero_initialised_lora_leaves_logits_unchanged():
   base_cfg = small("deepseek_moe", first_k_dense=1)  # dense layer + shared experts
-  lora_cfg = base_cfg.replace(lora_rank=4, lora_targets=("attention", "experts",
-                                                         "shared_expert", "dense_mlp"))
+  lora_cfg = base_cfg.replace(
+      lora_rank=4, lora_targets=("attention", "experts", "shared_expert", "dense_mlp")
+  )
   # The model's own init (B = 0); an rbg key compiles much faster than threefry on CPU.
   params = init_params(lora_cfg, jax.random.key(2, impl="unsafe_rbg"))
-  assert not any(np.any(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
-                 if _keys(p)[-1].endswith("lora_b"))
+  assert not any(
+      np.any(v)
+      for p, v in jax.tree_util.tree_leaves_with_path(params)
+      if _keys(p)[-1].endswith("lora_b")
+  )
   n_lora = sum("lora" in _keys(p)[-1] for p, _ in jax.tree_util.tree_leaves_with_path(params))
   assert n_lora == 2 * (4 * 2 + 3 + 3 + 3)  # q,k,v,o x2 layers; dense; shared; experts
   a = logits_fn(lora_cfg)(params, IDS, MASK)
@@ -163,9 +213,14 @@ def test_training_adapters_changes_only_adapters_and_routers():
   for _ in range(3):
     trainable, state = step(trainable, state)
   new = combine(trainable, frozen)
-  changed = {_keys(p) for p, (a, b) in zip(
-      [p for p, _ in jax.tree_util.tree_leaves_with_path(params)],
-      zip(jax.tree.leaves(params), jax.tree.leaves(new))) if not np.array_equal(a, b)}
+  changed = {
+      _keys(p)
+      for p, (a, b) in zip(
+          [p for p, _ in jax.tree_util.tree_leaves_with_path(params)],
+          zip(jax.tree.leaves(params), jax.tree.leaves(new)),
+      )
+      if not np.array_equal(a, b)
+  }
   allowed = {_keys(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
   assert changed <= allowed
   assert all("lora" in k[-1] or "router" in k for k in allowed)
@@ -181,8 +236,16 @@ TOKEN_MASK = np.array([[1, 1, 1, 0]], bool)  # the last token is padding
 
 
 def _block(top_k, **kw):
-  cfg = family_config("olmoe", hidden_size=2, num_heads=1, num_kv_heads=1, num_experts=3,
-                      top_k=top_k, moe_intermediate_size=4, **kw)
+  cfg = family_config(
+      "olmoe",
+      hidden_size=2,
+      num_heads=1,
+      num_kv_heads=1,
+      num_experts=3,
+      top_k=top_k,
+      moe_intermediate_size=4,
+      **kw,
+  )
   block = MoEBlock(cfg)
   params = random_params(block, jnp.asarray(X), jnp.asarray(TOKEN_MASK))
   params = {**params, "router": {"kernel": jnp.asarray(K_ROUTER)}}
@@ -229,8 +292,7 @@ def test_routing_statistics_by_hand(top_k, counts):
 
 
 def _block_outputs(cfg, params, x, mask):
-  out, stats, _ = jax.jit(lambda p, x, m: MoEBlock(cfg).apply({"params": p}, x, m))(
-      params, x, mask)
+  out, stats, _ = jax.jit(lambda p, x, m: MoEBlock(cfg).apply({"params": p}, x, m))(params, x, mask)
   return np.asarray(out), stats
 
 
@@ -253,8 +315,17 @@ def test_dense_ragged_and_large_capacity_agree():
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
 def test_small_capacity_drops_tokens(family):
   extra = dict(shared_expert_intermediate_size=4) if family == "qwen2_moe" else {}
-  cfg = family_config(family, hidden_size=2, num_heads=1, num_kv_heads=1, num_experts=3,
-                      top_k=1, moe_intermediate_size=4, capacity_factor=0.75, **extra)
+  cfg = family_config(
+      family,
+      hidden_size=2,
+      num_heads=1,
+      num_kv_heads=1,
+      num_experts=3,
+      top_k=1,
+      moe_intermediate_size=4,
+      capacity_factor=0.75,
+      **extra,
+  )
   x = jnp.asarray([[[1.0, 0.5], [0.5, 1.0], [1.0, 1.0], [2.0, 0.3]]])
   mask = jnp.ones((1, 4), bool)
   params = random_params(MoEBlock(cfg), x, mask, std=1.0)
@@ -289,10 +360,12 @@ def _one_hot_capacity_reference(top_idx, top_w, valid, num_experts, cap, x, w):
 def test_scatter_capacity_dispatch_matches_one_hot_dispatch(cap):
   """The linear scatter/gather dispatch = the one-hot einsum form: outputs, gradients, vmap."""
   from fedalign.models import moe
+
   t, k, e, d = 29, 2, 5, 6
   first = jax.random.randint(jax.random.key(0), (t,), 0, e)
-  top_idx = jnp.stack([first, (first + 1 + jax.random.randint(jax.random.key(5), (t,), 0, e - 1))
-                       % e], axis=1)
+  top_idx = jnp.stack(
+      [first, (first + 1 + jax.random.randint(jax.random.key(5), (t,), 0, e - 1)) % e], axis=1
+  )
   top_w = jax.random.uniform(jax.random.key(1), (t, k))
   valid = (jax.random.uniform(jax.random.key(2), (t,)) > 0.2).astype(jnp.float32)
   x = jax.random.normal(jax.random.key(3), (t, d))
@@ -301,8 +374,7 @@ def test_scatter_capacity_dispatch_matches_one_hot_dispatch(cap):
   def scatter(x, w):
     slot, keep = moe.capacity_slots(top_idx, valid, e, cap)
     buf = moe.scatter_to_experts(x, top_idx, slot, e, cap)
-    return moe.gather_from_experts(jnp.einsum("ecd,edf->ecf", buf, w), top_idx, slot,
-                                   top_w * keep)
+    return moe.gather_from_experts(jnp.einsum("ecd,edf->ecf", buf, w), top_idx, slot, top_w * keep)
 
   ref = lambda x, w: _one_hot_capacity_reference(top_idx, top_w, valid, e, cap, x, w)
   np.testing.assert_allclose(scatter(x, w), ref(x, w), atol=1e-5)
@@ -310,8 +382,9 @@ def test_scatter_capacity_dispatch_matches_one_hot_dispatch(cap):
   g_ref = jax.grad(lambda x, w: ref(x, w).sum(), argnums=(0, 1))(x, w)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g_new, g_ref)
   xs = jnp.stack([x, -2.0 * x])
-  np.testing.assert_allclose(jax.vmap(scatter, (0, None))(xs, w),
-                             jnp.stack([ref(x, w), ref(-2.0 * x, w)]), atol=1e-4)
+  np.testing.assert_allclose(
+      jax.vmap(scatter, (0, None))(xs, w), jnp.stack([ref(x, w), ref(-2.0 * x, w)]), atol=1e-4
+  )
   slot, keep = moe.capacity_slots(top_idx, valid, e, cap)
   assert int(keep.sum()) <= e * cap and not bool(keep[valid == 0].any())
   assert bool(jnp.all((slot == cap) == ~keep))
@@ -320,14 +393,17 @@ def test_scatter_capacity_dispatch_matches_one_hot_dispatch(cap):
 # ----------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(num_experts=4, top_k=5), "top_k"),
-    (dict(hidden_size=30, num_heads=4), "num_heads"),
-    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
-    (dict(capacity_factor=0.0), "capacity_factor"),
-    (dict(moe_impl="sparse"), "moe_impl"),
-    (dict(lora_targets=("mlp",)), "lora_targets"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(num_experts=4, top_k=5), "top_k"),
+        (dict(hidden_size=30, num_heads=4), "num_heads"),
+        (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(moe_impl="sparse"), "moe_impl"),
+        (dict(lora_targets=("mlp",)), "lora_targets"),
+    ],
+)
 def test_config_validation_names_the_field(kw, field):
   with pytest.raises(ValueError, match=rf"MoEConfig\.{field}="):
     MoEConfig(**kw).validate()

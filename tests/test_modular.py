@@ -1,4 +1,5 @@
 """Tests of the modular (FedMoE-style) aggregator, fedalign-moe.md section 5."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,15 +12,16 @@ from fedalign.aggregation.modular import modular_aggregator
 def _toy():
   rng = np.random.default_rng(0)
   c, e, d, f = 3, 4, 2, 1
-  params = {"embed": rng.normal(size=(3, d)),
-            "moe": {"router": {"kernel": rng.normal(size=(d, e)), "bias": rng.normal(size=(e,))},
-                    "experts": {"wi_0": rng.normal(size=(e, d, f)),
-                                "wo": rng.normal(size=(e, f, d))},
-                    "shared_expert": {"kernel": rng.normal(size=(d, d))}}}
+  params = {
+      "embed": rng.normal(size=(3, d)),
+      "moe": {
+          "router": {"kernel": rng.normal(size=(d, e)), "bias": rng.normal(size=(e,))},
+          "experts": {"wi_0": rng.normal(size=(e, d, f)), "wo": rng.normal(size=(e, f, d))},
+          "shared_expert": {"kernel": rng.normal(size=(d, d))},
+      },
+  }
   deltas = jax.tree.map(lambda x: rng.normal(size=(c,) + x.shape), params)
-  select = np.array([[5.0, 2.0, 0.0, 0.0],
-                     [3.0, 4.0, 0.0, 0.0],
-                     [2.0, 0.0, 6.0, 0.0]])
+  select = np.array([[5.0, 2.0, 0.0, 0.0], [3.0, 4.0, 0.0, 0.0], [2.0, 0.0, 6.0, 0.0]])
   stats = {"moe": {"select_count": select}}
   n = np.array([10.0, 20.0, 30.0])
   return params, deltas, stats, n
@@ -32,20 +34,27 @@ def _f32(tree):
 def test_modular_hand_computed():
   params, deltas, stats, n = _toy()
   agg = modular_aggregator()
-  new, _, diag = jax.jit(agg.aggregate)(agg.init(_f32(params)), _f32(params), _f32(deltas),
-                                        _f32(stats), jnp.asarray(n, jnp.float32))
+  new, _, diag = jax.jit(agg.aggregate)(
+      agg.init(_f32(params)), _f32(params), _f32(deltas), _f32(stats), jnp.asarray(n, jnp.float32)
+  )
   nw = n / n.sum()
   for k in ("wi_0", "wo"):
     x, dx = params["moe"]["experts"][k], deltas["moe"]["experts"][k]
-    expected = np.stack([
-        x[0] + (5 * dx[0, 0] + 3 * dx[1, 0] + 2 * dx[2, 0]) / 10,  # all three, by counts
-        x[1] + (2 * dx[0, 1] + 4 * dx[1, 1]) / 6,  # clients 0 and 1
-        x[2] + dx[2, 2],  # client 2 only
-        x[3],  # nobody: kept
-    ])
+    expected = np.stack(
+        [
+            x[0] + (5 * dx[0, 0] + 3 * dx[1, 0] + 2 * dx[2, 0]) / 10,  # all three, by counts
+            x[1] + (2 * dx[0, 1] + 4 * dx[1, 1]) / 6,  # clients 0 and 1
+            x[2] + dx[2, 2],  # client 2 only
+            x[3],  # nobody: kept
+        ]
+    )
     np.testing.assert_allclose(new["moe"]["experts"][k], expected, rtol=1e-5, atol=1e-6)
-  for path in (("embed",), ("moe", "router", "kernel"), ("moe", "router", "bias"),
-               ("moe", "shared_expert", "kernel")):
+  for path in (
+      ("embed",),
+      ("moe", "router", "kernel"),
+      ("moe", "router", "bias"),
+      ("moe", "shared_expert", "kernel"),
+  ):
     p, d, out = params, deltas, new
     for key in path:
       p, d, out = p[key], d[key], out[key]
@@ -60,16 +69,19 @@ def test_modular_excluded_clients_and_server_optimizer():
     leaf[2] = np.nan  # excluded client with a failed update
   weights = jnp.array([10.0, 20.0, 0.0])
   agg = modular_aggregator(optax.sgd(1.0))
-  new, _, _ = agg.aggregate(agg.init(_f32(params)), _f32(params), _f32(deltas), _f32(stats),
-                            weights)
+  new, _, _ = agg.aggregate(
+      agg.init(_f32(params)), _f32(params), _f32(deltas), _f32(stats), weights
+  )
   for leaf in jax.tree.leaves(new):
     assert np.all(np.isfinite(leaf))
   x, dx = params["moe"]["experts"]["wo"], deltas["moe"]["experts"]["wo"]
-  np.testing.assert_allclose(new["moe"]["experts"]["wo"][0],
-                             x[0] + (5 * dx[0, 0] + 3 * dx[1, 0]) / 8, rtol=1e-5)
+  np.testing.assert_allclose(
+      new["moe"]["experts"]["wo"][0], x[0] + (5 * dx[0, 0] + 3 * dx[1, 0]) / 8, rtol=1e-5
+  )
   np.testing.assert_allclose(new["moe"]["experts"]["wo"][2], x[2], rtol=1e-6)  # only client 2
-  none, _, _ = agg.aggregate(agg.init(_f32(params)), _f32(params), _f32(deltas), _f32(stats),
-                             jnp.zeros(3))
+  none, _, _ = agg.aggregate(
+      agg.init(_f32(params)), _f32(params), _f32(deltas), _f32(stats), jnp.zeros(3)
+  )
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), none, _f32(params))
 
 
@@ -77,7 +89,12 @@ def test_modular_bad_stats():
   params, deltas, stats, n = _toy()
   agg = modular_aggregator()
   with pytest.raises(ValueError, match=r"'moe'.*'select_count'.*\(3, 4\)"):
-    agg.aggregate(agg.init(_f32(params)), _f32(params), _f32(deltas),
-                  {"moe": {"select_count": jnp.ones((3, 5))}}, jnp.asarray(n))
+    agg.aggregate(
+        agg.init(_f32(params)),
+        _f32(params),
+        _f32(deltas),
+        {"moe": {"select_count": jnp.ones((3, 5))}},
+        jnp.asarray(n),
+    )
   with pytest.raises(ValueError, match="no MoE block"):
     agg.init({"w": jnp.ones(2)})

@@ -5,6 +5,7 @@ model.hf_checkpoint); their ``runlocal`` variants (tiny random DeepSeek-MoE, LoR
 end on the shared MMLU / HellaSwag files. Compilation dominates on CPU, so the end-to-end tests
 turn off most XLA optimisations while they run (same numbers, faster compiles).
 """
+
 import importlib.util
 import json
 import math
@@ -18,13 +19,19 @@ import pytest
 from fedalign.data import formatting as fmt
 from fedalign.data import multiple_choice as mc
 from fedalign.data.tokenize import ByteTokenizer
-from fedalign.federated.server import (FederatedData, make_specialization, run_experiment,
-                                       validate_config)
+from fedalign.federated.server import (
+    FederatedData,
+    make_specialization,
+    run_experiment,
+    validate_config,
+)
 from fedalign.metrics.evaluation import make_multiple_choice_evaluator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = {"mmlu": "configs/paper/mmlu_deepseek_moe16b_lora.py",
-           "hellaswag": "configs/paper/hellaswag_deepseek_moe16b_lora.py"}
+CONFIGS = {
+    "mmlu": "configs/paper/mmlu_deepseek_moe16b_lora.py",
+    "hellaswag": "configs/paper/hellaswag_deepseek_moe16b_lora.py",
+}
 # Rows of the fixed split: (train pool, held-out test, topic groups).
 SPLIT_SIZES = {"mmlu": (11_535, 2_792, 57), "hellaswag": (8_111, 1_931, 192)}
 
@@ -44,17 +51,32 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
-MMLU_REC = {"subject": "high_school_math", "question": "What is 2+2?",
-            "choices": ["1", "4", "3", "5"], "answer": 1}
-HELLASWAG_REC = {"activity_label": "Roofing", "ctx": "A man is sitting on a roof. he",
-                 "endings": ["is using wrap.", "is ripping tiles off.", "holds a cube.",
-                             "starts pulling up roofing on a roof."], "label": 3}
+MMLU_REC = {
+    "subject": "high_school_math",
+    "question": "What is 2+2?",
+    "choices": ["1", "4", "3", "5"],
+    "answer": 1,
+}
+HELLASWAG_REC = {
+    "activity_label": "Roofing",
+    "ctx": "A man is sitting on a roof. he",
+    "endings": [
+        "is using wrap.",
+        "is ripping tiles off.",
+        "holds a cube.",
+        "starts pulling up roofing on a roof.",
+    ],
+    "label": 3,
+}
 
 
-@pytest.mark.parametrize("dataset,record,answer", [
-    ("mmlu", MMLU_REC, " B"),
-    ("hellaswag", HELLASWAG_REC, " starts pulling up roofing on a roof."),
-])
+@pytest.mark.parametrize(
+    "dataset,record,answer",
+    [
+        ("mmlu", MMLU_REC, " B"),
+        ("hellaswag", HELLASWAG_REC, " starts pulling up roofing on a roof."),
+    ],
+)
 def test_train_target_mask_is_exactly_the_answer(dataset, record, answer):
   tok = ByteTokenizer()
   split = mc.MCSplit([record], ["unused"], np.zeros(1, np.int32), ("g",))
@@ -64,15 +86,18 @@ def test_train_target_mask_is_exactly_the_answer(dataset, record, answer):
   pos = np.flatnonzero(tm)
   assert tok.decode(tr["tokens"][0][tm]) == answer
   assert pos.tolist() == list(range(pos[0], pos[0] + len(answer)))  # one contiguous span ...
-  assert pos[-1] == np.flatnonzero(tr["mask"][0])[-1]               # ... ending the sequence
-  assert tr["tokens"][0][pos[0] - 1] != tok.pad_id and pos[0] > 1    # after the prompt
+  assert pos[-1] == np.flatnonzero(tr["mask"][0])[-1]  # ... ending the sequence
+  assert tr["tokens"][0][pos[0] - 1] != tok.pad_id and pos[0] > 1  # after the prompt
   # The training row is the test row of the gold option; the test rows are the standard ones.
   gold = int(tr["answers"][0])
   assert te["tokens"].shape == (1, mc.NUM_OPTIONS, 256) and te["answers"].tolist() == [gold]
   for key in ("tokens", "mask", "target_mask"):
     np.testing.assert_array_equal(tr[key][0], te[key][0, gold])
-  ref = (fmt.format_mmlu([record], tok, max_len=256) if dataset == "mmlu"
-         else fmt.format_hellaswag([record], tok, max_len=256))
+  ref = (
+      fmt.format_mmlu([record], tok, max_len=256)
+      if dataset == "mmlu"
+      else fmt.format_hellaswag([record], tok, max_len=256)
+  )
   for key in ("tokens", "mask", "target_mask", "option_chars"):
     np.testing.assert_array_equal(te[key], ref[key])
 
@@ -89,8 +114,9 @@ def test_split_is_fixed_disjoint_and_stratified(dataset, shared_data):
   # 20% of every group (n // 5 of its test-file rows) is held out
   field = mc.GROUP_FIELD[dataset]
   from_test_file = [r for r in train.records if not r["uid"].startswith("dev/")]
-  rows = np.bincount([train.groups.index(r[field]) for r in from_test_file],
-                     minlength=n_groups) + np.bincount(test.label, minlength=n_groups)
+  rows = np.bincount(
+      [train.groups.index(r[field]) for r in from_test_file], minlength=n_groups
+  ) + np.bincount(test.label, minlength=n_groups)
   np.testing.assert_array_equal(np.bincount(test.label, minlength=n_groups), rows // 5)
   # the rule has no seed: a second read gives the same split
   again_train, again_test = mc.load_splits(dataset, shared_data / dataset)
@@ -104,7 +130,7 @@ def test_federated_split_does_not_depend_on_the_seed(tmp_path, shared_data):
     c = load_config("hellaswag", "runlocal")
     c.seed = seed
     c.data.data_dir = str(shared_data / "hellaswag")
-    c.data.tokenizer = "bytes"        # a seed-free tokenizer: compare the arrays themselves
+    c.data.tokenizer = "bytes"  # a seed-free tokenizer: compare the arrays themselves
     c.data.max_train_examples = c.data.max_test_examples = 0
     data = FederatedData(c, tmp_path / f"seed{seed}")
     arrays.append(data)
@@ -138,9 +164,15 @@ def test_runlocal_federated_data(dataset, tmp_path, shared_data):
   assert make_specialization(data, None, 512) is None  # (N, 4, T) test tokens: skipped
 
 
-@pytest.mark.parametrize("dataset,method", [
-    pytest.param("mmlu", "fedavg", marks=pytest.mark.slow), ("mmlu", "fedalign"),
-    pytest.param("hellaswag", "fedavg", marks=pytest.mark.slow), ("hellaswag", "fedalign")])
+@pytest.mark.parametrize(
+    "dataset,method",
+    [
+        pytest.param("mmlu", "fedavg", marks=pytest.mark.slow),
+        ("mmlu", "fedalign"),
+        pytest.param("hellaswag", "fedavg", marks=pytest.mark.slow),
+        ("hellaswag", "fedalign"),
+    ],
+)
 def test_runlocal_config_end_to_end(dataset, method, tmp_path, shared_data, fast_compile):
   c = load_config(dataset, "runlocal")
   assert c.model.family == "deepseek_moe" and c.train.trainable == "lora"
@@ -170,14 +202,24 @@ def test_full_config_runs_from_a_tiny_bfloat16_checkpoint(tmp_path, shared_data,
   from fedalign.federated.server import load_model
   from fedalign.models import MoEModel, family_config, init_params
   from fedalign.models.hf import save_pretrained
+
   train, _ = mc.load_splits("mmlu", shared_data / "mmlu")
   ckpt = tmp_path / "ckpt"
   train_bpe(train.text[:2000], vocab_size=400, added_tokens=mc.ADDED_TOKENS["mmlu"]).save(ckpt)
   tok = HFTokenizer.from_file(ckpt)
-  cfg = family_config("deepseek_moe", vocab_size=tok.vocab_size, hidden_size=32,
-                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
-                      num_experts=8, top_k=2, moe_intermediate_size=16,
-                      shared_expert_intermediate_size=32)
+  cfg = family_config(
+      "deepseek_moe",
+      vocab_size=tok.vocab_size,
+      hidden_size=32,
+      intermediate_size=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=4,
+      num_experts=8,
+      top_k=2,
+      moe_intermediate_size=16,
+      shared_expert_intermediate_size=32,
+  )
   save_pretrained(MoEModel(cfg, init_params(cfg, 0)), ckpt)
   c = load_config("mmlu")
   c.model.hf_checkpoint = str(ckpt)
@@ -198,10 +240,13 @@ def test_full_config_runs_from_a_tiny_bfloat16_checkpoint(tmp_path, shared_data,
 
 
 @pytest.mark.parametrize("dataset", ["mmlu", "hellaswag"])
-@pytest.mark.parametrize("checkpoint,match", [
-    (None, r"config\.model\.hf_checkpoint is not set.*--config\.model\.hf_checkpoint="),
-    ("/nonexistent/deepseek-moe-16b", r"config\.model\.hf_checkpoint='/nonexistent/"),
-])
+@pytest.mark.parametrize(
+    "checkpoint,match",
+    [
+        (None, r"config\.model\.hf_checkpoint is not set.*--config\.model\.hf_checkpoint="),
+        ("/nonexistent/deepseek-moe-16b", r"config\.model\.hf_checkpoint='/nonexistent/"),
+    ],
+)
 def test_paper_config_needs_a_checkpoint(dataset, checkpoint, match, tmp_path):
   c = load_config(dataset)
   assert c.model.hf_checkpoint is None and c.model.family == "deepseek_moe"
@@ -219,13 +264,16 @@ def test_paper_config_needs_a_checkpoint(dataset, checkpoint, match, tmp_path):
   assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("data.data_dir", "/nonexistent/mmlu", r"config\.data\.data_dir='/nonexistent/mmlu'"),
-    ("data.data_dir", "", r"config\.data\.data_dir=''"),
-    ("model.type", "switch", r"config\.model\.type='switch'.*'decoder'"),
-    ("eval.mc_metric", "f1", r"config\.eval\.mc_metric='f1'"),
-    ("model.dtype", "int8", r"config\.model\.dtype='int8'"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("data.data_dir", "/nonexistent/mmlu", r"config\.data\.data_dir='/nonexistent/mmlu'"),
+        ("data.data_dir", "", r"config\.data\.data_dir=''"),
+        ("model.type", "switch", r"config\.model\.type='switch'.*'decoder'"),
+        ("eval.mc_metric", "f1", r"config\.eval\.mc_metric='f1'"),
+        ("model.dtype", "int8", r"config\.model\.dtype='int8'"),
+    ],
+)
 def test_bad_multiple_choice_config(field, value, match, tmp_path):
   c = load_config("mmlu", "runlocal")
   section, name = field.split(".")
@@ -259,7 +307,8 @@ def test_evaluator_scores_answers_with_the_chosen_metric():
   choices.update(answers=ex["labels"], labels=jnp.array([1]))
   uniform = lambda p, t, m: jnp.zeros(t.shape + (tok.vocab_size,))
   acc = make_multiple_choice_evaluator(uniform, 2, labels_key="answers")(None, choices)
-  norm = make_multiple_choice_evaluator(uniform, 2, labels_key="answers",
-                                        metric="acc_norm")(None, choices)
+  norm = make_multiple_choice_evaluator(uniform, 2, labels_key="answers", metric="acc_norm")(
+      None, choices
+  )
   assert float(acc["acc"]) == 0.0 and float(norm["acc"]) == 1.0
   assert float(norm["acc_unnorm"]) == 0.0 and norm["correct"].tolist() == [True]

@@ -1,4 +1,5 @@
 """Tests of fedalign.aggregation.permutation (expert permutation alignment, spec section 4.5)."""
+
 import functools
 
 import jax
@@ -16,8 +17,7 @@ _batched_solver = {
 }
 
 # size -> number of matrices (half real-valued, half integer-valued with many ties).
-_SIZES = {1: 10, 2: 20, 3: 30, 4: 30, 5: 30, 6: 30, 8: 30, 12: 20, 16: 20, 32: 10, 64: 4,
-          128: 3}
+_SIZES = {1: 10, 2: 20, 3: 30, 4: 30, 5: 30, 6: 30, 8: 30, 12: 20, 16: 20, 32: 10, 64: 4, 128: 3}
 _MIN_SIZES = (1, 3, 8, 64)  # sizes also checked with maximize=False
 
 
@@ -49,8 +49,16 @@ def test_solver_matches_scipy(n):
 
 def test_solver_degenerate_inputs():
   solve = _batched_solver[True]
-  mats = np.stack([np.zeros((6, 6)), np.ones((6, 6)), -np.eye(6), np.eye(6)[::-1] * 1e-3,
-                   np.full((6, 6), -7.0), np.arange(36.0).reshape(6, 6) % 2]).astype(np.float32)
+  mats = np.stack(
+      [
+          np.zeros((6, 6)),
+          np.ones((6, 6)),
+          -np.eye(6),
+          np.eye(6)[::-1] * 1e-3,
+          np.full((6, 6), -7.0),
+          np.arange(36.0).reshape(6, 6) % 2,
+      ]
+  ).astype(np.float32)
   _check_against_scipy(mats, solve(jnp.asarray(mats)), True)
 
 
@@ -85,8 +93,11 @@ def test_jaxpr_has_no_callback():
   assert "while" in text
   block, stats = _block_and_stats(np.random.default_rng(0))
   align = jax.jit(pm.align_client_to_reference, static_argnames="method")
-  text = str(jax.make_jaxpr(lambda r, c, s: align(r, c, s, s["centroid_sum"], "centroids"))(
-      block, block, stats))
+  text = str(
+      jax.make_jaxpr(lambda r, c, s: align(r, c, s, s["centroid_sum"], "centroids"))(
+          block, block, stats
+      )
+  )
   assert "callback" not in text
 
 
@@ -98,8 +109,7 @@ def test_vmap_equals_per_matrix():
   for mat, perm in zip(mats, batched):
     np.testing.assert_array_equal(single(mat), perm)
   # Leading batch axes are also accepted directly.
-  np.testing.assert_array_equal(pm.assignment_perm(mats.reshape(2, 4, 6, 6)).reshape(8, 6),
-                                batched)
+  np.testing.assert_array_equal(pm.assignment_perm(mats.reshape(2, 4, 6, 6)).reshape(8, 6), batched)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,12 +125,23 @@ def _block_and_stats(rng):
 
   block = {
       "router": {"kernel": arr(D, E), "bias": arr(E)},
-      "experts": {"wi_0": arr(E, D, F), "wi_1": arr(E, D, F), "wo": arr(E, F, D),
-                  "wi_0_lora_a": arr(E, D, R), "wi_0_lora_b": arr(E, R, F)},
+      "experts": {
+          "wi_0": arr(E, D, F),
+          "wi_1": arr(E, D, F),
+          "wo": arr(E, F, D),
+          "wi_0_lora_a": arr(E, D, R),
+          "wi_0_lora_b": arr(E, R, F),
+      },
       "shared_expert": {"wi": arr(D, F)},
   }
-  stats = {"token_count": jnp.float32(50.0), "prob_sum": arr(E), "select_count": arr(E),
-           "margin_sum": arr(E), "gate_sum": jnp.abs(arr(E)) + 1.0, "centroid_sum": arr(E, D)}
+  stats = {
+      "token_count": jnp.float32(50.0),
+      "prob_sum": arr(E),
+      "select_count": arr(E),
+      "margin_sum": arr(E),
+      "gate_sum": jnp.abs(arr(E)) + 1.0,
+      "centroid_sum": arr(E, D),
+  }
   return block, stats
 
 
@@ -138,15 +159,20 @@ def test_permute_then_align_recovers_block(method):
   shuffled = pm.permute_moe_block(block, perm)
   shuffled_stats = pm.permute_routing_stats(stats, perm)
   np.testing.assert_array_equal(shuffled["experts"]["wo"][0], block["experts"]["wo"][perm[0]])
-  np.testing.assert_array_equal(shuffled["router"]["kernel"][:, 0],
-                                block["router"]["kernel"][:, perm[0]])
+  np.testing.assert_array_equal(
+      shuffled["router"]["kernel"][:, 0], block["router"]["kernel"][:, perm[0]]
+  )
   assert shuffled["shared_expert"] is block["shared_expert"]
   assert shuffled_stats["token_count"] is stats["token_count"]
 
   align = jax.jit(pm.align_client_to_reference, static_argnames="method")
-  aligned, aligned_stats, found = align(block, shuffled, shuffled_stats,
-                                        stats["centroid_sum"] / stats["gate_sum"][:, None],
-                                        method=method)
+  aligned, aligned_stats, found = align(
+      block,
+      shuffled,
+      shuffled_stats,
+      stats["centroid_sum"] / stats["gate_sum"][:, None],
+      method=method,
+  )
   # aligned expert e = shuffled expert found[e] = original expert perm[found[e]] = e.
   np.testing.assert_array_equal(found, np.argsort(np.asarray(perm)))
   _assert_tree_equal(aligned, block)
@@ -185,8 +211,9 @@ def _moe_forward(block, x, k=2):
   probs = jax.nn.softmax(logits, axis=-1)
   gates, idx = jax.lax.top_k(probs, k)  # (T, k)
   ex = block["experts"]
-  h = jax.nn.silu(jnp.einsum("td,edf->tef", x, ex["wi_0"])) * jnp.einsum("td,edf->tef", x,
-                                                                          ex["wi_1"])
+  h = jax.nn.silu(jnp.einsum("td,edf->tef", x, ex["wi_0"])) * jnp.einsum(
+      "td,edf->tef", x, ex["wi_1"]
+  )
   out_all = jnp.einsum("tef,efd->ted", h, ex["wo"])  # (T, E, D)
   chosen = jnp.take_along_axis(out_all, idx[:, :, None], axis=1)  # (T, k, D)
   return jnp.sum(gates[:, :, None] * chosen, axis=1), idx
@@ -211,10 +238,13 @@ def test_permuted_block_computes_same_function():
 
 def test_find_get_set_path():
   blk = {"router": {"kernel": jnp.zeros((2, 3))}, "experts": {"wo": jnp.zeros((3, 1))}}
-  params = {"layers_10": {"mlp": blk}, "layers_2": {"mlp": blk, "attn": {"q": jnp.zeros(1)}},
-            "encoder": {"layers_1": {"moe": blk}}, "router": {}}
-  assert pm.find_moe_blocks(params) == ["encoder/layers_1/moe", "layers_2/mlp",
-                                        "layers_10/mlp"]
+  params = {
+      "layers_10": {"mlp": blk},
+      "layers_2": {"mlp": blk, "attn": {"q": jnp.zeros(1)}},
+      "encoder": {"layers_1": {"moe": blk}},
+      "router": {},
+  }
+  assert pm.find_moe_blocks(params) == ["encoder/layers_1/moe", "layers_2/mlp", "layers_10/mlp"]
   assert pm.get_path(params, "layers_2/mlp") is blk
   new = pm.set_path(params, "layers_2/mlp", 1)
   assert new["layers_2"]["mlp"] == 1 and params["layers_2"]["mlp"] is blk
@@ -229,8 +259,9 @@ def test_align_params_merges_independent_models():
     params[f"layers_{i}"] = {"mlp": block, "attn": {"q": jnp.ones((D, D))}}
   params["embed"] = jnp.ones((7, D))
   # "Fine-tune" independently: small noise, then relabel each layer's experts differently.
-  noisy = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.asarray(rng.normal(size=x.shape),
-                                                                   x.dtype), params)
+  noisy = jax.tree_util.tree_map(
+      lambda x: x + 0.01 * jnp.asarray(rng.normal(size=x.shape), x.dtype), params
+  )
   true_perms = {f"layers_{i}/mlp": jnp.asarray(rng.permutation(E)) for i in range(3)}
   other = pm.permute_params(noisy, true_perms)
   aligned, perms = pm.align_params(params, other)
@@ -244,4 +275,5 @@ def test_align_params_merges_independent_models():
   stats = {"layers_0/mlp": _block_and_stats(rng)[1]}
   np.testing.assert_array_equal(
       pm.permute_stats(stats, perms)["layers_0/mlp"]["prob_sum"],
-      stats["layers_0/mlp"]["prob_sum"][perms["layers_0/mlp"]])
+      stats["layers_0/mlp"]["prob_sum"][perms["layers_0/mlp"]],
+  )

@@ -1,4 +1,5 @@
 """Central pre-training (fedalign.pretrain), the validation hold-out and per-client routing."""
+
 import importlib.util
 import json
 import pathlib
@@ -25,12 +26,15 @@ def test_pack_windows():
   assert w.tolist() == [[1, 5, 6, 7], [2, 1, 8, 2]]  # the tail [1, 9, 2] is dropped
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("sources", "dolly,wiki", "pretrain.sources"),
-    ("steps", 0, "pretrain.steps"),
-    ("learning_rate", 0.0, "pretrain.learning_rate"),
-    ("data_dir", "/nonexistent/data", "pretrain.data_dir"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("sources", "dolly,wiki", "pretrain.sources"),
+        ("steps", 0, "pretrain.steps"),
+        ("learning_rate", 0.0, "pretrain.learning_rate"),
+        ("data_dir", "/nonexistent/data", "pretrain.data_dir"),
+    ],
+)
 def test_bad_pretrain_config(field, value, match):
   cfg = _config()
   cfg.pretrain[field] = value
@@ -56,6 +60,7 @@ def test_corpus_has_no_agnews_text(shared_data):
   docs = pt.pretrain_corpus(shared_data, ("dolly", "mmlu", "hellaswag"), max_chars=300_000)
   assert sum(map(len, docs)) >= 300_000
   from fedalign.data.agnews import load_embedded_agnews
+
   train, test = load_embedded_agnews()
   news = set(train.text[:500]) | set(test.text[:500])
   assert not news & set(docs)
@@ -75,6 +80,7 @@ def test_pretrain_learns_and_is_cached(tmp_path, shared_data):
   assert model.config.num_experts == cfg.model.num_experts
   assert model.config.hidden_size == cfg.model.hidden_size
   from fedalign.data.tokenize import HFTokenizer
+
   tok = HFTokenizer.from_file(out)
   for word in cfg.pretrain.added_tokens:  # label words are whole tokens
     assert len(tok.encode([word])[0]) == 1

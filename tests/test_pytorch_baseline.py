@@ -1,6 +1,7 @@
 """The PyTorch / transformers FedAvg baseline (experiments/pytorch_baseline.py) computes what
 fedalign computes: same loss and gradients on the same batch, same weights after local AdamW
 steps, same FedAvg, and a 1-round run writes metrics.jsonl."""
+
 import json
 import pathlib
 import shutil
@@ -51,13 +52,15 @@ def setup(tmp_path_factory):
   data = FederatedData(cfg, work)
   mcfg, params, hf_dir = pb.export_initial_model(cfg, data.tokenizer, work / "hf")
   batches = data.round_batches(cfg, np.array([0, 1]), 0)
-  return dict(cfg=cfg, work=work, data=data, mcfg=mcfg, params=params, hf_dir=hf_dir,
-              batches=batches)
+  return dict(
+      cfg=cfg, work=work, data=data, mcfg=mcfg, params=params, hf_dir=hf_dir, batches=batches
+  )
 
 
 def max_rel_err(a, b):
-  errs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(x)) + 1e-12)),
-                      a, b)
+  errs = jax.tree.map(
+      lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(x)) + 1e-12)), a, b
+  )
   return max(jax.tree.leaves(errs))
 
 
@@ -75,16 +78,16 @@ def test_loss_and_gradients_match_fedalign(setup):
     loss, aux = task.loss(p, batch, None)
     return loss + coef * aux["load_balance_loss"], loss
 
-  (j_total, j_task), j_grads = jax.jit(jax.value_and_grad(total, has_aux=True))(
-      setup["params"])
+  (j_total, j_task), j_grads = jax.jit(jax.value_and_grad(total, has_aux=True))(setup["params"])
   model = pb.load_torch_model(setup["hf_dir"])
   model.train()
   t_total, t_task = pb.client_loss(model, pb.step_batch(b, 0, 0), cfg)
   t_total.backward()
   assert abs(float(j_task) - t_task.item()) < 1e-4
   assert abs(float(j_total) - t_total.item()) < 1e-4
-  t_grads = pb.torch_state_to_params({n: p.grad for n, p in model.named_parameters()},
-                                     setup["hf_dir"])
+  t_grads = pb.torch_state_to_params(
+      {n: p.grad for n, p in model.named_parameters()}, setup["hf_dir"]
+  )
   assert max_rel_err(j_grads, t_grads) < 1e-4
 
 
@@ -95,9 +98,13 @@ def test_local_training_and_fedavg_round_match_fedalign(setup):
   module = build_module(setup["mcfg"])
   mask = trainable_mask(params, "full")
   algorithm = make_algorithm(cfg, params, cfg.data.num_clients)
-  client_update = make_client_update(CausalLMTask(module), algorithm, client_optimizer(cfg),
-                                     load_balance_coef=cfg.train.load_balance_coef,
-                                     learning_rate=cfg.train.learning_rate)
+  client_update = make_client_update(
+      CausalLMTask(module),
+      algorithm,
+      client_optimizer(cfg),
+      load_balance_coef=cfg.train.load_balance_coef,
+      learning_rate=cfg.train.learning_rate,
+  )
   round_fn = jax.jit(make_round_fn(client_update, algorithm, mask, seed=cfg.seed))
   state = init_server_state(params, algorithm, mask, cfg.data.num_clients)
   weights = data.client_sizes[:2].astype(np.float32)
@@ -128,15 +135,16 @@ def test_fedavg_equals_fedalign_weighted_mean(setup, tmp_path):
   """Pure aggregation on the same two (random) client models."""
   params = setup["params"]
   keys = jax.random.split(jax.random.key(1), 2)
-  clients = [jax.tree.map(lambda p, k=k: p + 0.1 * jax.random.normal(k, p.shape), params)
-             for k in keys]
+  clients = [
+      jax.tree.map(lambda p, k=k: p + 0.1 * jax.random.normal(k, p.shape), params) for k in keys
+  ]
   weights = np.array([3.0, 7.0], np.float32)
-  deltas = jax.tree.map(lambda a, c, p: jnp.stack([a - p, c - p]), clients[0], clients[1],
-                        params)
+  deltas = jax.tree.map(lambda a, c, p: jnp.stack([a - p, c - p]), clients[0], clients[1], params)
   agg = fedavg_aggregator()
   expected, _, _ = agg.aggregate(agg.init(params), params, deltas, {}, jnp.asarray(weights))
   from fedalign.models import MoEModel
   from fedalign.models.hf import save_pretrained
+
   states = []
   for i, p in enumerate(clients):  # the official route: save_pretrained -> from_pretrained
     path = save_pretrained(MoEModel(setup["mcfg"], p), tmp_path / f"client{i}")

@@ -1,19 +1,24 @@
 """Tests of fedalign/metrics/routing_metrics.py against hand-computed values."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedalign.metrics.routing_metrics import (expert_role_preservation,
-                                              expert_role_preservation_per_expert,
-                                              expert_specialization_mi, js_divergence,
-                                              routing_divergence)
+from fedalign.metrics.routing_metrics import (
+    expert_role_preservation,
+    expert_role_preservation_per_expert,
+    expert_specialization_mi,
+    js_divergence,
+    routing_divergence,
+)
 
 
 def test_js_divergence():
   p = jnp.array([0.2, 0.3, 0.5])
   assert float(js_divergence(p, p)) == pytest.approx(0.0, abs=1e-7)
   assert float(js_divergence(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))) == pytest.approx(
-      np.log(2), rel=1e-6)
+      np.log(2), rel=1e-6
+  )
   a, b = np.array([0.5, 0.5]), np.array([0.9, 0.1])
   m = (a + b) / 2
   expected = 0.5 * (np.sum(a * np.log(a / m)) + np.sum(b * np.log(b / m)))
@@ -39,8 +44,7 @@ def test_expert_role_preservation():
   value, valid = expert_role_preservation_per_expert(jnp.array(mu), jnp.array(c))
   np.testing.assert_allclose(value, [np.sqrt(2) / 3, -1.0], rtol=1e-6)
   np.testing.assert_array_equal(valid, [True, True])
-  assert float(expert_role_preservation(mu, c)) == pytest.approx((np.sqrt(2) / 3 - 1) / 2,
-                                                                 rel=1e-6)
+  assert float(expert_role_preservation(mu, c)) == pytest.approx((np.sqrt(2) / 3 - 1) / 2, rel=1e-6)
   # one client per expert: nothing to compare -> 1.0, no NaN
   assert float(expert_role_preservation(mu[:1], c[:1])) == 1.0
 
@@ -52,8 +56,11 @@ def test_expert_specialization_mi():
   assert float(expert_specialization_mi(jnp.zeros((k, 6)))) == 0.0
   t = np.array([[3.0, 1.0], [1.0, 3.0]])
   pj = t / t.sum()
-  expected = sum(pj[i, j] * np.log(pj[i, j] / (pj[i].sum() * pj[:, j].sum()))
-                 for i in range(2) for j in range(2))
+  expected = sum(
+      pj[i, j] * np.log(pj[i, j] / (pj[i].sum() * pj[:, j].sum()))
+      for i in range(2)
+      for j in range(2)
+  )
   assert float(expert_specialization_mi(t)) == pytest.approx(expected, rel=1e-5)
   with pytest.raises(ValueError):
     expert_specialization_mi(jnp.ones(3))

@@ -1,4 +1,5 @@
 """Server loop: the README command on a reduced config, resume, corrupted checkpoints, bad input."""
+
 import importlib.util
 import json
 import logging
@@ -76,13 +77,14 @@ def test_readme_command_learns_on_reduced_config(tmp_path):
   assert (tmp_path / "plots" / "accuracy.png").exists()
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param("fedavg", marks=pytest.mark.slow), "scaffold", "fedalign"])
+@pytest.mark.parametrize(
+    "method", [pytest.param("fedavg", marks=pytest.mark.slow), "scaffold", "fedalign"]
+)
 def test_resume_reproduces_uninterrupted_run(tmp_path, method):
   full, part = tmp_path / "full", tmp_path / "part"
   run_experiment(tiny_config(method, rounds=3), full)
-  run_experiment(tiny_config(method, rounds=2), part)   # "killed" after round 2's checkpoint
-  run_experiment(tiny_config(method, rounds=3), part)   # same command again: resumes
+  run_experiment(tiny_config(method, rounds=2), part)  # "killed" after round 2's checkpoint
+  run_experiment(tiny_config(method, rounds=3), part)  # same command again: resumes
   assert read_metrics(part) == read_metrics(full)
 
 
@@ -105,6 +107,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
 def test_capacity_factor_reaches_the_model(tmp_path):
   """model.capacity_factor > 0 switches the decoder to sparse capacity dispatch."""
   from fedalign.federated.server import model_config_from
+
   c = tiny_config()
   assert model_config_from(c, 100).capacity_factor is None
   c.model.capacity_factor = 1.25
@@ -122,14 +125,21 @@ def test_workdir_with_a_different_config_is_refused(tmp_path):
     run_experiment(other, tmp_path)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("method", "fedfoo", "config.method='fedfoo' is invalid: expected one of"),
-    ("train.clients_per_round", 9, r"train.clients_per_round=9 is invalid: expected an integer "
-                                   r"in \[1, data.num_clients=4\]"),
-    ("data.partition", "zipf", "config.data.partition='zipf'"),
-    ("train.trainable", "lora", "model.lora_rank"),
-    ("model.moe_impl", "ragged", "config.model.moe_impl='ragged' is invalid"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("method", "fedfoo", "config.method='fedfoo' is invalid: expected one of"),
+        (
+            "train.clients_per_round",
+            9,
+            r"train.clients_per_round=9 is invalid: expected an integer "
+            r"in \[1, data.num_clients=4\]",
+        ),
+        ("data.partition", "zipf", "config.data.partition='zipf'"),
+        ("train.trainable", "lora", "model.lora_rank"),
+        ("model.moe_impl", "ragged", "config.model.moe_impl='ragged' is invalid"),
+    ],
+)
 def test_bad_config_fails_before_compute(tmp_path, field, value, match):
   c = tiny_config()
   section, _, key = field.rpartition(".")
@@ -152,10 +162,21 @@ def test_partition_leaving_a_client_empty_is_an_error(tmp_path):
 def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
   import subprocess
   import sys
+
   proc = subprocess.run(
-      [sys.executable, "-m", "fedalign.main", "--config=configs/default.py",
-       f"--workdir={tmp_path}", "--config.train.learning_rat=0.1"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          "-m",
+          "fedalign.main",
+          "--config=configs/default.py",
+          f"--workdir={tmp_path}",
+          "--config.train.learning_rat=0.1",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode != 0
   assert "learning_rat" in proc.stderr
   assert not (tmp_path / "metrics.jsonl").exists()

@@ -1,4 +1,5 @@
 """Expert specialization: per-class selection tables add up to the unmasked counts."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,16 @@ from fedalign.models import MoEConfig, MoEDecoderLM, init_params
 
 
 def test_class_tables_partition_the_selection_counts():
-  cfg = MoEConfig(vocab_size=20, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
-                  num_experts=4, top_k=2, moe_intermediate_size=4)
+  cfg = MoEConfig(
+      vocab_size=20,
+      hidden_size=8,
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      num_experts=4,
+      top_k=2,
+      moe_intermediate_size=4,
+  )
   module = MoEDecoderLM(cfg)
   params = init_params(cfg, 3)
   tokens = jax.random.randint(jax.random.key(1), (6, 5), 0, 20)

@@ -5,6 +5,7 @@ Not a config on its own: ``mmlu_deepseek_moe16b_lora.py`` and
 the memory and time estimates and the mesh). Everything the two share is here; the
 per-dataset numbers (sequence length, batch size, evaluation metric) are arguments.
 """
+
 import pathlib
 
 import ml_collections
@@ -28,18 +29,25 @@ def _default() -> ml_collections.ConfigDict:
   return load_config(REPO / "configs" / "default.py")
 
 
-def build(dataset: str, arg: str | None, *, seq_len: int, batch_size: int,
-          eval_batch_size: int, mc_metric: str, runlocal_seq_len: int
-          ) -> ml_collections.ConfigDict:
+def build(
+    dataset: str,
+    arg: str | None,
+    *,
+    seq_len: int,
+    batch_size: int,
+    eval_batch_size: int,
+    mc_metric: str,
+    runlocal_seq_len: int
+) -> ml_collections.ConfigDict:
   """The DeepSeek-MoE-16B LoRA setup on ``dataset``; ``arg='runlocal'``: the tiny variant."""
   c = _default()
   c.method = "fedalign"
 
-  c.data.dataset = dataset               # fixed 80/20 split per topic group, see
+  c.data.dataset = dataset  # fixed 80/20 split per topic group, see
   c.data.data_dir = shared_data_dir(dataset)  # fedalign/data/multiple_choice.py
   c.data.num_clients = 10
-  c.data.partition = "dirichlet"         # over topic groups (MMLU subject, HellaSwag activity)
-  c.data.alpha = 0.1                     # the paper's non-IID column; 1.0 = its "IID" column
+  c.data.partition = "dirichlet"  # over topic groups (MMLU subject, HellaSwag activity)
+  c.data.alpha = 0.1  # the paper's non-IID column; 1.0 = its "IID" column
   c.data.min_client_size = 20
   c.data.seq_len = seq_len
   c.data.max_train_examples = 0
@@ -50,48 +58,48 @@ def build(dataset: str, arg: str | None, *, seq_len: int, batch_size: int,
   # Required: a local deepseek-ai/deepseek-moe-16b-base directory (sizes, weights and
   # tokenizer come from it). A placeholder: unset is an error naming this field.
   c.model.hf_checkpoint = config_dict.placeholder(str)
-  c.model.dtype = "bfloat16"             # parameters and compute (routers stay float32)
+  c.model.dtype = "bfloat16"  # parameters and compute (routers stay float32)
   c.model.lora_rank = 8
   c.model.lora_alpha = 16.0
   c.model.moe_impl = "dense"
-  c.model.capacity_factor = 1.25         # sparse top-k dispatch (dense = all 64 experts/token)
+  c.model.capacity_factor = 1.25  # sparse top-k dispatch (dense = all 64 experts/token)
 
   c.train.rounds = 25
   c.train.clients_per_round = 10
   c.train.local_epochs = 1
-  c.train.local_steps = 0                # one local epoch per round
+  c.train.local_steps = 0  # one local epoch per round
   c.train.batch_size = batch_size
   c.train.optimizer = "adamw"
   c.train.learning_rate = 1e-4
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
-  c.train.load_balance_coef = 0.001      # DeepSeek-MoE's own aux_loss_alpha
+  c.train.load_balance_coef = 0.001  # DeepSeek-MoE's own aux_loss_alpha
   c.train.z_loss_coef = 0.0
-  c.train.trainable = "lora"             # adapters (attention + every routed expert) + routers
-  c.train.chunk_size = 1                 # clients one after another inside the jitted round
+  c.train.trainable = "lora"  # adapters (attention + every routed expert) + routers
+  c.train.chunk_size = 1  # clients one after another inside the jitted round
   c.train.use_mesh = False
 
   c.fedalign.lambda_reg = 0.1
 
-  c.eval.every = 5                       # and after the last round
-  c.eval.batch_size = eval_batch_size    # questions x 4 options: batch_size // 4 per forward
-  c.eval.mc_metric = mc_metric           # acc | acc_norm (per-character, HellaSwag's usual)
+  c.eval.every = 5  # and after the last round
+  c.eval.batch_size = eval_batch_size  # questions x 4 options: batch_size // 4 per forward
+  c.eval.mc_metric = mc_metric  # acc | acc_norm (per-character, HellaSwag's usual)
   c.checkpoint.every = 5
-  c.checkpoint.keep = 1                  # a checkpoint holds the full params (~33 GB)
+  c.checkpoint.keep = 1  # a checkpoint holds the full params (~33 GB)
 
   if arg == "runlocal":
-    c.model.hf_checkpoint = ""           # random init from the sizes below
+    c.model.hf_checkpoint = ""  # random init from the sizes below
     c.model.dtype = "float32"
-    c.data.tokenizer = "bpe"             # byte-level BPE trained on the clients' text
+    c.data.tokenizer = "bpe"  # byte-level BPE trained on the clients' text
     c.data.vocab_size = 512
     c.data.num_clients = 4
     c.data.min_client_size = 10
     c.data.max_train_examples = 400
     c.data.max_test_examples = 100
     c.data.seq_len = runlocal_seq_len
-    c.model.hidden_size = 32             # tiny DeepSeek-MoE: layer 0 dense (first_k_dense=1),
-    c.model.intermediate_size = 64       # layer 1 MoE with 8 fine-grained routed experts
-    c.model.num_layers = 2               # (top-2) + an ungated shared expert
+    c.model.hidden_size = 32  # tiny DeepSeek-MoE: layer 0 dense (first_k_dense=1),
+    c.model.intermediate_size = 64  # layer 1 MoE with 8 fine-grained routed experts
+    c.model.num_layers = 2  # (top-2) + an ungated shared expert
     c.model.num_heads = 4
     c.model.num_kv_heads = 4
     c.model.num_experts = 8

@@ -52,6 +52,7 @@ on the clients' text; what tests/test_switch_federated.py runs)::
     python -m fedalign.main --config=configs/paper/agnews_switch_base16.py:runlocal \\
         --workdir=/tmp/agnews_switch_tiny
 """
+
 import pathlib
 
 import ml_collections
@@ -72,8 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.dataset = "agnews_embedded"
   c.data.num_clients = 10
   c.data.partition = "dirichlet"
-  c.data.alpha = 0.1                     # the paper's non-IID column; 1.0 = its "IID" column
-  c.data.seq_len = 128                   # encoder tokens (prompt + </s>)
+  c.data.alpha = 0.1  # the paper's non-IID column; 1.0 = its "IID" column
+  c.data.seq_len = 128  # encoder tokens (prompt + </s>)
 
   c.model.type = "switch"
   # Required: a local google/switch-base-16 directory (sizes, weights and tokenizer come from
@@ -81,8 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hf_checkpoint = config_dict.placeholder(str)
   c.model.lora_rank = 0
   c.model.lora_alpha = 16.0
-  c.model.dropout_rate = 0.1             # fine-tuning dropout (the checkpoint's value)
-  c.model.router_jitter_noise = 0.01     # the checkpoint's value
+  c.model.dropout_rate = 0.1  # fine-tuning dropout (the checkpoint's value)
+  c.model.router_jitter_noise = 0.01  # the checkpoint's value
   # Sizes used only without a checkpoint (the runlocal variant below).
   c.model.d_kv = 0
   c.model.sparse_step = 2
@@ -100,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.load_balance_coef = 0.001
   c.train.z_loss_coef = 0.001
   c.train.trainable = "full"
-  c.train.chunk_size = 1                 # see the docstring: memory of full fine-tuning
+  c.train.chunk_size = 1  # see the docstring: memory of full fine-tuning
 
   c.fedalign.lambda_reg = 0.1
 
@@ -110,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2
 
   if arg == "runlocal":
-    c.model.hf_checkpoint = ""           # random init from the sizes below
+    c.model.hf_checkpoint = ""  # random init from the sizes below
     c.data.tokenizer = "bpe"
     c.data.vocab_size = 300
     c.data.num_clients = 4
@@ -118,7 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_train_examples = 400
     c.data.max_test_examples = 100
     c.data.seq_len = 32
-    c.model.hidden_size = 32             # switch_tiny sizes
+    c.model.hidden_size = 32  # switch_tiny sizes
     c.model.intermediate_size = 64
     c.model.num_layers = 2
     c.model.num_heads = 4
@@ -128,8 +129,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.expert_capacity = 16
     c.model.relative_attention_num_buckets = 8
     c.model.relative_attention_max_distance = 20
-    c.model.dropout_rate = 0.0           # cheap and deterministic: Seq2SeqTask then runs the
-    c.model.router_jitter_noise = 0.0    # model with deterministic=True (same function)
+    c.model.dropout_rate = 0.0  # cheap and deterministic: Seq2SeqTask then runs the
+    c.model.router_jitter_noise = 0.0  # model with deterministic=True (same function)
     c.train.rounds = 2
     c.train.clients_per_round = 4
     c.train.local_steps = 2

@@ -52,6 +52,7 @@ clients' text, 400 / 100 questions, 4 clients, 2 rounds; run by tests/test_paper
     python -m fedalign.main --config=configs/paper/hellaswag_deepseek_moe16b_lora.py:runlocal \\
         --workdir=/tmp/hellaswag_ds_tiny
 """
+
 import pathlib
 
 import ml_collections
@@ -70,5 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   >>> c.data.dataset, c.eval.mc_metric  # doctest: +SKIP
   ('hellaswag', 'acc_norm')
   """
-  return _builder().build("hellaswag", arg, seq_len=192, batch_size=8, eval_batch_size=32,
-                          mc_metric="acc_norm", runlocal_seq_len=128)
+  return _builder().build(
+      "hellaswag",
+      arg,
+      seq_len=192,
+      batch_size=8,
+      eval_batch_size=32,
+      mc_metric="acc_norm",
+      runlocal_seq_len=128,
+  )

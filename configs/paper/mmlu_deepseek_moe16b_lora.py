@@ -83,6 +83,7 @@ Tiny variant that runs on CPU in seconds (a random 2-layer DeepSeek-MoE with 8 r
     python -m fedalign.main --config=configs/paper/mmlu_deepseek_moe16b_lora.py:runlocal \\
         --workdir=/tmp/mmlu_ds_tiny
 """
+
 import pathlib
 
 import ml_collections
@@ -101,5 +102,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   >>> c.data.dataset, c.model.family, c.train.trainable  # doctest: +SKIP
   ('mmlu', 'deepseek_moe', 'lora')
   """
-  return _builder().build("mmlu", arg, seq_len=512, batch_size=2, eval_batch_size=16,
-                          mc_metric="acc", runlocal_seq_len=96)
+  return _builder().build(
+      "mmlu",
+      arg,
+      seq_len=512,
+      batch_size=2,
+      eval_batch_size=16,
+      mc_metric="acc",
+      runlocal_seq_len=96,
+  )

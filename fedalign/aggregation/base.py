@@ -11,6 +11,7 @@ axis C = clients of the round):
 round (padding, NaN update). ``stats`` maps each MoE block path to its routing statistics
 (see :mod:`fedalign.models.routing`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
@@ -60,4 +61,7 @@ def apply_delta(params: PyTree, delta: PyTree) -> PyTree:
   """params + delta, leaf-wise; leaves whose delta is ``None`` are kept."""
   return jax.tree.map(
       lambda p, d: p if d is None else (p + d.astype(p.dtype)),
-      params, delta, is_leaf=lambda x: x is None)
+      params,
+      delta,
+      is_leaf=lambda x: x is None,
+  )

@@ -19,6 +19,7 @@ Server side::
 Shapes: C clients (leading axis of deltas, stats and weights), E routed experts, D model width.
 Everything is a pure function of arrays, jittable, with static Python loops over MoE blocks only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,13 @@ import optax
 from flax import traverse_util
 
 from fedalign.aggregation.base import Aggregator
-from fedalign.aggregation.permutation import (expert_similarity, find_moe_blocks,
-                                              linear_sum_assignment, permute_moe_block,
-                                              permute_routing_stats)
+from fedalign.aggregation.permutation import (
+    expert_similarity,
+    find_moe_blocks,
+    linear_sum_assignment,
+    permute_moe_block,
+    permute_routing_stats,
+)
 from fedalign.metrics.routing_metrics import expert_role_preservation, routing_divergence
 from fedalign.models.routing import STAT_NAMES, finalize_stats
 
@@ -109,17 +114,23 @@ class FedAlignConfig:
 
   def __post_init__(self):
     if self.router_weighting not in ROUTER_WEIGHTINGS:
-      raise ValueError(f"router_weighting must be one of {ROUTER_WEIGHTINGS}, "
-                       f"got {self.router_weighting!r}")
+      raise ValueError(
+          f"router_weighting must be one of {ROUTER_WEIGHTINGS}, " f"got {self.router_weighting!r}"
+      )
     if self.semantic_similarity not in SEMANTIC_SIMILARITIES:
-      raise ValueError(f"semantic_similarity must be one of {SEMANTIC_SIMILARITIES}, "
-                       f"got {self.semantic_similarity!r}")
+      raise ValueError(
+          f"semantic_similarity must be one of {SEMANTIC_SIMILARITIES}, "
+          f"got {self.semantic_similarity!r}"
+      )
     if self.centroid_clip is not None and not self.centroid_clip > 0:
       raise ValueError(f"centroid_clip must be > 0 or None, got {self.centroid_clip}")
     if self.pairwise_chunk_size is not None and not (
-        isinstance(self.pairwise_chunk_size, int) and self.pairwise_chunk_size >= 1):
-      raise ValueError(f"pairwise_chunk_size must be a positive int or None, "
-                       f"got {self.pairwise_chunk_size!r}")
+        isinstance(self.pairwise_chunk_size, int) and self.pairwise_chunk_size >= 1
+    ):
+      raise ValueError(
+          f"pairwise_chunk_size must be a positive int or None, "
+          f"got {self.pairwise_chunk_size!r}"
+      )
     if not self.centroid_noise_std >= 0:
       raise ValueError(f"centroid_noise_std must be >= 0, got {self.centroid_noise_std}")
 
@@ -158,9 +169,11 @@ def as_fedalign_config(config: Any = None) -> FedAlignConfig:
 # ============================================================================================
 
 
-def gating_regularizer(batch_stats: Mapping[str, Mapping[str, jax.Array]],
-                       p_g: Mapping[str, jax.Array],
-                       alpha: Mapping[str, jax.Array] | None = None) -> jax.Array:
+def gating_regularizer(
+    batch_stats: Mapping[str, Mapping[str, jax.Array]],
+    p_g: Mapping[str, jax.Array],
+    alpha: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
   """sum_l R_l, R_l = sum_e M_l(e) alpha_l(e) q_l(e) log(q_l(e) / p_g,l(e))  (spec 3.2).
 
   q_l = prob_sum / token_count of the batch (differentiable through ``prob_sum``),
@@ -186,8 +199,10 @@ def gating_regularizer(batch_stats: Mapping[str, Mapping[str, jax.Array]],
   total = jnp.zeros((), jnp.float32)
   for path, pg in p_g.items():
     if path not in batch_stats:
-      raise ValueError(f"gating_regularizer: no routing stats for MoE block {path!r}; "
-                       f"got blocks {sorted(batch_stats)}")
+      raise ValueError(
+          f"gating_regularizer: no routing stats for MoE block {path!r}; "
+          f"got blocks {sorted(batch_stats)}"
+      )
     s = batch_stats[path]
     for field in ("token_count", "prob_sum", "select_count"):
       if field not in s:
@@ -196,10 +211,15 @@ def gating_regularizer(batch_stats: Mapping[str, Mapping[str, jax.Array]],
     num_experts = prob_sum.shape[-1]
     pg = jax.lax.stop_gradient(jnp.asarray(pg, jnp.float32))
     if pg.shape != (num_experts,):
-      raise ValueError(f"gating_regularizer: p_g of block {path!r} has shape {pg.shape}, "
-                       f"expected ({num_experts},)")
-    a = (jnp.ones((num_experts,), jnp.float32) if alpha is None
-         else jax.lax.stop_gradient(jnp.asarray(alpha[path], jnp.float32)))
+      raise ValueError(
+          f"gating_regularizer: p_g of block {path!r} has shape {pg.shape}, "
+          f"expected ({num_experts},)"
+      )
+    a = (
+        jnp.ones((num_experts,), jnp.float32)
+        if alpha is None
+        else jax.lax.stop_gradient(jnp.asarray(alpha[path], jnp.float32))
+    )
     count = jnp.asarray(s["token_count"], jnp.float32)[..., None]
     has_tokens = count > 0
     q = jnp.where(has_tokens, prob_sum / jnp.where(has_tokens, count, 1.0), 0.0)
@@ -255,8 +275,7 @@ def _prepare(global_params: PyTree, deltas: PyTree, weights: jax.Array) -> _Prep
   any_part = total > 0
   nw = w_eff / jnp.where(any_part, total, 1.0)
   flat_p = traverse_util.flatten_dict(global_params, keep_empty_nodes=True)
-  flat_d_raw = ({} if deltas is None else
-                traverse_util.flatten_dict(deltas, keep_empty_nodes=True))
+  flat_d_raw = {} if deltas is None else traverse_util.flatten_dict(deltas, keep_empty_nodes=True)
   for key, value in flat_d_raw.items():
     if value is None or value is _EMPTY:
       continue
@@ -272,8 +291,10 @@ def _prepare(global_params: PyTree, deltas: PyTree, weights: jax.Array) -> _Prep
       continue
     expected = (num_clients,) + tuple(jnp.shape(p))
     if tuple(jnp.shape(d)) != expected:
-      raise ValueError(f"delta of {_path_str(key)!r} has shape {tuple(jnp.shape(d))}, "
-                       f"expected {expected} (clients first)")
+      raise ValueError(
+          f"delta of {_path_str(key)!r} has shape {tuple(jnp.shape(d))}, "
+          f"expected {expected} (clients first)"
+      )
     d = jnp.asarray(d, jnp.float32)
     mask = part.reshape((num_clients,) + (1,) * (d.ndim - 1))
     flat_d[key] = jnp.where(mask, d, 0.0)
@@ -303,8 +324,10 @@ def _fedavg_deltas(prep: _Prepared) -> dict:
 def _moe_blocks(global_params: PyTree, who: str) -> list[str]:
   blocks = find_moe_blocks(global_params)
   if not blocks:
-    raise ValueError(f"{who}: params contain no MoE block (a subtree with both 'router' and "
-                     "'experts' keys, router kernel (D, E), experts (E, ...))")
+    raise ValueError(
+        f"{who}: params contain no MoE block (a subtree with both 'router' and "
+        "'experts' keys, router kernel (D, E), experts (E, ...))"
+    )
   return blocks
 
 
@@ -331,42 +354,58 @@ def _block_layout(flat_p: dict, path: str) -> _Block:
   if bias_key in flat_p:
     bshape = tuple(jnp.shape(flat_p[bias_key]))
     if bshape != (num_experts,):
-      raise ValueError(f"MoE block {path!r}: router bias has shape {bshape}, "
-                       f"expected ({num_experts},)")
+      raise ValueError(
+          f"MoE block {path!r}: router bias has shape {bshape}, " f"expected ({num_experts},)"
+      )
   else:
     bias_key = None
-  expert_keys = sorted(k for k, v in flat_p.items()
-                       if k[:n + 1] == prefix + ("experts",) and v is not _EMPTY)
+  expert_keys = sorted(
+      k for k, v in flat_p.items() if k[: n + 1] == prefix + ("experts",) and v is not _EMPTY
+  )
   if not expert_keys:
     raise ValueError(f"MoE block {path!r}: 'experts' holds no parameter")
   for k in expert_keys:
     shape = tuple(jnp.shape(flat_p[k]))
     if not shape or shape[0] != num_experts:
-      raise ValueError(f"MoE block {path!r}: expert leaf {_path_str(k)!r} has shape {shape}, "
-                       f"expected the expert axis ({num_experts}, ...) first")
+      raise ValueError(
+          f"MoE block {path!r}: expert leaf {_path_str(k)!r} has shape {shape}, "
+          f"expected the expert axis ({num_experts}, ...) first"
+      )
   return _Block(path, kernel_key, bias_key, expert_keys, num_experts, dim)
 
 
-def _check_stats(stats: Mapping[str, Any], block: _Block, num_clients: int,
-                 fields: tuple[str, ...] = STAT_NAMES) -> dict[str, jax.Array]:
+def _check_stats(
+    stats: Mapping[str, Any], block: _Block, num_clients: int, fields: tuple[str, ...] = STAT_NAMES
+) -> dict[str, jax.Array]:
   """Validates one block's client-stacked stats; returns float32 arrays."""
   if block.path not in stats:
-    raise ValueError(f"no routing stats for MoE block {block.path!r}; "
-                     f"got blocks {sorted(stats)}")
+    raise ValueError(
+        f"no routing stats for MoE block {block.path!r}; " f"got blocks {sorted(stats)}"
+    )
   s = stats[block.path]
   c, e, d = num_clients, block.num_experts, block.dim
-  expected = {"token_count": (c,), "prob_sum": (c, e), "select_count": (c, e),
-              "margin_sum": (c, e), "gate_sum": (c, e), "centroid_sum": (c, e, d)}
+  expected = {
+      "token_count": (c,),
+      "prob_sum": (c, e),
+      "select_count": (c, e),
+      "margin_sum": (c, e),
+      "gate_sum": (c, e),
+      "centroid_sum": (c, e, d),
+  }
   out = {}
   for field in fields:
     if field not in s:
-      raise ValueError(f"routing stats of MoE block {block.path!r} lack {field!r} "
-                       f"(expected shape {expected[field]})")
+      raise ValueError(
+          f"routing stats of MoE block {block.path!r} lack {field!r} "
+          f"(expected shape {expected[field]})"
+      )
     shape = tuple(jnp.shape(s[field]))
     if shape != expected[field]:
-      raise ValueError(f"routing stats of MoE block {block.path!r}: {field!r} has shape "
-                       f"{shape}, expected {expected[field]} (C={c} clients, E={e} experts, "
-                       f"D={d})")
+      raise ValueError(
+          f"routing stats of MoE block {block.path!r}: {field!r} has shape "
+          f"{shape}, expected {expected[field]} (C={c} clients, E={e} experts, "
+          f"D={d})"
+      )
     out[field] = jnp.asarray(s[field], jnp.float32)
   return out
 
@@ -380,8 +419,9 @@ def _sanitize_stats(s: dict[str, jax.Array], part: jax.Array) -> dict[str, jax.A
   return out
 
 
-def _init_server_opt(opt: optax.GradientTransformation | None, params: PyTree,
-                     trainable: PyTree | None) -> dict:
+def _init_server_opt(
+    opt: optax.GradientTransformation | None, params: PyTree, trainable: PyTree | None
+) -> dict:
   """{'keys': {path: True}, 'state': opt state over the trainable leaves} (or {})."""
   if opt is None:
     return {}
@@ -397,9 +437,13 @@ def _init_server_opt(opt: optax.GradientTransformation | None, params: PyTree,
   return {"keys": {k: jnp.array(True) for k in sub}, "state": opt.init(sub)}
 
 
-def _finish(flat_p: dict, agg: dict, any_part: jax.Array,
-            opt: optax.GradientTransformation | None, opt_state: dict
-            ) -> tuple[PyTree, dict]:
+def _finish(
+    flat_p: dict,
+    agg: dict,
+    any_part: jax.Array,
+    opt: optax.GradientTransformation | None,
+    opt_state: dict,
+) -> tuple[PyTree, dict]:
   """Applies the aggregated delta (through the server optimizer) and unflattens.
 
   When no client took part, params and optimizer state are returned unchanged.
@@ -415,8 +459,10 @@ def _finish(flat_p: dict, agg: dict, any_part: jax.Array,
   by_str = {_path_str(k): k for k in flat_p if flat_p[k] is not _EMPTY}
   for k, d in agg.items():
     if d is not None and _path_str(k) not in keys:
-      raise ValueError(f"delta for {_path_str(k)!r}, but the server optimizer was "
-                       "initialised without it (pass trainable= to init)")
+      raise ValueError(
+          f"delta for {_path_str(k)!r}, but the server optimizer was "
+          "initialised without it (pass trainable= to init)"
+      )
   grads = {}
   sub = {}
   for s in keys:
@@ -429,8 +475,9 @@ def _finish(flat_p: dict, agg: dict, any_part: jax.Array,
     k = by_str[s]
     p = flat_p[k]
     new_flat[k] = jnp.where(any_part, p + updates[s].astype(p.dtype), p)
-  new_state = jax.tree.map(lambda new, old: jnp.where(any_part, new, old), new_state,
-                           opt_state["state"])
+  new_state = jax.tree.map(
+      lambda new, old: jnp.where(any_part, new, old), new_state, opt_state["state"]
+  )
   return traverse_util.unflatten_dict(new_flat), {"keys": keys, "state": new_state}
 
 
@@ -473,8 +520,9 @@ def _diag_gate(mu: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   return jnp.exp(jnp.diagonal(logp, axis1=-2, axis2=-1))
 
 
-def _pairwise_gate(mu: jax.Array, kernels: jax.Array, biases: jax.Array,
-                   chunk_size: int | None = None) -> jax.Array:
+def _pairwise_gate(
+    mu: jax.Array, kernels: jax.Array, biases: jax.Array, chunk_size: int | None = None
+) -> jax.Array:
   """gamma[i, j, e] = softmax(W_j^T mu_i(e) + b_j)_e for every pair of clients: (C, C, E).
 
   mu (C, E, D), kernels (C, D, E), biases (C, E). The softmax needs every expert's logit, so
@@ -506,17 +554,27 @@ def _privatize(mu: jax.Array, cfg: FedAlignConfig, key: jax.Array) -> jax.Array:
   return mu
 
 
-def _align_block(cfg: FedAlignConfig, blk: _Block, flat_p: dict, flat_d: dict,
-                 raw: dict, mu: jax.Array, part: jax.Array, prev_centroids: jax.Array,
-                 has_centroids: jax.Array):
+def _align_block(
+    cfg: FedAlignConfig,
+    blk: _Block,
+    flat_p: dict,
+    flat_d: dict,
+    raw: dict,
+    mu: jax.Array,
+    part: jax.Array,
+    prev_centroids: jax.Array,
+    has_centroids: jax.Array,
+):
   """Permutation alignment of one block (4.5). Returns (new flat_d entries, raw, mu, diag)."""
   kernel_d = flat_d[blk.kernel_key]
   bias_d = None if blk.bias_key is None else flat_d[blk.bias_key]
   frozen = [k for k in blk.expert_keys if flat_d[k] is None]
   if kernel_d is None or (blk.bias_key is not None and bias_d is None) or frozen:
-    warnings.warn(f"permutation_alignment: MoE block {blk.path!r} has a frozen router or "
-                  "frozen expert leaves (e.g. LoRA base weights), whose expert order the "
-                  "client cannot have changed; the block is not permuted.")
+    warnings.warn(
+        f"permutation_alignment: MoE block {blk.path!r} has a frozen router or "
+        "frozen expert leaves (e.g. LoRA base weights), whose expert order the "
+        "client cannot have changed; the block is not permuted."
+    )
     return {}, raw, mu, {}
   num_clients = part.shape[0]
   e = blk.num_experts
@@ -527,17 +585,17 @@ def _align_block(cfg: FedAlignConfig, blk: _Block, flat_p: dict, flat_d: dict,
       router["bias"] = router_bias
     return {"router": router, "experts": experts}
 
-  g_core = core(flat_p[blk.kernel_key],
-                None if blk.bias_key is None else flat_p[blk.bias_key],
-                {_path_str(k): flat_p[k] for k in blk.expert_keys})
+  g_core = core(
+      flat_p[blk.kernel_key],
+      None if blk.bias_key is None else flat_p[blk.bias_key],
+      {_path_str(k): flat_p[k] for k in blk.expert_keys},
+  )
   g_core = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g_core)
   d_core = core(kernel_d, bias_d, {_path_str(k): flat_d[k] for k in blk.expert_keys})
   c_core = jax.tree.map(lambda g, d: g[None] + d, g_core, d_core)  # client params (C, ...)
 
-  weight_score = jax.vmap(lambda cc: expert_similarity(g_core, cc, kind="weight_cosine"))(
-      c_core)
-  cent_score = jax.vmap(lambda m: expert_similarity(prev_centroids, m,
-                                                    kind="centroid_cosine"))(mu)
+  weight_score = jax.vmap(lambda cc: expert_similarity(g_core, cc, kind="weight_cosine"))(c_core)
+  cent_score = jax.vmap(lambda m: expert_similarity(prev_centroids, m, kind="centroid_cosine"))(mu)
   use_centroids = jnp.all(has_centroids)
   score = jnp.where(use_centroids, cent_score, weight_score)
   score = score + cfg.identity_bonus * jnp.eye(e, dtype=score.dtype)
@@ -559,15 +617,27 @@ def _align_block(cfg: FedAlignConfig, blk: _Block, flat_p: dict, flat_d: dict,
   mu = jnp.take_along_axis(mu, perm[:, :, None], axis=1)
   moved = jnp.mean((perm != ident).astype(jnp.float32), axis=1)
   n_part = jnp.maximum(jnp.sum(part), 1)
-  diag = {"perm_moved_frac": jnp.sum(jnp.where(part, moved, 0.0)) / n_part,
-          "perm_used_centroids": use_centroids.astype(jnp.float32)}
+  diag = {
+      "perm_moved_frac": jnp.sum(jnp.where(part, moved, 0.0)) / n_part,
+      "perm_used_centroids": use_centroids.astype(jnp.float32),
+  }
   del num_clients
   return new_d, raw, mu, diag
 
 
-def _block_update(cfg: FedAlignConfig, blk: _Block, flat_p: dict, flat_d: dict, raw: dict,
-                  mu: jax.Array, prep: _Prepared, p_g: jax.Array, alpha: jax.Array,
-                  centroids: jax.Array, has_centroids: jax.Array):
+def _block_update(
+    cfg: FedAlignConfig,
+    blk: _Block,
+    flat_p: dict,
+    flat_d: dict,
+    raw: dict,
+    mu: jax.Array,
+    prep: _Prepared,
+    p_g: jax.Array,
+    alpha: jax.Array,
+    centroids: jax.Array,
+    has_centroids: jax.Array,
+):
   """4.1-4.3 for one MoE block. Returns (agg updates, p_g, alpha, centroids, has, diag)."""
   part, w_eff, nw = prep.part, prep.w_eff, prep.nw
   partf = part.astype(jnp.float32)
@@ -587,8 +657,7 @@ def _block_update(cfg: FedAlignConfig, blk: _Block, flat_p: dict, flat_d: dict, 
     if cfg.weight_by_n:
       s = s * w_eff[:, None]
     s_sum = jnp.sum(s, axis=0)
-    omega = jnp.where(s_sum[None] > 0, s / jnp.where(s_sum > 0, s_sum, 1.0)[None],
-                      nw[:, None])
+    omega = jnp.where(s_sum[None] > 0, s / jnp.where(s_sum > 0, s_sum, 1.0)[None], nw[:, None])
   kernel_d = flat_d[blk.kernel_key]
   bias_d = None if blk.bias_key is None else flat_d[blk.bias_key]
   if kernel_d is not None:
@@ -624,11 +693,15 @@ def _block_update(cfg: FedAlignConfig, blk: _Block, flat_p: dict, flat_d: dict, 
     sel = c > 0  # P(e) membership (C, E)
     self_f = sel.astype(jnp.float32)
     n_sel = jnp.sum(self_f, axis=0)  # |P(e)|
-    x = jnp.concatenate([flat_d[k].reshape(flat_d[k].shape[:2] + (-1,)) for k in trained],
-                        axis=-1)  # (C, E, P)
+    x = jnp.concatenate(
+        [flat_d[k].reshape(flat_d[k].shape[:2] + (-1,)) for k in trained], axis=-1
+    )  # (C, E, P)
     kernel_g = jnp.asarray(flat_p[blk.kernel_key], jnp.float32)
-    bias_g = (jnp.zeros((e,), jnp.float32) if blk.bias_key is None
-              else jnp.asarray(flat_p[blk.bias_key], jnp.float32))
+    bias_g = (
+        jnp.zeros((e,), jnp.float32)
+        if blk.bias_key is None
+        else jnp.asarray(flat_p[blk.bias_key], jnp.float32)
+    )
     if cfg.pairwise:
       if cfg.semantic_similarity == "gate":
         kernels = kernel_g[None] + (0.0 if kernel_d is None else kernel_d)  # (C, D, E)
@@ -673,8 +746,11 @@ def _block_update(cfg: FedAlignConfig, blk: _Block, flat_p: dict, flat_d: dict, 
     ca = c * a_f
     ca_tot = jnp.sum(ca, axis=0)
     # w_i(e) = c S / sum_A c S; all-zero scores in A fall back to counts [ours].
-    w = jnp.where(cs_tot[None] > 0, cs / jnp.where(cs_tot > 0, cs_tot, 1.0)[None],
-                  ca / jnp.where(ca_tot > 0, ca_tot, 1.0)[None])
+    w = jnp.where(
+        cs_tot[None] > 0,
+        cs / jnp.where(cs_tot > 0, cs_tot, 1.0)[None],
+        ca / jnp.where(ca_tot > 0, ca_tot, 1.0)[None],
+    )
     for k in trained:
       agg[k] = _esum(w, flat_d[k])
     kept = ca_tot <= 0
@@ -696,10 +772,16 @@ def _block_update(cfg: FedAlignConfig, blk: _Block, flat_p: dict, flat_d: dict, 
   om_mean, om_min, om_max = _masked_stats(omega, jnp.broadcast_to(part[:, None], omega.shape))
   if cfg.detailed_diagnostics:
     diag["omega"] = omega
-  diag.update({"omega_mean": om_mean, "omega_min": om_min, "omega_max": om_max,
-               "alpha_mean": jnp.mean(new_alpha),
-               "routing_divergence": routing_divergence(p, new_pg, w_eff),
-               "expert_role_preservation": expert_role_preservation(mu, c)})
+  diag.update(
+      {
+          "omega_mean": om_mean,
+          "omega_min": om_min,
+          "omega_max": om_max,
+          "alpha_mean": jnp.mean(new_alpha),
+          "routing_divergence": routing_divergence(p, new_pg, w_eff),
+          "expert_role_preservation": expert_role_preservation(mu, c),
+      }
+  )
   return agg, new_pg, new_alpha, new_centroids, new_has, diag
 
 
@@ -768,24 +850,38 @@ def fedalign_aggregator(config: Any = None) -> FedAlignAggregator:
       alpha[path] = jnp.ones((blk.num_experts,), jnp.float32)
       cents[path] = jnp.zeros((blk.num_experts, blk.dim), jnp.float32)
       has[path] = jnp.zeros((blk.num_experts,), bool)
-    return {"p_g": p_g, "alpha": alpha, "centroids": cents, "has_centroids": has,
-            "server_opt": _init_server_opt(opt, params, trainable),
-            "rng": jax.random.PRNGKey(cfg.seed), "round": jnp.zeros((), jnp.int32)}
+    return {
+        "p_g": p_g,
+        "alpha": alpha,
+        "centroids": cents,
+        "has_centroids": has,
+        "server_opt": _init_server_opt(opt, params, trainable),
+        "rng": jax.random.PRNGKey(cfg.seed),
+        "round": jnp.zeros((), jnp.int32),
+    }
 
-  def aggregate(state: Mapping[str, Any], global_params: PyTree, deltas: PyTree,
-                stats: Mapping[str, Any], weights: jax.Array
-                ) -> tuple[PyTree, dict, dict[str, jax.Array]]:
+  def aggregate(
+      state: Mapping[str, Any],
+      global_params: PyTree,
+      deltas: PyTree,
+      stats: Mapping[str, Any],
+      weights: jax.Array,
+  ) -> tuple[PyTree, dict, dict[str, jax.Array]]:
     blocks = _moe_blocks(global_params, "fedalign_aggregator.aggregate")
     prep = _prepare(global_params, deltas, weights)
     num_clients = prep.part.shape[0]
     extra = sorted(set(stats) - set(blocks))
     if extra:
-      raise ValueError(f"routing stats for {extra}, which are not MoE blocks of the params "
-                       f"(blocks: {blocks})")
+      raise ValueError(
+          f"routing stats for {extra}, which are not MoE blocks of the params "
+          f"(blocks: {blocks})"
+      )
     missing = sorted(set(blocks) - set(state["p_g"]))
     if missing:
-      raise ValueError(f"aggregator state has no entry for MoE blocks {missing}; "
-                       "was init called with these params?")
+      raise ValueError(
+          f"aggregator state has no entry for MoE blocks {missing}; "
+          "was init called with these params?"
+      )
     rng, noise_key = jax.random.split(state["rng"])
     flat_p = prep.flat_params
     flat_d = dict(prep.flat_deltas)
@@ -801,16 +897,34 @@ def fedalign_aggregator(config: Any = None) -> FedAlignAggregator:
       mu = _privatize(mu, cfg, jax.random.fold_in(noise_key, b_idx))
       mu = jnp.where(raw["select_count"][..., None] > 0, mu, 0.0)
       if cfg.permutation_alignment:
-        new_d, raw, mu, pdiag = _align_block(cfg, blk, flat_p, flat_d, raw, mu, prep.part,
-                                             state["centroids"][path],
-                                             state["has_centroids"][path])
+        new_d, raw, mu, pdiag = _align_block(
+            cfg,
+            blk,
+            flat_p,
+            flat_d,
+            raw,
+            mu,
+            prep.part,
+            state["centroids"][path],
+            state["has_centroids"][path],
+        )
         flat_d.update(new_d)
         for k in new_d:  # leaves of this block outside the routed experts/router keep FedAvg
           agg[k] = _csum(prep.nw, new_d[k])
         diag.update({f"{path}/{k}": v for k, v in pdiag.items()})
       bagg, pg, al, cent, has, bdiag = _block_update(
-          cfg, blk, flat_p, flat_d, raw, mu, prep, state["p_g"][path], state["alpha"][path],
-          state["centroids"][path], state["has_centroids"][path])
+          cfg,
+          blk,
+          flat_p,
+          flat_d,
+          raw,
+          mu,
+          prep,
+          state["p_g"][path],
+          state["alpha"][path],
+          state["centroids"][path],
+          state["has_centroids"][path],
+      )
       agg.update(bagg)
       new_state["p_g"][path] = jnp.where(keep, pg, state["p_g"][path])
       new_state["alpha"][path] = jnp.where(keep, al, state["alpha"][path])

@@ -13,6 +13,7 @@ Example:
   >>> new['w'].tolist()
   [2.0, 1.0]
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,9 +28,14 @@ PyTree = Any
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 
 
-def server_optimizer(name: str = "sgd", learning_rate: float = 1.0, momentum: float = 0.9,
-                     b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
-                     ) -> optax.GradientTransformation:
+def server_optimizer(
+    name: str = "sgd",
+    learning_rate: float = 1.0,
+    momentum: float = 0.9,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-3,
+) -> optax.GradientTransformation:
   """The server optimizer of a FedOpt method (eps = tau of Reddi et al., default 1e-3).
 
   FedAdam / FedYogi are optax's adam / yogi (bias-corrected); FedAdagrad is optax's adagrad,
@@ -53,12 +59,17 @@ def trainable_like(params: PyTree, deltas_template: PyTree | None) -> PyTree:
   """params restricted to the leaves that have a delta (None elsewhere)."""
   if deltas_template is None:
     return params
-  return jax.tree.map(lambda p, d: None if d is None else p, params, deltas_template,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+      lambda p, d: None if d is None else p, params, deltas_template, is_leaf=lambda x: x is None
+  )
 
 
-def apply_server_update(optimizer: optax.GradientTransformation | None, opt_state: PyTree,
-                        params: PyTree, mean_delta: PyTree) -> tuple[PyTree, PyTree]:
+def apply_server_update(
+    optimizer: optax.GradientTransformation | None,
+    opt_state: PyTree,
+    params: PyTree,
+    mean_delta: PyTree,
+) -> tuple[PyTree, PyTree]:
   """global + optimizer(-mean_delta); plain addition when ``optimizer`` is None."""
   if optimizer is None:
     return apply_delta(params, mean_delta), opt_state
@@ -68,15 +79,17 @@ def apply_server_update(optimizer: optax.GradientTransformation | None, opt_stat
   return apply_delta(params, updates), opt_state
 
 
-def init_server_optimizer(optimizer: optax.GradientTransformation | None, params: PyTree,
-                          mask: PyTree | None = None) -> PyTree:
+def init_server_optimizer(
+    optimizer: optax.GradientTransformation | None, params: PyTree, mask: PyTree | None = None
+) -> PyTree:
   if optimizer is None:
     return ()
   return optimizer.init(trainable_like(params, mask))
 
 
-def fedavg_aggregator(optimizer: optax.GradientTransformation | None = None,
-                      trainable: PyTree | None = None) -> Aggregator:
+def fedavg_aggregator(
+    optimizer: optax.GradientTransformation | None = None, trainable: PyTree | None = None
+) -> Aggregator:
   """Example-weighted FedAvg, optionally followed by a server optimizer (FedOpt).
 
   Args:

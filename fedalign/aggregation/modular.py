@@ -8,6 +8,7 @@ aggregated delta (used as the negated gradient).
 
     theta_e_new = theta_e + sum_i c_i(e) Delta_i(e) / sum_j c_j(e)
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -17,15 +18,22 @@ import jax.numpy as jnp
 import optax
 
 from fedalign.aggregation.base import Aggregator
-from fedalign.aggregation.fedalign import (_block_layout, _check_stats, _esum, _fedavg_deltas,
-                                           _finish, _init_server_opt, _moe_blocks, _prepare,
-                                           _sanitize_stats)
+from fedalign.aggregation.fedalign import (
+    _block_layout,
+    _check_stats,
+    _esum,
+    _fedavg_deltas,
+    _finish,
+    _init_server_opt,
+    _moe_blocks,
+    _prepare,
+    _sanitize_stats,
+)
 
 PyTree = Any
 
 
-def modular_aggregator(server_optimizer: optax.GradientTransformation | None = None
-                       ) -> Aggregator:
+def modular_aggregator(server_optimizer: optax.GradientTransformation | None = None) -> Aggregator:
   """FedMoE-style modular aggregation as an :class:`Aggregator`.
 
   Only ``select_count`` is read from the routing statistics.
@@ -52,9 +60,13 @@ def modular_aggregator(server_optimizer: optax.GradientTransformation | None = N
     _moe_blocks(params, "modular_aggregator.init")
     return {"server_opt": _init_server_opt(server_optimizer, params, trainable)}
 
-  def aggregate(state: Mapping[str, Any], global_params: PyTree, deltas: PyTree,
-                stats: Mapping[str, Any], weights: jax.Array
-                ) -> tuple[PyTree, dict, dict[str, jax.Array]]:
+  def aggregate(
+      state: Mapping[str, Any],
+      global_params: PyTree,
+      deltas: PyTree,
+      stats: Mapping[str, Any],
+      weights: jax.Array,
+  ) -> tuple[PyTree, dict, dict[str, jax.Array]]:
     blocks = _moe_blocks(global_params, "modular_aggregator.aggregate")
     prep = _prepare(global_params, deltas, weights)
     num_clients = prep.part.shape[0]
@@ -72,8 +84,9 @@ def modular_aggregator(server_optimizer: optax.GradientTransformation | None = N
           agg[k] = _esum(w, d)
       diag[f"{path}/kept_frac"] = jnp.mean((c_tot <= 0).astype(jnp.float32))
       diag[f"{path}/P_size_mean"] = jnp.mean(jnp.sum((c > 0).astype(jnp.float32), axis=0))
-    new_params, server_opt = _finish(prep.flat_params, agg, prep.any_part, server_optimizer,
-                                     state["server_opt"])
+    new_params, server_opt = _finish(
+        prep.flat_params, agg, prep.any_part, server_optimizer, state["server_opt"]
+    )
     diag["num_participating"] = jnp.sum(prep.part.astype(jnp.float32))
     return new_params, {"server_opt": server_opt}, diag
 

@@ -26,6 +26,7 @@ Conventions: ``perm[e]`` is the *client* expert placed at global index ``e`` (ne
 old expert ``perm[e]``); in score matrices rows are global/reference experts and columns are
 client experts, so the solver's "column assigned to row e" is exactly ``perm[e]``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -107,7 +108,8 @@ def _lsa_min_rows(cost: jax.Array) -> jax.Array:
       return u, v, p, way, minv, used, j1, k + 1
 
     u, v, p, way, _, _, j0, _ = jax.lax.while_loop(
-        search_cond, search_body, (u, v, p, way, minv, used, jnp.int32(0), jnp.int32(0)))
+        search_cond, search_body, (u, v, p, way, minv, used, jnp.int32(0), jnp.int32(0))
+    )
 
     def augment_cond(s):
       _, j0, k = s
@@ -124,8 +126,9 @@ def _lsa_min_rows(cost: jax.Array) -> jax.Array:
   _, _, p, _ = jax.lax.fori_loop(1, n + 1, insert_row, (u0, v0, p0, way0))
   rows = p[1:]  # row (1-based, 0 = none) of each column
   target = jnp.where(rows > 0, rows - 1, n)  # n is out of bounds -> dropped
-  col_for_row = jnp.full((n,), -1, jnp.int32).at[target].set(
-      jnp.arange(m, dtype=jnp.int32), mode="drop")
+  col_for_row = (
+      jnp.full((n,), -1, jnp.int32).at[target].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+  )
   return col_for_row
 
 
@@ -175,14 +178,14 @@ def assignment_perm(matrix: jax.Array, maximize: bool = True) -> jax.Array:
   if n > m:
     raise ValueError(
         f"assignment_perm needs n <= m (every row gets a column), got {n} x {m}; "
-        "use linear_sum_assignment for tall matrices")
+        "use linear_sum_assignment for tall matrices"
+    )
   if n == 0:
     return jnp.zeros(matrix.shape[:-1], jnp.int32)
   return _batched(_lsa_min_rows, 2, _prepare(matrix, maximize))
 
 
-def linear_sum_assignment(matrix: jax.Array,
-                          maximize: bool = True) -> tuple[jax.Array, jax.Array]:
+def linear_sum_assignment(matrix: jax.Array, maximize: bool = True) -> tuple[jax.Array, jax.Array]:
   """scipy-like exact linear sum assignment in pure JAX: ``(row_ind, col_ind)``.
 
   Same output convention as ``scipy.optimize.linear_sum_assignment`` for any (n, m) matrix
@@ -242,8 +245,9 @@ def expert_weight_vectors(block: Mapping[str, Any], include_router: bool = True)
   return jnp.concatenate(parts, axis=1)
 
 
-def expert_similarity(ref: Any, client: Any, kind: str = "centroid_cosine",
-                      include_router: bool = True) -> jax.Array:
+def expert_similarity(
+    ref: Any, client: Any, kind: str = "centroid_cosine", include_router: bool = True
+) -> jax.Array:
   """(E, E) similarity of global/reference experts (rows e) and client experts (columns e').
 
   Args:
@@ -262,8 +266,9 @@ def expert_similarity(ref: Any, client: Any, kind: str = "centroid_cosine",
   if kind == "centroid_cosine":
     return _cosine_matrix(jnp.asarray(ref), jnp.asarray(client))
   if kind == "weight_cosine":
-    return _cosine_matrix(expert_weight_vectors(ref, include_router),
-                          expert_weight_vectors(client, include_router))
+    return _cosine_matrix(
+        expert_weight_vectors(ref, include_router), expert_weight_vectors(client, include_router)
+    )
   raise ValueError(f"unknown similarity kind {kind!r}; use 'centroid_cosine' or 'weight_cosine'")
 
 
@@ -295,14 +300,18 @@ def permute_moe_block(block: Mapping[str, Any], perm: jax.Array) -> dict[str, An
 
   def router_leaf(x):
     if jnp.ndim(x) == 0 or jnp.shape(x)[-1] != num_experts:
-      raise ValueError(f"router leaf of shape {jnp.shape(x)} has no trailing expert axis "
-                       f"of size {num_experts}")
+      raise ValueError(
+          f"router leaf of shape {jnp.shape(x)} has no trailing expert axis "
+          f"of size {num_experts}"
+      )
     return jnp.take(x, perm, axis=-1)
 
   def expert_leaf(x):
     if jnp.ndim(x) == 0 or jnp.shape(x)[0] != num_experts:
-      raise ValueError(f"experts leaf of shape {jnp.shape(x)} has no leading expert axis "
-                       f"of size {num_experts}")
+      raise ValueError(
+          f"experts leaf of shape {jnp.shape(x)} has no leading expert axis "
+          f"of size {num_experts}"
+      )
     return jnp.take(x, perm, axis=0)
 
   out = dict(block)
@@ -329,8 +338,10 @@ def permute_routing_stats(stats: Mapping[str, jax.Array], perm: jax.Array) -> di
     elif key in NO_EXPERT_AXIS_STATS:
       out[key] = value
     else:
-      raise ValueError(f"unknown routing statistic {key!r}: add it to EXPERT_AXIS_STATS or "
-                       "NO_EXPERT_AXIS_STATS in fedalign.aggregation.permutation")
+      raise ValueError(
+          f"unknown routing statistic {key!r}: add it to EXPERT_AXIS_STATS or "
+          "NO_EXPERT_AXIS_STATS in fedalign.aggregation.permutation"
+      )
   return out
 
 
@@ -379,8 +390,7 @@ def align_client_to_reference(
   elif method == "centroids":
     if client_stats is None or ref_centroids is None:
       raise ValueError("method='centroids' needs client_stats and ref_centroids")
-    score = expert_similarity(ref_centroids, client_stats["centroid_sum"],
-                              kind="centroid_cosine")
+    score = expert_similarity(ref_centroids, client_stats["centroid_sum"], kind="centroid_cosine")
   else:
     raise ValueError(f"unknown method {method!r}; use 'weights' or 'centroids'")
   score = score + identity_bonus * jnp.eye(score.shape[0], dtype=score.dtype)
@@ -410,10 +420,10 @@ def align_clients(
   >>> align_clients(blk, two)[2].tolist()
   [[0, 1], [0, 1]]
   """
-  fn = functools.partial(align_client_to_reference, method=method,
-                         identity_bonus=identity_bonus)
-  return jax.vmap(fn, in_axes=(None, 0, 0, None))(ref_block, client_blocks, client_stats,
-                                                  ref_centroids)
+  fn = functools.partial(align_client_to_reference, method=method, identity_bonus=identity_bonus)
+  return jax.vmap(fn, in_axes=(None, 0, 0, None))(
+      ref_block, client_blocks, client_stats, ref_centroids
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,14 +492,18 @@ def set_path(tree: Mapping[str, Any], path: str, value: Any) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("identity_bonus",))
 def _align_block_weights(ref_block, client_block, identity_bonus):
-  aligned, _, perm = align_client_to_reference(ref_block, client_block, method="weights",
-                                               identity_bonus=identity_bonus)
+  aligned, _, perm = align_client_to_reference(
+      ref_block, client_block, method="weights", identity_bonus=identity_bonus
+  )
   return aligned, perm
 
 
-def align_params(reference_params: Mapping[str, Any], params: Mapping[str, Any],
-                 method: str = "weights",
-                 identity_bonus: float = 1e-6) -> tuple[Any, dict[str, jax.Array]]:
+def align_params(
+    reference_params: Mapping[str, Any],
+    params: Mapping[str, Any],
+    method: str = "weights",
+    identity_bonus: float = 1e-6,
+) -> tuple[Any, dict[str, jax.Array]]:
   """Align every MoE block of ``params`` to ``reference_params`` independently (one-shot).
 
   The standalone utility to merge independently fine-tuned MoE checkpoints: for each block
@@ -522,8 +536,10 @@ def align_params(reference_params: Mapping[str, Any], params: Mapping[str, Any],
   [1.05 0.05 0.05]
   """
   if method != "weights":
-    raise ValueError("align_params supports method='weights' only; use "
-                     "align_client_to_reference per block for centroid alignment")
+    raise ValueError(
+        "align_params supports method='weights' only; use "
+        "align_client_to_reference per block for centroid alignment"
+    )
   out = params
   perms = {}
   for path in find_moe_blocks(params):
@@ -555,13 +571,16 @@ def permute_params(params: Mapping[str, Any], perms: Mapping[str, jax.Array]) ->
   return params
 
 
-def permute_stats(stats: Mapping[str, Mapping[str, jax.Array]],
-                  perms: Mapping[str, jax.Array]) -> dict[str, Any]:
+def permute_stats(
+    stats: Mapping[str, Mapping[str, jax.Array]], perms: Mapping[str, jax.Array]
+) -> dict[str, Any]:
   """Apply ``{block_path: perm}`` to ``{block_path: routing stats}`` (blocks without perm kept).
 
   >>> s = {'moe': {'token_count': jnp.array(1.), 'prob_sum': jnp.array([.25, .75])}}
   >>> permute_stats(s, {'moe': jnp.array([1, 0])})['moe']['prob_sum'].tolist()
   [0.75, 0.25]
   """
-  return {path: permute_routing_stats(s, perms[path]) if path in perms else s
-          for path, s in stats.items()}
+  return {
+      path: permute_routing_stats(s, perms[path]) if path in perms else s
+      for path, s in stats.items()
+  }

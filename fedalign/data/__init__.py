@@ -11,6 +11,7 @@ Example:
     >>> len(parts)
     10
 """
+
 from fedalign.data.agnews import (
     AGNEWS_CLASSES,
     AGNEWS_LABEL_WORDS,
@@ -49,12 +50,36 @@ from fedalign.data.partition import (
 from fedalign.data.tokenize import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 __all__ = [
-    "AGNEWS_CLASSES", "AGNEWS_LABEL_WORDS", "AGNEWS_TEMPLATE", "TextSplit", "load_embedded_agnews",
-    "client_rng", "group_clients_by_size", "make_client_batches", "padding_fraction",
-    "planned_padding_fraction", "steps_per_client", "unpad_client_batches",
-    "format_classification", "format_hellaswag", "format_instruction",
-    "format_label_word_choices", "format_mmlu", "format_multiple_choice", "label_word_ids",
-    "single_token_ids", "dirichlet_partition", "group_partition", "iid_partition",
-    "label_counts", "label_skew", "pathological_partition", "plot_label_counts",
-    "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "train_bpe",
+    "AGNEWS_CLASSES",
+    "AGNEWS_LABEL_WORDS",
+    "AGNEWS_TEMPLATE",
+    "TextSplit",
+    "load_embedded_agnews",
+    "client_rng",
+    "group_clients_by_size",
+    "make_client_batches",
+    "padding_fraction",
+    "planned_padding_fraction",
+    "steps_per_client",
+    "unpad_client_batches",
+    "format_classification",
+    "format_hellaswag",
+    "format_instruction",
+    "format_label_word_choices",
+    "format_mmlu",
+    "format_multiple_choice",
+    "label_word_ids",
+    "single_token_ids",
+    "dirichlet_partition",
+    "group_partition",
+    "iid_partition",
+    "label_counts",
+    "label_skew",
+    "pathological_partition",
+    "plot_label_counts",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+    "train_bpe",
 ]

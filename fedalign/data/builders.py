@@ -26,6 +26,7 @@ Example:
     >>> # random access + grain transforms, still without TensorFlow:
     >>> ds = grain.MapDataset.source(b.as_data_source()["test"]).map(decode_example)  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import inspect
@@ -51,163 +52,163 @@ _CITATIONS = {
 
 
 class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Common part: splits are read by a ``sources`` reader; malformed counts go to metadata."""
+  """Common part: splits are read by a ``sources`` reader; malformed counts go to metadata."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release (array_record, manual_dir)."}
-    DATASET: str = ""
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release (array_record, manual_dir)."}
+  DATASET: str = ""
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS's default probes `importlib_resources.abc.Traversable` for packages installed
-        # in editable mode, and that backport is not a dependency here: use the file directly.
-        return epath.Path(inspect.getfile(cls))
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's default probes `importlib_resources.abc.Traversable` for packages installed
+    # in editable mode, and that backport is not a dependency here: use the file directly.
+    return epath.Path(inspect.getfile(cls))
 
-    def _features(self) -> tfds.features.FeaturesDict:
-        raise NotImplementedError
+  def _features(self) -> tfds.features.FeaturesDict:
+    raise NotImplementedError
 
-    def _splits(self, manual_dir: pathlib.Path) -> list[str]:
-        raise NotImplementedError
+  def _splits(self, manual_dir: pathlib.Path) -> list[str]:
+    raise NotImplementedError
 
-    def _read(self, manual_dir: pathlib.Path, split: str) -> sources.ParseResult:
-        raise NotImplementedError
+  def _read(self, manual_dir: pathlib.Path, split: str) -> sources.ParseResult:
+    raise NotImplementedError
 
-    def _to_example(self, record: dict) -> dict:
-        raise NotImplementedError
+  def _to_example(self, record: dict) -> dict:
+    raise NotImplementedError
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(self.__doc__ or "").strip().split("\n")[0],
-            features=self._features(),
-            citation=_CITATIONS[self.DATASET],
-            disable_shuffling=True,  # keep file order: ids, client files and row order stable
-            metadata=tfds.core.MetadataDict(),
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(self.__doc__ or "").strip().split("\n")[0],
+        features=self._features(),
+        citation=_CITATIONS[self.DATASET],
+        disable_shuffling=True,  # keep file order: ids, client files and row order stable
+        metadata=tfds.core.MetadataDict(),
+    )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
-        manual_dir = pathlib.Path(dl_manager.manual_dir)
-        out = {}
-        malformed = {}
-        for split in self._splits(manual_dir):
-            res = self._read(manual_dir, split)
-            malformed[split] = res.malformed
-            out[split] = self._generate_examples(res.records)
-        self.info.metadata["malformed_rows"] = malformed
-        return out
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    out = {}
+    malformed = {}
+    for split in self._splits(manual_dir):
+      res = self._read(manual_dir, split)
+      malformed[split] = res.malformed
+      out[split] = self._generate_examples(res.records)
+    self.info.metadata["malformed_rows"] = malformed
+    return out
 
-    def _generate_examples(self, records: list[dict]):
-        for r in records:
-            yield r["id"], self._to_example(r)
+  def _generate_examples(self, records: list[dict]):
+    for r in records:
+      yield r["id"], self._to_example(r)
 
 
 class FedalignAgNews(_ManualBuilder):
-    """AG News topic classification (4 classes), from a manual directory."""
+  """AG News topic classification (4 classes), from a manual directory."""
 
-    DATASET = "ag_news"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = sources.DOWNLOAD_INSTRUCTIONS["ag_news"]
+  DATASET = "ag_news"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = sources.DOWNLOAD_INSTRUCTIONS["ag_news"]
 
-    def _features(self):
-        return tfds.features.FeaturesDict(
-            {
-                "id": tfds.features.Text(),
-                "text": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=list(sources.AG_NEWS_CLASSES)),
-            }
-        )
+  def _features(self):
+    return tfds.features.FeaturesDict(
+        {
+            "id": tfds.features.Text(),
+            "text": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=list(sources.AG_NEWS_CLASSES)),
+        }
+    )
 
-    def _splits(self, manual_dir):
-        return ["train", "test"]
+  def _splits(self, manual_dir):
+    return ["train", "test"]
 
-    def _read(self, manual_dir, split):
-        return sources.read_ag_news(manual_dir, split)
+  def _read(self, manual_dir, split):
+    return sources.read_ag_news(manual_dir, split)
 
-    def _to_example(self, r):
-        return {"id": r["id"], "text": r["text"], "label": r["label"]}
+  def _to_example(self, r):
+    return {"id": r["id"], "text": r["text"], "label": r["label"]}
 
 
 class FedalignMmlu(_ManualBuilder):
-    """MMLU 4-way multiple choice over 57 subjects, from a manual directory."""
+  """MMLU 4-way multiple choice over 57 subjects, from a manual directory."""
 
-    DATASET = "mmlu"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = sources.DOWNLOAD_INSTRUCTIONS["mmlu"]
+  DATASET = "mmlu"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = sources.DOWNLOAD_INSTRUCTIONS["mmlu"]
 
-    def _features(self):
-        return tfds.features.FeaturesDict(
-            {
-                "id": tfds.features.Text(),
-                "subject": tfds.features.Text(),
-                "question": tfds.features.Text(),
-                "choices": tfds.features.Sequence(tfds.features.Text(), length=4),
-                "answer": tfds.features.ClassLabel(names=list(sources.MMLU_CHOICE_LETTERS)),
-            }
-        )
+  def _features(self):
+    return tfds.features.FeaturesDict(
+        {
+            "id": tfds.features.Text(),
+            "subject": tfds.features.Text(),
+            "question": tfds.features.Text(),
+            "choices": tfds.features.Sequence(tfds.features.Text(), length=4),
+            "answer": tfds.features.ClassLabel(names=list(sources.MMLU_CHOICE_LETTERS)),
+        }
+    )
 
-    def _splits(self, manual_dir):
-        return sources.mmlu_splits(manual_dir)
+  def _splits(self, manual_dir):
+    return sources.mmlu_splits(manual_dir)
 
-    def _read(self, manual_dir, split):
-        return sources.read_mmlu(manual_dir, split)
+  def _read(self, manual_dir, split):
+    return sources.read_mmlu(manual_dir, split)
 
-    def _to_example(self, r):
-        return {k: r[k] for k in ("id", "subject", "question", "choices", "answer")}
+  def _to_example(self, r):
+    return {k: r[k] for k in ("id", "subject", "question", "choices", "answer")}
 
 
 class FedalignHellaswag(_ManualBuilder):
-    """HellaSwag sentence completion (4 endings), from a manual directory."""
+  """HellaSwag sentence completion (4 endings), from a manual directory."""
 
-    DATASET = "hellaswag"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = sources.DOWNLOAD_INSTRUCTIONS["hellaswag"]
+  DATASET = "hellaswag"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = sources.DOWNLOAD_INSTRUCTIONS["hellaswag"]
 
-    def _features(self):
-        return tfds.features.FeaturesDict(
-            {
-                "id": tfds.features.Text(),
-                "row": np.int32,
-                "activity_label": tfds.features.Text(),
-                "ctx": tfds.features.Text(),
-                "endings": tfds.features.Sequence(tfds.features.Text(), length=4),
-                "label": tfds.features.ClassLabel(num_classes=4),
-            }
-        )
+  def _features(self):
+    return tfds.features.FeaturesDict(
+        {
+            "id": tfds.features.Text(),
+            "row": np.int32,
+            "activity_label": tfds.features.Text(),
+            "ctx": tfds.features.Text(),
+            "endings": tfds.features.Sequence(tfds.features.Text(), length=4),
+            "label": tfds.features.ClassLabel(num_classes=4),
+        }
+    )
 
-    def _splits(self, manual_dir):
-        return sources.hellaswag_splits(manual_dir)
+  def _splits(self, manual_dir):
+    return sources.hellaswag_splits(manual_dir)
 
-    def _read(self, manual_dir, split):
-        return sources.read_hellaswag(manual_dir, split)
+  def _read(self, manual_dir, split):
+    return sources.read_hellaswag(manual_dir, split)
 
-    def _to_example(self, r):
-        return {k: r[k] for k in ("id", "row", "activity_label", "ctx", "endings", "label")}
+  def _to_example(self, r):
+    return {k: r[k] for k in ("id", "row", "activity_label", "ctx", "endings", "label")}
 
 
 class FedalignDolly(_ManualBuilder):
-    """databricks-dolly-15k instruction tuning (8 categories), from a manual directory."""
+  """databricks-dolly-15k instruction tuning (8 categories), from a manual directory."""
 
-    DATASET = "dolly"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = sources.DOWNLOAD_INSTRUCTIONS["dolly"]
+  DATASET = "dolly"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = sources.DOWNLOAD_INSTRUCTIONS["dolly"]
 
-    def _features(self):
-        return tfds.features.FeaturesDict(
-            {
-                "id": tfds.features.Text(),
-                "instruction": tfds.features.Text(),
-                "context": tfds.features.Text(),
-                "response": tfds.features.Text(),
-                "category": tfds.features.ClassLabel(names=list(sources.DOLLY_CATEGORIES)),
-                "client": np.int32,
-            }
-        )
+  def _features(self):
+    return tfds.features.FeaturesDict(
+        {
+            "id": tfds.features.Text(),
+            "instruction": tfds.features.Text(),
+            "context": tfds.features.Text(),
+            "response": tfds.features.Text(),
+            "category": tfds.features.ClassLabel(names=list(sources.DOLLY_CATEGORIES)),
+            "client": np.int32,
+        }
+    )
 
-    def _splits(self, manual_dir):
-        return sources.dolly_splits(manual_dir)
+  def _splits(self, manual_dir):
+    return sources.dolly_splits(manual_dir)
 
-    def _read(self, manual_dir, split):
-        return sources.read_dolly(manual_dir, split)
+  def _read(self, manual_dir, split):
+    return sources.read_dolly(manual_dir, split)
 
-    def _to_example(self, r):
-        return {k: r[k] for k in ("id", "instruction", "context", "response", "category", "client")}
+  def _to_example(self, r):
+    return {k: r[k] for k in ("id", "instruction", "context", "response", "category", "client")}
 
 
 BUILDERS: dict[str, type[_ManualBuilder]] = {
@@ -219,97 +220,87 @@ BUILDERS: dict[str, type[_ManualBuilder]] = {
 
 
 def _builder_cls(dataset: str) -> type[_ManualBuilder]:
-    if dataset not in BUILDERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
-    return BUILDERS[dataset]
+  if dataset not in BUILDERS:
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(BUILDERS)}")
+  return BUILDERS[dataset]
 
 
-def prepare(
-    dataset: str, manual_dir: PathLike, data_dir: PathLike
-) -> tfds.core.DatasetBuilder:
-    """Builds ``dataset`` (array_record) into ``data_dir`` from ``manual_dir`` if not built yet.
+def prepare(dataset: str, manual_dir: PathLike, data_dir: PathLike) -> tfds.core.DatasetBuilder:
+  """Builds ``dataset`` (array_record) into ``data_dir`` from ``manual_dir`` if not built yet.
 
-    Args:
-      dataset: one of ``"ag_news"``, ``"mmlu"``, ``"hellaswag"``, ``"dolly"``.
-      manual_dir: directory with the raw files (e.g. ``../shared/data/mmlu``).
-      data_dir: TFDS data directory to write to / read from.
+  Args:
+    dataset: one of ``"ag_news"``, ``"mmlu"``, ``"hellaswag"``, ``"dolly"``.
+    manual_dir: directory with the raw files (e.g. ``../shared/data/mmlu``).
+    data_dir: TFDS data directory to write to / read from.
 
-    Returns:
-      The prepared builder; ``builder.as_data_source()[split]`` gives random access.
+  Returns:
+    The prepared builder; ``builder.as_data_source()[split]`` gives random access.
 
-    Raises:
-      FileNotFoundError: ``manual_dir`` is missing or empty (message says where to get files).
-    """
-    cls = _builder_cls(dataset)
-    manual = pathlib.Path(manual_dir)
-    if not manual.is_dir() or not any(manual.iterdir()):
-        raise FileNotFoundError(
-            f"manual_dir {manual} for {dataset} is missing or empty. "
-            f"{sources.DOWNLOAD_INSTRUCTIONS[dataset]}"
-        )
-    builder = cls(data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+  Raises:
+    FileNotFoundError: ``manual_dir`` is missing or empty (message says where to get files).
+  """
+  cls = _builder_cls(dataset)
+  manual = pathlib.Path(manual_dir)
+  if not manual.is_dir() or not any(manual.iterdir()):
+    raise FileNotFoundError(
+        f"manual_dir {manual} for {dataset} is missing or empty. "
+        f"{sources.DOWNLOAD_INSTRUCTIONS[dataset]}"
     )
-    return builder
+  builder = cls(data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  return builder
 
 
 def decode_example(example: dict) -> dict:
-    """Turns a data-source example (bytes, numpy arrays) into plain Python (str, int, list).
+  """Turns a data-source example (bytes, numpy arrays) into plain Python (str, int, list).
 
-    >>> decode_example({"text": b"hi", "label": np.int64(2), "endings": np.array([b"a"])})
-    {'text': 'hi', 'label': 2, 'endings': ['a']}
-    """
+  >>> decode_example({"text": b"hi", "label": np.int64(2), "endings": np.array([b"a"])})
+  {'text': 'hi', 'label': 2, 'endings': ['a']}
+  """
 
-    def conv(v: Any) -> Any:
-        if isinstance(v, bytes):
-            return v.decode("utf-8")
-        if isinstance(v, np.ndarray):
-            return [conv(x) for x in v.tolist()] if v.ndim else conv(v.item())
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, np.generic):
-            return v.item()
-        return v
+  def conv(v: Any) -> Any:
+    if isinstance(v, bytes):
+      return v.decode("utf-8")
+    if isinstance(v, np.ndarray):
+      return [conv(x) for x in v.tolist()] if v.ndim else conv(v.item())
+    if isinstance(v, (list, tuple)):
+      return [conv(x) for x in v]
+    if isinstance(v, np.generic):
+      return v.item()
+    return v
 
-    return {k: conv(v) for k, v in example.items()}
+  return {k: conv(v) for k, v in example.items()}
 
 
 def records_from_source(source: Any, chunk: int = 4096) -> list[dict]:
-    """Reads every example of a TFDS data source (``ArrayRecordDataSource``) as plain dicts."""
-    n = len(source)
-    out: list[dict] = []
-    for start in range(0, n, chunk):
-        idx = list(range(start, min(n, start + chunk)))
-        try:
-            items = source.__getitems__(idx)
-        except (AttributeError, TypeError):  # no batch read (e.g. tfds.testing.mock_data)
-            items = [source[i] for i in idx]
-        out.extend(decode_example(x) for x in items)
-    return out
+  """Reads every example of a TFDS data source (``ArrayRecordDataSource``) as plain dicts."""
+  n = len(source)
+  out: list[dict] = []
+  for start in range(0, n, chunk):
+    idx = list(range(start, min(n, start + chunk)))
+    try:
+      items = source.__getitems__(idx)
+    except (AttributeError, TypeError):  # no batch read (e.g. tfds.testing.mock_data)
+      items = [source[i] for i in idx]
+    out.extend(decode_example(x) for x in items)
+  return out
 
 
-def load_records(
-    dataset: str, split: str, manual_dir: PathLike, data_dir: PathLike
-) -> list[dict]:
-    """Prepares ``dataset`` if needed and returns ``split`` as a list of plain dicts.
+def load_records(dataset: str, split: str, manual_dir: PathLike, data_dir: PathLike) -> list[dict]:
+  """Prepares ``dataset`` if needed and returns ``split`` as a list of plain dicts.
 
-    Example:
-      >>> recs = load_records("mmlu", "dev", "../shared/data/mmlu", "/tmp/tfds")  # doctest: +SKIP
-      >>> len(recs)  # doctest: +SKIP
-      285
-    """
-    builder = prepare(dataset, manual_dir, data_dir)
-    sources_by_split = builder.as_data_source()
-    if split not in sources_by_split:
-        raise ValueError(
-            f"{dataset} has splits {sorted(sources_by_split)}; got split={split!r}"
-        )
-    return records_from_source(sources_by_split[split])
+  Example:
+    >>> recs = load_records("mmlu", "dev", "../shared/data/mmlu", "/tmp/tfds")  # doctest: +SKIP
+    >>> len(recs)  # doctest: +SKIP
+    285
+  """
+  builder = prepare(dataset, manual_dir, data_dir)
+  sources_by_split = builder.as_data_source()
+  if split not in sources_by_split:
+    raise ValueError(f"{dataset} has splits {sorted(sources_by_split)}; got split={split!r}")
+  return records_from_source(sources_by_split[split])
 
 
 def malformed_rows(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
-    """Malformed rows skipped per split when ``builder`` was prepared."""
-    return dict(builder.info.metadata.get("malformed_rows", {}))
-
-
+  """Malformed rows skipped per split when ``builder`` was prepared."""
+  return dict(builder.info.metadata.get("malformed_rows", {}))

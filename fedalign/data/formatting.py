@@ -32,6 +32,7 @@ Example:
     >>> ex["tokens"].shape, int(ex["target_mask"].sum()), ex["labels"].tolist()
     ((1, 24), 7, [1])
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,69 +56,69 @@ INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n{context}### Response
 
 
 def _split_template(template: str) -> tuple[str, str]:
-    if template.count("{text}") != 1:
-        raise ValueError(f"template must contain '{{text}}' exactly once, got {template!r}")
-    prefix, suffix = template.split("{text}")
-    return prefix, suffix
+  if template.count("{text}") != 1:
+    raise ValueError(f"template must contain '{{text}}' exactly once, got {template!r}")
+  prefix, suffix = template.split("{text}")
+  return prefix, suffix
 
 
 def _bos(tokenizer: Tokenizer, add_bos: bool) -> list[int]:
-    return [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+  return [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
 
 
 def _fit(
     head: list[int], text: list[int], tail: list[int], target: list[int], max_len: int
 ) -> tuple[list[int], int, bool]:
-    """head + text (left-truncated) + tail + target within max_len -> (seq, target_start, cut)."""
-    room = max_len - len(head) - len(tail) - len(target)
-    if room < 0:
-        raise ValueError(
-            f"max_len={max_len} is too small for the fixed prompt parts ({len(head)} + "
-            f"{len(tail)} tokens) plus the target ({len(target)} tokens): raise max_len."
-        )
-    cut = len(text) > room
-    kept = text[len(text) - room :] if room else []
-    seq = head + kept + tail
-    return seq + target, len(seq), cut
+  """head + text (left-truncated) + tail + target within max_len -> (seq, target_start, cut)."""
+  room = max_len - len(head) - len(tail) - len(target)
+  if room < 0:
+    raise ValueError(
+        f"max_len={max_len} is too small for the fixed prompt parts ({len(head)} + "
+        f"{len(tail)} tokens) plus the target ({len(target)} tokens): raise max_len."
+    )
+  cut = len(text) > room
+  kept = text[len(text) - room :] if room else []
+  seq = head + kept + tail
+  return seq + target, len(seq), cut
 
 
 def label_word_ids(tokenizer: Tokenizer, label_words: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label word (encoded on its own, after the prompt).
+  """Token ids of each label word (encoded on its own, after the prompt).
 
-    >>> from fedalign.data.tokenize import ByteTokenizer
-    >>> label_word_ids(ByteTokenizer(), [" a"])
-    [[35, 100]]
-    """
-    ids = tokenizer.encode(list(label_words))
-    for w, i in zip(label_words, ids):
-        if not i:
-            raise ValueError(f"label word {w!r} encodes to no tokens")
-    return ids
+  >>> from fedalign.data.tokenize import ByteTokenizer
+  >>> label_word_ids(ByteTokenizer(), [" a"])
+  [[35, 100]]
+  """
+  ids = tokenizer.encode(list(label_words))
+  for w, i in zip(label_words, ids):
+    if not i:
+      raise ValueError(f"label word {w!r} encodes to no tokens")
+  return ids
 
 
 def single_token_ids(tokenizer: Tokenizer, label_words: Sequence[str]) -> np.ndarray:
-    """(K,) ids of label words that are single tokens; ValueError if one is not.
+  """(K,) ids of label words that are single tokens; ValueError if one is not.
 
-    Multi-token label words are scored as sequences with :func:`format_label_word_choices`
-    and ``multiple_choice_eval`` instead.
-    """
-    ids = label_word_ids(tokenizer, label_words)
-    multi = [w for w, i in zip(label_words, ids) if len(i) != 1]
-    if multi:
-        raise ValueError(
-            f"label words {multi} are not single tokens for this tokenizer: use "
-            "format_label_word_choices + multiple_choice_eval, or train the BPE with "
-            "added_tokens=label_words."
-        )
-    return np.array([i[0] for i in ids], dtype=np.int32)
+  Multi-token label words are scored as sequences with :func:`format_label_word_choices`
+  and ``multiple_choice_eval`` instead.
+  """
+  ids = label_word_ids(tokenizer, label_words)
+  multi = [w for w, i in zip(label_words, ids) if len(i) != 1]
+  if multi:
+    raise ValueError(
+        f"label words {multi} are not single tokens for this tokenizer: use "
+        "format_label_word_choices + multiple_choice_eval, or train the BPE with "
+        "added_tokens=label_words."
+    )
+  return np.array([i[0] for i in ids], dtype=np.int32)
 
 
 def _check_labels(labels: Sequence[int], k: int, what: str) -> np.ndarray:
-    y = np.asarray(labels, dtype=np.int64)
-    if y.size and (y.min() < 0 or y.max() >= k):
-        bad = y[(y < 0) | (y >= k)][0]
-        raise ValueError(f"labels contain {bad}, outside 0..{k - 1} ({what})")
-    return y.astype(np.int32)
+  y = np.asarray(labels, dtype=np.int64)
+  if y.size and (y.min() < 0 or y.max() >= k):
+    bad = y[(y < 0) | (y >= k)][0]
+    raise ValueError(f"labels contain {bad}, outside 0..{k - 1} ({what})")
+  return y.astype(np.int32)
 
 
 def format_classification(
@@ -131,61 +132,60 @@ def format_classification(
     add_bos: bool = True,
     mode: str = "label_word",
 ) -> Examples:
-    """Formats a classification set for a causal LM (see the module docstring).
+  """Formats a classification set for a causal LM (see the module docstring).
 
-    Returns:
-      ``tokens`` (N, max_len) int32, ``mask``, ``target_mask`` (N, max_len) bool,
-      ``labels`` (N,) int32, ``last_index`` (N,) int32.
-    """
-    if mode not in ("label_word", "head"):
-        raise ValueError(f"mode must be 'label_word' or 'head', got {mode!r}")
-    if len(texts) != len(labels):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    y = _check_labels(labels, len(label_words), f"{len(label_words)} label words")
-    prefix, suffix = _split_template(template)
-    head = _bos(tokenizer, add_bos) + (tokenizer.encode([prefix])[0] if prefix else [])
-    tail = tokenizer.encode([suffix])[0] if suffix else []
-    words = label_word_ids(tokenizer, label_words)
-    body = tokenizer.encode(list(texts))
-    n = len(body)
-    tokens = np.full((n, max_len), tokenizer.pad_id, dtype=np.int32)
-    mask = np.zeros((n, max_len), dtype=bool)
-    target = np.zeros((n, max_len), dtype=bool)
-    last = np.zeros(n, dtype=np.int32)
-    cut = 0
-    for i in range(n):
-        tgt = words[y[i]] if mode == "label_word" else []
-        seq, start, c = _fit(head, body[i], tail, tgt, max_len)
-        cut += c
-        tokens[i, : len(seq)] = seq
-        mask[i, : len(seq)] = True
-        target[i, start : len(seq)] = True
-        last[i] = start - 1
-    if cut:
-        log.info("format_classification: %d of %d texts truncated to max_len=%d", cut, n, max_len)
-    return {"tokens": tokens, "mask": mask, "target_mask": target, "labels": y, "last_index": last}
+  Returns:
+    ``tokens`` (N, max_len) int32, ``mask``, ``target_mask`` (N, max_len) bool,
+    ``labels`` (N,) int32, ``last_index`` (N,) int32.
+  """
+  if mode not in ("label_word", "head"):
+    raise ValueError(f"mode must be 'label_word' or 'head', got {mode!r}")
+  if len(texts) != len(labels):
+    raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+  y = _check_labels(labels, len(label_words), f"{len(label_words)} label words")
+  prefix, suffix = _split_template(template)
+  head = _bos(tokenizer, add_bos) + (tokenizer.encode([prefix])[0] if prefix else [])
+  tail = tokenizer.encode([suffix])[0] if suffix else []
+  words = label_word_ids(tokenizer, label_words)
+  body = tokenizer.encode(list(texts))
+  n = len(body)
+  tokens = np.full((n, max_len), tokenizer.pad_id, dtype=np.int32)
+  mask = np.zeros((n, max_len), dtype=bool)
+  target = np.zeros((n, max_len), dtype=bool)
+  last = np.zeros(n, dtype=np.int32)
+  cut = 0
+  for i in range(n):
+    tgt = words[y[i]] if mode == "label_word" else []
+    seq, start, c = _fit(head, body[i], tail, tgt, max_len)
+    cut += c
+    tokens[i, : len(seq)] = seq
+    mask[i, : len(seq)] = True
+    target[i, start : len(seq)] = True
+    last[i] = start - 1
+  if cut:
+    log.info("format_classification: %d of %d texts truncated to max_len=%d", cut, n, max_len)
+  return {"tokens": tokens, "mask": mask, "target_mask": target, "labels": y, "last_index": last}
 
 
 def seq2seq_label_candidates(
     tokenizer: Tokenizer, label_words: Sequence[str], *, add_eos: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decoder targets of the K label words: ``(ids (K, L) int32, mask (K, L) bool)``.
+  """Decoder targets of the K label words: ``(ids (K, L) int32, mask (K, L) bool)``.
 
-    Each label word is tokenized on its own, never truncated (multi-token words keep every
-    token), followed by EOS when ``add_eos`` and the tokenizer has one, and right-padded with
-    ``pad_id`` to the longest. These are exactly the targets
-    :func:`format_seq2seq_classification` trains on.
+  Each label word is tokenized on its own, never truncated (multi-token words keep every
+  token), followed by EOS when ``add_eos`` and the tokenizer has one, and right-padded with
+  ``pad_id`` to the longest. These are exactly the targets
+  :func:`format_seq2seq_classification` trains on.
 
-    >>> from fedalign.data.tokenize import ByteTokenizer
-    >>> ids, mask = seq2seq_label_candidates(ByteTokenizer(), ["a", "bc"])
-    >>> ids.tolist(), mask.sum(-1).tolist()
-    ([[100, 2, 0], [101, 102, 2]], [2, 3])
-    """
-    from fedalign.models.switch import pack_targets
+  >>> from fedalign.data.tokenize import ByteTokenizer
+  >>> ids, mask = seq2seq_label_candidates(ByteTokenizer(), ["a", "bc"])
+  >>> ids.tolist(), mask.sum(-1).tolist()
+  ([[100, 2, 0], [101, 102, 2]], [2, 3])
+  """
+  from fedalign.models.switch import pack_targets
 
-    eos = tokenizer.eos_id if add_eos else None
-    return pack_targets(label_word_ids(tokenizer, label_words), pad_id=tokenizer.pad_id,
-                        eos_id=eos)
+  eos = tokenizer.eos_id if add_eos else None
+  return pack_targets(label_word_ids(tokenizer, label_words), pad_id=tokenizer.pad_id, eos_id=eos)
 
 
 def format_seq2seq_classification(
@@ -199,68 +199,75 @@ def format_seq2seq_classification(
     target_len: int | None = None,
     add_eos: bool = True,
 ) -> Examples:
-    """Formats a classification set for an encoder-decoder (text-to-text) model.
+  """Formats a classification set for an encoder-decoder (text-to-text) model.
 
-    Encoder input: ``template`` with ``{text}`` filled (the text truncated from its left when
-    too long; the template's fixed parts are kept), then EOS when ``add_eos`` and the tokenizer
-    has one (T5 inputs end with ``</s>``). No BOS. Decoder target: the label word's tokens
-    (+ EOS), never truncated - a ``target_len`` too short for a label word is an error.
+  Encoder input: ``template`` with ``{text}`` filled (the text truncated from its left when
+  too long; the template's fixed parts are kept), then EOS when ``add_eos`` and the tokenizer
+  has one (T5 inputs end with ``</s>``). No BOS. Decoder target: the label word's tokens
+  (+ EOS), never truncated - a ``target_len`` too short for a label word is an error.
 
-    Args:
-      texts, labels: N examples, labels in ``0..len(label_words)-1``.
-      tokenizer: any :class:`~fedalign.data.tokenize.Tokenizer`.
-      label_words: the target text of each class.
-      template: prompt with ``{text}`` once.
-      max_len: encoder length T.
-      target_len: decoder length L; None = the longest label word (+ EOS).
-      add_eos: append EOS to the encoder input and to the target.
+  Args:
+    texts, labels: N examples, labels in ``0..len(label_words)-1``.
+    tokenizer: any :class:`~fedalign.data.tokenize.Tokenizer`.
+    label_words: the target text of each class.
+    template: prompt with ``{text}`` once.
+    max_len: encoder length T.
+    target_len: decoder length L; None = the longest label word (+ EOS).
+    add_eos: append EOS to the encoder input and to the target.
 
-    Returns:
-      ``tokens`` (N, T) int32, ``mask`` (N, T) bool, ``target_tokens`` (N, L) int32,
-      ``target_mask`` (N, L) bool, ``labels`` (N,) int32.
+  Returns:
+    ``tokens`` (N, T) int32, ``mask`` (N, T) bool, ``target_tokens`` (N, L) int32,
+    ``target_mask`` (N, L) bool, ``labels`` (N,) int32.
 
-    >>> from fedalign.data.tokenize import ByteTokenizer
-    >>> ex = format_seq2seq_classification(["Goal!"], [1], ByteTokenizer(), max_len=16,
-    ...                                    label_words=["World", "Sports"])
-    >>> ex["tokens"].shape, ex["target_tokens"].shape, int(ex["target_mask"].sum())
-    ((1, 16), (1, 7), 7)
-    """
-    if len(texts) != len(labels):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    y = _check_labels(labels, len(label_words), f"{len(label_words)} label words")
-    cand, cand_mask = seq2seq_label_candidates(tokenizer, label_words, add_eos=add_eos)
-    longest = int(cand_mask.sum(-1).max())
-    if target_len is None:
-        target_len = longest
-    elif target_len < longest:
-        word = label_words[int(np.argmax(cand_mask.sum(-1)))]
-        raise ValueError(
-            f"target_len={target_len} is too small for label word {word!r} ({longest} tokens "
-            f"with EOS): label words are never truncated; raise target_len.")
-    prefix, suffix = _split_template(template)
-    head = tokenizer.encode([prefix])[0] if prefix else []
-    tail = tokenizer.encode([suffix])[0] if suffix else []
-    eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
-    body = tokenizer.encode(list(texts))
-    n = len(body)
-    tokens = np.full((n, max_len), tokenizer.pad_id, dtype=np.int32)
-    mask = np.zeros((n, max_len), dtype=bool)
-    cut = 0
-    for i in range(n):
-        seq, _, c = _fit(head, body[i], tail, eos, max_len)
-        cut += c
-        tokens[i, : len(seq)] = seq
-        mask[i, : len(seq)] = True
-    if cut:
-        log.info("format_seq2seq_classification: %d of %d texts truncated to max_len=%d", cut,
-                 n, max_len)
-    width = cand.shape[1]
-    target = np.full((n, target_len), tokenizer.pad_id, dtype=np.int32)
-    target_mask = np.zeros((n, target_len), dtype=bool)
-    target[:, :width] = cand[y]
-    target_mask[:, :width] = cand_mask[y]
-    return {"tokens": tokens, "mask": mask, "target_tokens": target,
-            "target_mask": target_mask, "labels": y}
+  >>> from fedalign.data.tokenize import ByteTokenizer
+  >>> ex = format_seq2seq_classification(["Goal!"], [1], ByteTokenizer(), max_len=16,
+  ...                                    label_words=["World", "Sports"])
+  >>> ex["tokens"].shape, ex["target_tokens"].shape, int(ex["target_mask"].sum())
+  ((1, 16), (1, 7), 7)
+  """
+  if len(texts) != len(labels):
+    raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+  y = _check_labels(labels, len(label_words), f"{len(label_words)} label words")
+  cand, cand_mask = seq2seq_label_candidates(tokenizer, label_words, add_eos=add_eos)
+  longest = int(cand_mask.sum(-1).max())
+  if target_len is None:
+    target_len = longest
+  elif target_len < longest:
+    word = label_words[int(np.argmax(cand_mask.sum(-1)))]
+    raise ValueError(
+        f"target_len={target_len} is too small for label word {word!r} ({longest} tokens "
+        f"with EOS): label words are never truncated; raise target_len."
+    )
+  prefix, suffix = _split_template(template)
+  head = tokenizer.encode([prefix])[0] if prefix else []
+  tail = tokenizer.encode([suffix])[0] if suffix else []
+  eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
+  body = tokenizer.encode(list(texts))
+  n = len(body)
+  tokens = np.full((n, max_len), tokenizer.pad_id, dtype=np.int32)
+  mask = np.zeros((n, max_len), dtype=bool)
+  cut = 0
+  for i in range(n):
+    seq, _, c = _fit(head, body[i], tail, eos, max_len)
+    cut += c
+    tokens[i, : len(seq)] = seq
+    mask[i, : len(seq)] = True
+  if cut:
+    log.info(
+        "format_seq2seq_classification: %d of %d texts truncated to max_len=%d", cut, n, max_len
+    )
+  width = cand.shape[1]
+  target = np.full((n, target_len), tokenizer.pad_id, dtype=np.int32)
+  target_mask = np.zeros((n, target_len), dtype=bool)
+  target[:, :width] = cand[y]
+  target_mask[:, :width] = cand_mask[y]
+  return {
+      "tokens": tokens,
+      "mask": mask,
+      "target_tokens": target,
+      "target_mask": target_mask,
+      "labels": y,
+  }
 
 
 def format_multiple_choice(
@@ -274,77 +281,81 @@ def format_multiple_choice(
     prefixes: Sequence[str] | None = None,
     suffix: str = "",
 ) -> Examples:
-    """Formats N questions with K options each as (N, K, max_len) scoring sequences.
+  """Formats N questions with K options each as (N, K, max_len) scoring sequences.
 
-    Sequence (n, k) = BOS + prefixes[n] + contexts[n] (left-truncated) + suffix + options[n][k];
-    ``target_mask`` marks the option tokens. The context and each option are encoded
-    separately, so an option's tokens are the same whatever precedes it.
+  Sequence (n, k) = BOS + prefixes[n] + contexts[n] (left-truncated) + suffix + options[n][k];
+  ``target_mask`` marks the option tokens. The context and each option are encoded
+  separately, so an option's tokens are the same whatever precedes it.
 
-    Returns:
-      ``tokens``, ``mask``, ``target_mask`` (N, K, T); ``option_chars`` (N, K) float32 (length
-      in characters of each option string, for ``acc_norm``); ``option_tokens`` (N, K) int32;
-      ``labels`` (N,) int32.
+  Returns:
+    ``tokens``, ``mask``, ``target_mask`` (N, K, T); ``option_chars`` (N, K) float32 (length
+    in characters of each option string, for ``acc_norm``); ``option_tokens`` (N, K) int32;
+    ``labels`` (N,) int32.
 
-    >>> from fedalign.data.tokenize import ByteTokenizer
-    >>> mc = format_multiple_choice(["1+1="], [[" 2", " 3"]], [0], ByteTokenizer(), max_len=12)
-    >>> mc["tokens"].shape, mc["option_chars"].tolist()
-    ((1, 2, 12), [[2.0, 2.0]])
-    """
-    n = len(contexts)
-    if len(options) != n or len(labels) != n:
-        raise ValueError(f"{n} contexts, {len(options)} option lists, {len(labels)} labels")
-    k = len(options[0]) if n else 0
-    if any(len(o) != k for o in options):
-        raise ValueError("every question must have the same number of options")
-    y = _check_labels(labels, k, f"{k} options")
-    bos = _bos(tokenizer, add_bos)
-    ctx = tokenizer.encode(list(contexts))
-    pre = tokenizer.encode(list(prefixes)) if prefixes is not None else [[] for _ in range(n)]
-    tail = tokenizer.encode([suffix])[0] if suffix else []
-    flat_opts = [o for opts in options for o in opts]
-    opt_ids = tokenizer.encode(flat_opts)
-    tokens = np.full((n, k, max_len), tokenizer.pad_id, dtype=np.int32)
-    mask = np.zeros((n, k, max_len), dtype=bool)
-    target = np.zeros((n, k, max_len), dtype=bool)
-    chars = np.array([len(o) for o in flat_opts], dtype=np.float32).reshape(n, k)
-    ntok = np.zeros((n, k), dtype=np.int32)
-    cut_ctx = cut_opt = 0
-    for i in range(n):
-        head = bos + pre[i]
-        for j in range(k):
-            opt = opt_ids[i * k + j]
-            if not opt:
-                raise ValueError(f"option {j} of question {i} ({options[i][j]!r}) has no tokens")
-            room = max_len - len(head) - len(tail) - 1
-            if len(opt) > room:  # keep >= 1 context token; cut the option's end, and count it
-                if room < 1:
-                    raise ValueError(
-                        f"max_len={max_len} leaves no room for options after the fixed prompt "
-                        f"parts ({len(head) + len(tail)} tokens): raise max_len."
-                    )
-                opt = opt[:room]
-                cut_opt += 1
-            seq, start, c = _fit(head, ctx[i], tail, opt, max_len)
-            cut_ctx += c and j == 0
-            tokens[i, j, : len(seq)] = seq
-            mask[i, j, : len(seq)] = True
-            target[i, j, start : len(seq)] = True
-            ntok[i, j] = len(opt)
-    if cut_ctx:
-        log.info("format_multiple_choice: %d of %d contexts truncated (max_len=%d)", cut_ctx, n,
-                 max_len)
-    if cut_opt:
-        log.warning(
-            "format_multiple_choice: %d option(s) longer than max_len=%d were cut at the end; "
-            "raise max_len to score them whole", cut_opt, max_len)
-    return {
-        "tokens": tokens,
-        "mask": mask,
-        "target_mask": target,
-        "option_chars": chars,
-        "option_tokens": ntok,
-        "labels": y,
-    }
+  >>> from fedalign.data.tokenize import ByteTokenizer
+  >>> mc = format_multiple_choice(["1+1="], [[" 2", " 3"]], [0], ByteTokenizer(), max_len=12)
+  >>> mc["tokens"].shape, mc["option_chars"].tolist()
+  ((1, 2, 12), [[2.0, 2.0]])
+  """
+  n = len(contexts)
+  if len(options) != n or len(labels) != n:
+    raise ValueError(f"{n} contexts, {len(options)} option lists, {len(labels)} labels")
+  k = len(options[0]) if n else 0
+  if any(len(o) != k for o in options):
+    raise ValueError("every question must have the same number of options")
+  y = _check_labels(labels, k, f"{k} options")
+  bos = _bos(tokenizer, add_bos)
+  ctx = tokenizer.encode(list(contexts))
+  pre = tokenizer.encode(list(prefixes)) if prefixes is not None else [[] for _ in range(n)]
+  tail = tokenizer.encode([suffix])[0] if suffix else []
+  flat_opts = [o for opts in options for o in opts]
+  opt_ids = tokenizer.encode(flat_opts)
+  tokens = np.full((n, k, max_len), tokenizer.pad_id, dtype=np.int32)
+  mask = np.zeros((n, k, max_len), dtype=bool)
+  target = np.zeros((n, k, max_len), dtype=bool)
+  chars = np.array([len(o) for o in flat_opts], dtype=np.float32).reshape(n, k)
+  ntok = np.zeros((n, k), dtype=np.int32)
+  cut_ctx = cut_opt = 0
+  for i in range(n):
+    head = bos + pre[i]
+    for j in range(k):
+      opt = opt_ids[i * k + j]
+      if not opt:
+        raise ValueError(f"option {j} of question {i} ({options[i][j]!r}) has no tokens")
+      room = max_len - len(head) - len(tail) - 1
+      if len(opt) > room:  # keep >= 1 context token; cut the option's end, and count it
+        if room < 1:
+          raise ValueError(
+              f"max_len={max_len} leaves no room for options after the fixed prompt "
+              f"parts ({len(head) + len(tail)} tokens): raise max_len."
+          )
+        opt = opt[:room]
+        cut_opt += 1
+      seq, start, c = _fit(head, ctx[i], tail, opt, max_len)
+      cut_ctx += c and j == 0
+      tokens[i, j, : len(seq)] = seq
+      mask[i, j, : len(seq)] = True
+      target[i, j, start : len(seq)] = True
+      ntok[i, j] = len(opt)
+  if cut_ctx:
+    log.info(
+        "format_multiple_choice: %d of %d contexts truncated (max_len=%d)", cut_ctx, n, max_len
+    )
+  if cut_opt:
+    log.warning(
+        "format_multiple_choice: %d option(s) longer than max_len=%d were cut at the end; "
+        "raise max_len to score them whole",
+        cut_opt,
+        max_len,
+    )
+  return {
+      "tokens": tokens,
+      "mask": mask,
+      "target_mask": target,
+      "option_chars": chars,
+      "option_tokens": ntok,
+      "labels": y,
+  }
 
 
 def format_label_word_choices(
@@ -357,50 +368,50 @@ def format_label_word_choices(
     max_len: int = 64,
     add_bos: bool = True,
 ) -> Examples:
-    """Classification as multiple choice: every label word scored after the prompt.
+  """Classification as multiple choice: every label word scored after the prompt.
 
-    Works for multi-token label words (scored as sequences). Same truncation as
-    :func:`format_classification`.
-    """
-    prefix, suffix = _split_template(template)
-    n = len(texts)
-    return format_multiple_choice(
-        list(texts),
-        [list(label_words)] * n,
-        labels,
-        tokenizer,
-        max_len=max_len,
-        add_bos=add_bos,
-        prefixes=[prefix] * n if prefix else None,
-        suffix=suffix,
-    )
+  Works for multi-token label words (scored as sequences). Same truncation as
+  :func:`format_classification`.
+  """
+  prefix, suffix = _split_template(template)
+  n = len(texts)
+  return format_multiple_choice(
+      list(texts),
+      [list(label_words)] * n,
+      labels,
+      tokenizer,
+      max_len=max_len,
+      add_bos=add_bos,
+      prefixes=[prefix] * n if prefix else None,
+      suffix=suffix,
+  )
 
 
 def mmlu_question(record: dict, with_answer: bool = False) -> str:
-    """One MMLU question block: question, ``A. ..`` to ``D. ..``, ``Answer:`` (+ `` X``).
+  """One MMLU question block: question, ``A. ..`` to ``D. ..``, ``Answer:`` (+ `` X``).
 
-    >>> mmlu_question({"question": "2+2?", "choices": ["1", "4", "3", "5"], "answer": 1}, True)
-    '2+2?\\nA. 1\\nB. 4\\nC. 3\\nD. 5\\nAnswer: B'
-    """
-    lines = [record["question"].strip()]
-    lines += [f"{letter}. {c}" for letter, c in zip("ABCD", record["choices"])]
-    s = "\n".join(lines) + "\nAnswer:"
-    if with_answer:
-        s += " " + "ABCD"[int(record["answer"])]
-    return s
+  >>> mmlu_question({"question": "2+2?", "choices": ["1", "4", "3", "5"], "answer": 1}, True)
+  '2+2?\\nA. 1\\nB. 4\\nC. 3\\nD. 5\\nAnswer: B'
+  """
+  lines = [record["question"].strip()]
+  lines += [f"{letter}. {c}" for letter, c in zip("ABCD", record["choices"])]
+  s = "\n".join(lines) + "\nAnswer:"
+  if with_answer:
+    s += " " + "ABCD"[int(record["answer"])]
+  return s
 
 
 def mmlu_prompt(record: dict, shots: Sequence[dict] = ()) -> tuple[str, str]:
-    """``(header, body)`` of the standard MMLU prompt (Hendrycks et al.; lm-eval-harness).
+  """``(header, body)`` of the standard MMLU prompt (Hendrycks et al.; lm-eval-harness).
 
-    header = "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
-    (underscores in the subject become spaces); body = the few-shot blocks with answers, each
-    followed by a blank line, then the question block ending in "Answer:". Options scored:
-    " A", " B", " C", " D".
-    """
-    header = MMLU_HEADER.format(subject=record["subject"].replace("_", " "))
-    body = "".join(mmlu_question(s, True) + "\n\n" for s in shots) + mmlu_question(record)
-    return header, body
+  header = "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
+  (underscores in the subject become spaces); body = the few-shot blocks with answers, each
+  followed by a blank line, then the question block ending in "Answer:". Options scored:
+  " A", " B", " C", " D".
+  """
+  header = MMLU_HEADER.format(subject=record["subject"].replace("_", " "))
+  body = "".join(mmlu_question(s, True) + "\n\n" for s in shots) + mmlu_question(record)
+  return header, body
 
 
 def format_mmlu(
@@ -412,51 +423,57 @@ def format_mmlu(
     dev_records: Sequence[dict] | None = None,
     add_bos: bool = True,
 ) -> Examples:
-    """MMLU as (N, 4, max_len) multiple choice with the first ``num_shots`` dev examples of the
-    same subject as few-shot examples. The header is never truncated; the body is truncated
-    from the left (the oldest few-shot examples go first)."""
-    shots_by_subject: dict[str, list[dict]] = {}
-    if num_shots:
-        if dev_records is None:
-            raise ValueError("num_shots > 0 needs dev_records (the MMLU dev split)")
-        for r in dev_records:
-            shots_by_subject.setdefault(r["subject"], []).append(r)
-    headers, bodies = [], []
-    for r in records:
-        shots = shots_by_subject.get(r["subject"], [])[:num_shots]
-        if num_shots and len(shots) < num_shots:
-            raise ValueError(f"dev_records has {len(shots)} examples of {r['subject']!r}, "
-                             f"num_shots={num_shots}")
-        h, b = mmlu_prompt(r, shots)
-        headers.append(h)
-        bodies.append(b)
-    return format_multiple_choice(
-        bodies, [list(MMLU_OPTIONS)] * len(records), [r["answer"] for r in records], tokenizer,
-        max_len=max_len, add_bos=add_bos, prefixes=headers,
-    )
+  """MMLU as (N, 4, max_len) multiple choice with the first ``num_shots`` dev examples of the
+  same subject as few-shot examples. The header is never truncated; the body is truncated
+  from the left (the oldest few-shot examples go first)."""
+  shots_by_subject: dict[str, list[dict]] = {}
+  if num_shots:
+    if dev_records is None:
+      raise ValueError("num_shots > 0 needs dev_records (the MMLU dev split)")
+    for r in dev_records:
+      shots_by_subject.setdefault(r["subject"], []).append(r)
+  headers, bodies = [], []
+  for r in records:
+    shots = shots_by_subject.get(r["subject"], [])[:num_shots]
+    if num_shots and len(shots) < num_shots:
+      raise ValueError(
+          f"dev_records has {len(shots)} examples of {r['subject']!r}, " f"num_shots={num_shots}"
+      )
+    h, b = mmlu_prompt(r, shots)
+    headers.append(h)
+    bodies.append(b)
+  return format_multiple_choice(
+      bodies,
+      [list(MMLU_OPTIONS)] * len(records),
+      [r["answer"] for r in records],
+      tokenizer,
+      max_len=max_len,
+      add_bos=add_bos,
+      prefixes=headers,
+  )
 
 
 def hellaswag_context(record: dict) -> str:
-    """The scored context: ``"{activity_label}: {ctx}"`` (the lm-eval-harness query).
+  """The scored context: ``"{activity_label}: {ctx}"`` (the lm-eval-harness query).
 
-    >>> hellaswag_context({"activity_label": "Roofing", "ctx": "A man is on a roof. he"})
-    'Roofing: A man is on a roof. he'
-    """
-    return f"{record['activity_label']}: {record['ctx']}"
+  >>> hellaswag_context({"activity_label": "Roofing", "ctx": "A man is on a roof. he"})
+  'Roofing: A man is on a roof. he'
+  """
+  return f"{record['activity_label']}: {record['ctx']}"
 
 
 def format_hellaswag(
     records: Sequence[dict], tokenizer: Tokenizer, *, max_len: int = 128, add_bos: bool = True
 ) -> Examples:
-    """HellaSwag as (N, 4, max_len) continuation scoring: context + " " + ending (acc_norm)."""
-    return format_multiple_choice(
-        [hellaswag_context(r) for r in records],
-        [[" " + e for e in r["endings"]] for r in records],
-        [r["label"] for r in records],
-        tokenizer,
-        max_len=max_len,
-        add_bos=add_bos,
-    )
+  """HellaSwag as (N, 4, max_len) continuation scoring: context + " " + ending (acc_norm)."""
+  return format_multiple_choice(
+      [hellaswag_context(r) for r in records],
+      [[" " + e for e in r["endings"]] for r in records],
+      [r["label"] for r in records],
+      tokenizer,
+      max_len=max_len,
+      add_bos=add_bos,
+  )
 
 
 def format_instruction(
@@ -467,39 +484,44 @@ def format_instruction(
     add_bos: bool = True,
     add_eos: bool = True,
 ) -> Examples:
-    """Instruction tuning (Dolly): Alpaca-style prompt, loss on the response (+ EOS).
+  """Instruction tuning (Dolly): Alpaca-style prompt, loss on the response (+ EOS).
 
-    Prompt: ``"### Instruction:\\n{instruction}\\n\\n[### Context:\\n{context}\\n\\n]### Response:\\n"``.
-    When too long the response is cut to at most half of ``max_len`` first, then the prompt is
-    truncated from the left. ``labels`` holds the category index when records have an int
-    ``category`` (else -1).
-    """
-    bos = _bos(tokenizer, add_bos)
-    eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
-    prompts = [
-        INSTRUCTION_TEMPLATE.format(
-            instruction=r["instruction"].strip(),
-            context=f"### Context:\n{r['context'].strip()}\n\n" if r.get("context") else "",
-        )
-        for r in records
-    ]
-    p_ids = tokenizer.encode(prompts)
-    r_ids = tokenizer.encode([r["response"].strip() for r in records])
-    n = len(records)
-    tokens = np.full((n, max_len), tokenizer.pad_id, dtype=np.int32)
-    mask = np.zeros((n, max_len), dtype=bool)
-    target = np.zeros((n, max_len), dtype=bool)
-    last = np.zeros(n, dtype=np.int32)
-    for i in range(n):
-        resp = r_ids[i] + eos
-        if len(bos) + len(p_ids[i]) + len(resp) > max_len:
-            resp = resp[: max(1, min(len(resp), max_len // 2, max_len - len(bos) - len(p_ids[i])))]
-        seq, start, _ = _fit(bos, p_ids[i], [], resp, max_len)
-        tokens[i, : len(seq)] = seq
-        mask[i, : len(seq)] = True
-        target[i, start : len(seq)] = True
-        last[i] = start - 1
-    cats = [r.get("category", -1) for r in records]
-    labels = np.array([c if isinstance(c, (int, np.integer)) else -1 for c in cats], np.int32)
-    return {"tokens": tokens, "mask": mask, "target_mask": target, "labels": labels,
-            "last_index": last}
+  Prompt: ``"### Instruction:\\n{instruction}\\n\\n[### Context:\\n{context}\\n\\n]### Response:\\n"``.
+  When too long the response is cut to at most half of ``max_len`` first, then the prompt is
+  truncated from the left. ``labels`` holds the category index when records have an int
+  ``category`` (else -1).
+  """
+  bos = _bos(tokenizer, add_bos)
+  eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
+  prompts = [
+      INSTRUCTION_TEMPLATE.format(
+          instruction=r["instruction"].strip(),
+          context=f"### Context:\n{r['context'].strip()}\n\n" if r.get("context") else "",
+      )
+      for r in records
+  ]
+  p_ids = tokenizer.encode(prompts)
+  r_ids = tokenizer.encode([r["response"].strip() for r in records])
+  n = len(records)
+  tokens = np.full((n, max_len), tokenizer.pad_id, dtype=np.int32)
+  mask = np.zeros((n, max_len), dtype=bool)
+  target = np.zeros((n, max_len), dtype=bool)
+  last = np.zeros(n, dtype=np.int32)
+  for i in range(n):
+    resp = r_ids[i] + eos
+    if len(bos) + len(p_ids[i]) + len(resp) > max_len:
+      resp = resp[: max(1, min(len(resp), max_len // 2, max_len - len(bos) - len(p_ids[i])))]
+    seq, start, _ = _fit(bos, p_ids[i], [], resp, max_len)
+    tokens[i, : len(seq)] = seq
+    mask[i, : len(seq)] = True
+    target[i, start : len(seq)] = True
+    last[i] = start - 1
+  cats = [r.get("category", -1) for r in records]
+  labels = np.array([c if isinstance(c, (int, np.integer)) else -1 for c in cats], np.int32)
+  return {
+      "tokens": tokens,
+      "mask": mask,
+      "target_mask": target,
+      "labels": labels,
+      "last_index": last,
+  }

@@ -15,6 +15,7 @@ Example:
     >>> len(train), len(test)  # doctest: +SKIP
     (9776, 2000)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,54 +36,53 @@ TEST_FILE = "agnews_test.jsonl.gz"
 def build_embedded(
     source_dir: str | pathlib.Path, test_per_class: int = 500, seed: int = 0
 ) -> tuple[list[dict], list[dict]]:
-    """Returns (train, test) record lists for the embedded subset (see module docstring)."""
-    train = sources.read_ag_news(source_dir, "train").records
-    test_all = sources.read_ag_news(source_dir, "test").records
-    test_texts = {r["text"] for r in test_all}
-    train = [r for r in train if r["text"] not in test_texts]
-    labels = np.array([r["label"] for r in test_all])
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in range(len(sources.AG_NEWS_CLASSES)):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < test_per_class:
-            raise ValueError(
-                f"test.csv has {len(idx)} rows of class {c}; test_per_class={test_per_class} "
-                "is too large."
-            )
-        keep.append(rng.choice(idx, size=test_per_class, replace=False))
-    test = [test_all[i] for i in np.sort(np.concatenate(keep))]
-    return train, test
+  """Returns (train, test) record lists for the embedded subset (see module docstring)."""
+  train = sources.read_ag_news(source_dir, "train").records
+  test_all = sources.read_ag_news(source_dir, "test").records
+  test_texts = {r["text"] for r in test_all}
+  train = [r for r in train if r["text"] not in test_texts]
+  labels = np.array([r["label"] for r in test_all])
+  rng = np.random.default_rng(seed)
+  keep = []
+  for c in range(len(sources.AG_NEWS_CLASSES)):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) < test_per_class:
+      raise ValueError(
+          f"test.csv has {len(idx)} rows of class {c}; test_per_class={test_per_class} "
+          "is too large."
+      )
+    keep.append(rng.choice(idx, size=test_per_class, replace=False))
+  test = [test_all[i] for i in np.sort(np.concatenate(keep))]
+  return train, test
 
 
 def write_jsonl_gz(records: list[dict], path: pathlib.Path) -> None:
-    """Writes ``{"text", "label", "id"}`` records as reproducible gzip'd JSON Lines."""
-    payload = "".join(
-        json.dumps({"text": r["text"], "label": r["label"], "id": r["id"]}, ensure_ascii=False)
-        + "\n"
-        for r in records
-    ).encode("utf-8")
-    with open(path, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
-            f.write(payload)
+  """Writes ``{"text", "label", "id"}`` records as reproducible gzip'd JSON Lines."""
+  payload = "".join(
+      json.dumps({"text": r["text"], "label": r["label"], "id": r["id"]}, ensure_ascii=False) + "\n"
+      for r in records
+  ).encode("utf-8")
+  with open(path, "wb") as raw:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as f:
+      f.write(payload)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", default="../shared/data/ag_news", help="AG News manual dir")
-    parser.add_argument("--out", default=str(EMBEDDED_DIR))
-    parser.add_argument("--test-per-class", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    train, test = build_embedded(args.source, args.test_per_class, args.seed)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, recs in ((TRAIN_FILE, train), (TEST_FILE, test)):
-        write_jsonl_gz(recs, out / name)
-        digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
-        counts = sources.count_by(recs, "label")
-        print(f"{out / name}: {len(recs)} rows, per class {counts}, sha256 {digest}")
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--source", default="../shared/data/ag_news", help="AG News manual dir")
+  parser.add_argument("--out", default=str(EMBEDDED_DIR))
+  parser.add_argument("--test-per-class", type=int, default=500)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  train, test = build_embedded(args.source, args.test_per_class, args.seed)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  for name, recs in ((TRAIN_FILE, train), (TEST_FILE, test)):
+    write_jsonl_gz(recs, out / name)
+    digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    counts = sources.count_by(recs, "label")
+    print(f"{out / name}: {len(recs)} rows, per class {counts}, sha256 {digest}")
 
 
 if __name__ == "__main__":
-    main()
+  main()

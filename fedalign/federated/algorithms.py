@@ -6,6 +6,7 @@ term, FedAlign-MoE's gating regularizer), a broadcast computed from the aggregat
 per-client persistent state (SCAFFOLD's control variates). The engine never special-cases a
 method: it calls these hooks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,12 +17,24 @@ import jax.numpy as jnp
 
 from fedalign.aggregation.base import Aggregator
 from fedalign.aggregation.fedavg import fedavg_aggregator, server_optimizer
-from fedalign.aggregation.scaffold import (scaffold_aggregator, scaffold_correct_grads,
-                                           scaffold_new_client_control)
+from fedalign.aggregation.scaffold import (
+    scaffold_aggregator,
+    scaffold_correct_grads,
+    scaffold_new_client_control,
+)
 
 PyTree = Any
-METHODS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
-           "fedmoe", "fedalign")
+METHODS = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "scaffold",
+    "fedmoe",
+    "fedalign",
+)
 
 
 def _no_broadcast(state: PyTree) -> PyTree:
@@ -74,41 +87,54 @@ def make_algorithm(config: Any, trainable: PyTree, num_clients: int) -> Algorith
   """
   method = config.method
   srv = config.server
-  opt_names = {"fedavgm": "momentum", "fedadam": "adam", "fedyogi": "yogi",
-               "fedadagrad": "adagrad"}
+  opt_names = {"fedavgm": "momentum", "fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
   if method in opt_names:
-    opt = server_optimizer(opt_names[method], srv.learning_rate, srv.momentum, srv.b1,
-                           srv.b2, srv.eps)
+    opt = server_optimizer(
+        opt_names[method], srv.learning_rate, srv.momentum, srv.b1, srv.b2, srv.eps
+    )
   elif srv.optimizer not in ("none", "sgd") or srv.learning_rate != 1.0:
-    opt = server_optimizer(srv.optimizer if srv.optimizer != "none" else "sgd",
-                           srv.learning_rate, srv.momentum, srv.b1, srv.b2, srv.eps)
+    opt = server_optimizer(
+        srv.optimizer if srv.optimizer != "none" else "sgd",
+        srv.learning_rate,
+        srv.momentum,
+        srv.b1,
+        srv.b2,
+        srv.eps,
+    )
   else:
     opt = None
 
   if method in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
     return Algorithm(method, fedavg_aggregator(opt, trainable))
   if method == "fedprox":
-    return Algorithm(method, fedavg_aggregator(opt, trainable),
-                     client_loss=proximal_term(config.fedprox.mu))
+    return Algorithm(
+        method, fedavg_aggregator(opt, trainable), client_loss=proximal_term(config.fedprox.mu)
+    )
   if method == "scaffold":
     agg = scaffold_aggregator(num_clients, opt, trainable)
     return Algorithm(
-        method, agg,
+        method,
+        agg,
         broadcast=lambda state: {"control": state["control"]},
         init_client_state=lambda t: jax.tree.map(jnp.zeros_like, t),
         correct_grads=lambda g, b, cs: scaffold_correct_grads(g, b["control"], cs),
         update_client_state=lambda cs, b, d, k, lr: scaffold_new_client_control(
-            cs, b["control"], d, k, lr))
+            cs, b["control"], d, k, lr
+        ),
+    )
   if method == "fedmoe":
     from fedalign.aggregation.modular import modular_aggregator
+
     return Algorithm(method, modular_aggregator(server_optimizer=opt))
   if method == "fedalign":
     from fedalign.aggregation import fedalign as fa
+
     fields = dict(config.fedalign.to_dict())
     if not fields.get("centroid_clip"):
       fields["centroid_clip"] = None  # 0 in the config means 'no clipping'
-    fa_cfg = fa.as_fedalign_config(dict(fields, server_optimizer=opt,
-                                        seed=int(config.get("seed", 0))))
+    fa_cfg = fa.as_fedalign_config(
+        dict(fields, server_optimizer=opt, seed=int(config.get("seed", 0)))
+    )
     lam = fa_cfg.lambda_reg
 
     def reg(params, global_params, broadcast, aux):

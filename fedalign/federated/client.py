@@ -11,6 +11,7 @@
 * ``broadcast``: what the algorithm sends with the model (e.g. FedAlign-MoE's p_g and alpha).
 * routing statistics are summed over every real step of local training (section 3.1).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -29,9 +30,15 @@ def _select(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def make_client_update(task: Any, algorithm: Algorithm, optimizer: optax.GradientTransformation,
-                       *, load_balance_coef: float = 0.01, z_loss_coef: float = 0.0,
-                       learning_rate: float = 1.0) -> Callable[..., tuple]:
+def make_client_update(
+    task: Any,
+    algorithm: Algorithm,
+    optimizer: optax.GradientTransformation,
+    *,
+    load_balance_coef: float = 0.01,
+    z_loss_coef: float = 0.0,
+    learning_rate: float = 1.0,
+) -> Callable[..., tuple]:
   """Builds the pure client update for a task, an algorithm and an optax client optimizer.
 
   Args:
@@ -46,8 +53,11 @@ def make_client_update(task: Any, algorithm: Algorithm, optimizer: optax.Gradien
   def total_loss(trainable, frozen, global_trainable, batch, broadcast, rng):
     params = combine(trainable, frozen)
     task_loss, aux = task.loss(params, batch, rng)
-    loss = (task_loss + load_balance_coef * aux["load_balance_loss"]
-            + z_loss_coef * aux["router_z_loss"])
+    loss = (
+        task_loss
+        + load_balance_coef * aux["load_balance_loss"]
+        + z_loss_coef * aux["router_z_loss"]
+    )
     if algorithm.client_loss is not None:
       loss = loss + algorithm.client_loss(trainable, global_trainable, broadcast, aux)
     return loss, (task_loss, aux["routing"])
@@ -59,8 +69,8 @@ def make_client_update(task: Any, algorithm: Algorithm, optimizer: optax.Gradien
     data = {k: v for k, v in batches.items() if k != "step_mask"}
     first = jax.tree.map(lambda x: x[0], data)
     stats_shape = jax.eval_shape(
-        lambda: total_loss(global_trainable, frozen, global_trainable, first, broadcast,
-                           rng)[1][1])
+        lambda: total_loss(global_trainable, frozen, global_trainable, first, broadcast, rng)[1][1]
+    )
     zero_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
     opt_state = optimizer.init(global_trainable)
 
@@ -68,8 +78,9 @@ def make_client_update(task: Any, algorithm: Algorithm, optimizer: optax.Gradien
       params, opt_state, stats_acc, loss_acc = carry
       batch = jax.tree.map(lambda x: x[i], data)
       real = step_mask[i]
-      (_, (task_loss, stats)), grads = grad_fn(params, frozen, global_trainable, batch,
-                                               broadcast, jax.random.fold_in(rng, i))
+      (_, (task_loss, stats)), grads = grad_fn(
+          params, frozen, global_trainable, batch, broadcast, jax.random.fold_in(rng, i)
+      )
       if algorithm.correct_grads is not None:
         grads = algorithm.correct_grads(grads, broadcast, client_state)
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -91,8 +102,9 @@ def make_client_update(task: Any, algorithm: Algorithm, optimizer: optax.Gradien
     metrics = {"train_loss": loss_sum / jnp.maximum(num_steps, 1.0), "num_steps": num_steps}
     new_state = client_state
     if algorithm.update_client_state is not None:
-      new_state = algorithm.update_client_state(client_state, broadcast, delta, num_steps,
-                                                learning_rate)
+      new_state = algorithm.update_client_state(
+          client_state, broadcast, delta, num_steps, learning_rate
+      )
     return delta, stats, metrics, new_state
 
   return client_update

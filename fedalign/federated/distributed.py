@@ -17,6 +17,7 @@ Launch examples::
       python -m fedalign.main --config=... --workdir=/shared/run \\
       --config.train.use_mesh=True --distributed
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,12 +39,20 @@ def initialize() -> None:
   if coordinator:
     for name in ("FEDALIGN_NUM_PROCESSES", "FEDALIGN_PROCESS_ID"):
       if name not in os.environ:
-        raise ValueError(f"FEDALIGN_COORDINATOR is set but {name} is not: set both "
-                         "FEDALIGN_NUM_PROCESSES and FEDALIGN_PROCESS_ID.")
-    jax.distributed.initialize(coordinator_address=coordinator,
-                               num_processes=int(os.environ["FEDALIGN_NUM_PROCESSES"]),
-                               process_id=int(os.environ["FEDALIGN_PROCESS_ID"]))
+        raise ValueError(
+            f"FEDALIGN_COORDINATOR is set but {name} is not: set both "
+            "FEDALIGN_NUM_PROCESSES and FEDALIGN_PROCESS_ID."
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(os.environ["FEDALIGN_NUM_PROCESSES"]),
+        process_id=int(os.environ["FEDALIGN_PROCESS_ID"]),
+    )
   else:
     jax.distributed.initialize()
-  log.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(),
-           jax.process_count(), jax.device_count())
+  log.info(
+      "jax.distributed: process %d of %d, %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.device_count(),
+  )

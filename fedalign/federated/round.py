@@ -11,6 +11,7 @@ number of clients per round. The per-client deltas of the round are kept (the Fe
 aggregation compares clients pairwise), which costs C x (trainable parameters): small with
 LoRA.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -27,8 +28,7 @@ PyTree = Any
 CLIENT_AXIS = "clients"
 
 
-def client_rngs(seed: int | jax.Array, round_idx: jax.Array, client_ids: jax.Array
-                ) -> jax.Array:
+def client_rngs(seed: int | jax.Array, round_idx: jax.Array, client_ids: jax.Array) -> jax.Array:
   """Per-client keys derived from (seed, round, client) only."""
   base = jax.random.fold_in(jax.random.key(seed), round_idx)
   return jax.vmap(lambda c: jax.random.fold_in(base, c))(client_ids)
@@ -39,9 +39,15 @@ def _finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_round_fn(client_update: Callable, algorithm: Algorithm, trainable_mask: PyTree, *,
-                  seed: int, chunk_size: int | None = None, mesh: Mesh | None = None
-                  ) -> Callable:
+def make_round_fn(
+    client_update: Callable,
+    algorithm: Algorithm,
+    trainable_mask: PyTree,
+    *,
+    seed: int,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+) -> Callable:
   """Returns ``round_fn(server_state, batches, weights, client_ids, round_idx)``.
 
   Args:
@@ -65,12 +71,15 @@ def make_round_fn(client_update: Callable, algorithm: Algorithm, trainable_mask:
       return vmapped(global_trainable, frozen, batches, broadcast, cstates, rngs)
     n = rngs.shape[0]
     if n % chunk_size:
-      raise ValueError(f"clients per round ({n}) must be a multiple of chunk_size "
-                       f"({chunk_size}); pad with weight-0 clients.")
+      raise ValueError(
+          f"clients per round ({n}) must be a multiple of chunk_size "
+          f"({chunk_size}); pad with weight-0 clients."
+      )
     split = lambda x: x.reshape((n // chunk_size, chunk_size) + x.shape[1:])
     outs = jax.lax.map(
         lambda xs: vmapped(global_trainable, frozen, xs[0], broadcast, xs[1], xs[2]),
-        (jax.tree.map(split, batches), jax.tree.map(split, cstates), split(rngs)))
+        (jax.tree.map(split, batches), jax.tree.map(split, cstates), split(rngs)),
+    )
     return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), outs)
 
   def round_fn(server_state, batches, weights, client_ids, round_idx):
@@ -86,8 +95,9 @@ def make_round_fn(client_update: Callable, algorithm: Algorithm, trainable_mask:
       shard = NamedSharding(mesh, P(CLIENT_AXIS))
       batches = jax.lax.with_sharding_constraint(batches, shard)
     rngs = client_rngs(seed, round_idx, client_ids)
-    deltas, stats, metrics, new_cstates = run_clients(trainable, frozen, batches, broadcast,
-                                                      cstates, rngs)
+    deltas, stats, metrics, new_cstates = run_clients(
+        trainable, frozen, batches, broadcast, cstates, rngs
+    )
     ok = jax.vmap(lambda d, s, m: _finite((d, s, m)))(deltas, stats, metrics["train_loss"])
     weights = jnp.where(ok, jnp.asarray(weights, jnp.float32), 0.0)
     zero_bad = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
@@ -96,17 +106,26 @@ def make_round_fn(client_update: Callable, algorithm: Algorithm, trainable_mask:
     agg_stats = dict(stats)
     new_state = dict(server_state)
     if has_cstate:
-      new_cstates = jax.tree.map(lambda new, old: jnp.where(
-          ok.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), new_cstates, cstates)
+      new_cstates = jax.tree.map(
+          lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+          new_cstates,
+          cstates,
+      )
       agg_stats[CLIENT_STATE_DELTA] = jax.tree.map(
-          lambda new, old: zero_bad(new - old), new_cstates, cstates)
+          lambda new, old: zero_bad(new - old), new_cstates, cstates
+      )
       participating = weights > 0
       new_state["client_states"] = jax.tree.map(
-          lambda all_, new, old: all_.at[client_ids].set(jnp.where(
-              participating.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)),
-          server_state["client_states"], new_cstates, cstates)
+          lambda all_, new, old: all_.at[client_ids].set(
+              jnp.where(participating.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+          ),
+          server_state["client_states"],
+          new_cstates,
+          cstates,
+      )
     new_params, agg_state, diagnostics = algorithm.aggregator.aggregate(
-        server_state["agg"], params, deltas, agg_stats, weights)
+        server_state["agg"], params, deltas, agg_stats, weights
+    )
     new_state["params"] = new_params
     new_state["agg"] = agg_state
     real = weights > 0
@@ -124,13 +143,15 @@ def make_round_fn(client_update: Callable, algorithm: Algorithm, trainable_mask:
   return round_fn
 
 
-def init_server_state(params: PyTree, algorithm: Algorithm, trainable_mask: PyTree,
-                      num_clients: int) -> dict[str, Any]:
+def init_server_state(
+    params: PyTree, algorithm: Algorithm, trainable_mask: PyTree, num_clients: int
+) -> dict[str, Any]:
   """The server state of round 0: params, aggregator state, per-client state if any."""
   trainable, _ = partition(params, trainable_mask)
   state = {"params": params, "agg": algorithm.aggregator.init(params), "client_states": None}
   if algorithm.init_client_state is not None:
     one = algorithm.init_client_state(trainable)
     state["client_states"] = jax.tree.map(
-        lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), one)
+        lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), one
+    )
   return state

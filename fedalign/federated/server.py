@@ -25,6 +25,7 @@ With ``config.model.hf_checkpoint`` (a local Hugging Face checkpoint directory) 
 loads its config and weights with :func:`fedalign.models.hf.load_pretrained` instead of the
 ``config.model`` sizes, and the tokenizer is the checkpoint's ``tokenizer.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,19 +87,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "config.model.hf_checkpoint is not set: this config fine-tunes a pretrained "
         "checkpoint; pass --config.model.hf_checkpoint=/path/to/checkpoint (a local Hugging "
         "Face directory with config.json, model.safetensors and tokenizer.json), or use the "
-        "config's ':runlocal' variant (tiny random-weights model).")
+        "config's ':runlocal' variant (tiny random-weights model)."
+    )
   if config.model.hf_checkpoint:
     ckpt = pathlib.Path(config.model.hf_checkpoint)
     if not (ckpt / "config.json").is_file():
-      bad("model.hf_checkpoint", config.model.hf_checkpoint,
+      bad(
+          "model.hf_checkpoint",
+          config.model.hf_checkpoint,
           "a local Hugging Face checkpoint directory holding config.json, model.safetensors "
-          "and tokenizer.json (download it beforehand; nothing is fetched at run time)")
+          "and tokenizer.json (download it beforehand; nothing is fetched at run time)",
+      )
   d, t = config.data, config.train
   if d.num_clients < 1:
     bad("data.num_clients", d.num_clients, "an integer >= 1")
   if not 1 <= t.clients_per_round <= d.num_clients:
-    bad("train.clients_per_round", t.clients_per_round,
-        f"an integer in [1, data.num_clients={d.num_clients}]")
+    bad(
+        "train.clients_per_round",
+        t.clients_per_round,
+        f"an integer in [1, data.num_clients={d.num_clients}]",
+    )
   if d.partition not in ("dirichlet", "iid", "pathological"):
     bad("data.partition", d.partition, "one of ('dirichlet', 'iid', 'pathological')")
   if d.partition == "dirichlet" and d.alpha <= 0:
@@ -120,22 +128,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.get("moe_impl", "dense") != "dense":
     # jax.lax.ragged_dot has no batching rule for the client axis of a vmapped round
     # (NotImplementedError in jax 0.10); use capacity_factor for sparse dispatch instead.
-    bad("model.moe_impl", config.model.moe_impl,
-        "'dense' in federated runs (use model.capacity_factor > 0 for sparse dispatch)")
+    bad(
+        "model.moe_impl",
+        config.model.moe_impl,
+        "'dense' in federated runs (use model.capacity_factor > 0 for sparse dispatch)",
+    )
   if config.model.get("capacity_factor", 0.0) < 0:
     bad("model.capacity_factor", config.model.capacity_factor, "0 (dropless) or a positive float")
   from fedalign.data.multiple_choice import MC_DATASETS
   from fedalign.models.config import DTYPES
+
   datasets = ("agnews_embedded", "agnews") + MC_DATASETS
   if d.dataset not in datasets:
     bad("data.dataset", d.dataset, f"one of {datasets}")
   if d.dataset in MC_DATASETS:
     if model_type(config) != "decoder":
-      bad("model.type", model_type(config),
-          f"'decoder' with data.dataset={d.dataset!r} (options are scored by a causal LM)")
+      bad(
+          "model.type",
+          model_type(config),
+          f"'decoder' with data.dataset={d.dataset!r} (options are scored by a causal LM)",
+      )
     if not d.data_dir or not pathlib.Path(d.data_dir).is_dir():
-      bad("data.data_dir", d.data_dir, f"an existing directory holding the {d.dataset} files "
-          f"(e.g. ../shared/data/{d.dataset}) for data.dataset={d.dataset!r}")
+      bad(
+          "data.data_dir",
+          d.data_dir,
+          f"an existing directory holding the {d.dataset} files "
+          f"(e.g. ../shared/data/{d.dataset}) for data.dataset={d.dataset!r}",
+      )
   if config.eval.get("mc_metric", "acc") not in ("acc", "acc_norm"):
     bad("eval.mc_metric", config.eval.mc_metric, "one of ('acc', 'acc_norm')")
   dtype = config.model.get("dtype", "float32")
@@ -147,8 +166,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if split not in ("test", "validation"):
     bad("eval.split", split, "one of ('test', 'validation')")
   if split == "validation" and not config.data.get("validation_examples", 0):
-    bad("eval.split", split, "'test' unless data.validation_examples > 0 holds "
-        "out training rows to evaluate on")
+    bad(
+        "eval.split",
+        split,
+        "'test' unless data.validation_examples > 0 holds " "out training rows to evaluate on",
+    )
   if config.eval.every < 1:
     bad("eval.every", config.eval.every, "an integer >= 1")
   if config.checkpoint.every < 0:
@@ -161,12 +183,15 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   new = _flatten(json.loads(config.to_json()))
   if path.exists():
     old = _flatten(json.loads(path.read_text()))
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    diff = sorted(
+        k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)
+    )
     if diff:
       details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:10])
-      raise ValueError(f"workdir {workdir} holds a run of a different config ({details}); "
-                       "use a new --workdir or the same config to resume.")
+      raise ValueError(
+          f"workdir {workdir} holds a run of a different config ({details}); "
+          "use a new --workdir or the same config to resume."
+      )
   path.write_text(config.to_json(indent=2))
 
 
@@ -187,25 +212,37 @@ def switch_config_from(config: ml_collections.ConfigDict, tokenizer: Any) -> Any
   Special ids come from the tokenizer (pad = decoder start, as in T5).
   """
   from fedalign.models.switch import SwitchConfig
+
   m = config.model
   pad = tokenizer.pad_id
   eos = tokenizer.eos_id if tokenizer.eos_id is not None else pad
   step = int(m.get("sparse_step", 2))
   capacity = int(m.get("expert_capacity", 0))
   return SwitchConfig(
-      vocab_size=tokenizer.vocab_size, d_model=m.hidden_size, d_kv=int(m.get("d_kv", 0)) or None,
-      d_ff=m.intermediate_size, num_heads=m.num_heads, num_layers=m.num_layers,
-      num_decoder_layers=m.num_layers, num_experts=m.num_experts,
-      encoder_sparse_step=min(step, m.num_layers), decoder_sparse_step=min(step, m.num_layers),
-      expert_capacity=capacity or None, capacity_factor=None,
+      vocab_size=tokenizer.vocab_size,
+      d_model=m.hidden_size,
+      d_kv=int(m.get("d_kv", 0)) or None,
+      d_ff=m.intermediate_size,
+      num_heads=m.num_heads,
+      num_layers=m.num_layers,
+      num_decoder_layers=m.num_layers,
+      num_experts=m.num_experts,
+      encoder_sparse_step=min(step, m.num_layers),
+      decoder_sparse_step=min(step, m.num_layers),
+      expert_capacity=capacity or None,
+      capacity_factor=None,
       relative_attention_num_buckets=int(m.get("relative_attention_num_buckets", 32)),
       relative_attention_max_distance=int(m.get("relative_attention_max_distance", 128)),
       dropout_rate=float(m.get("dropout_rate", 0.0)),
       router_jitter_noise=float(m.get("router_jitter_noise", 0.0)),
-      pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad,
+      pad_token_id=pad,
+      eos_token_id=eos,
+      decoder_start_token_id=pad,
       router_aux_loss_coef=config.train.load_balance_coef,
       router_z_loss_coef=config.train.z_loss_coef,
-      lora_rank=m.lora_rank, lora_alpha=m.lora_alpha).validate()
+      lora_rank=m.lora_rank,
+      lora_alpha=m.lora_alpha,
+  ).validate()
 
 
 def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, PyTree]:
@@ -227,13 +264,15 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
       mcfg = model_config_from(config, tokenizer.vocab_size)
     return mcfg, init_params(mcfg, jax.random.key(config.seed), seq_len=config.data.seq_len)
   from fedalign.models.hf import load_pretrained, read_config
+
   raw = read_config(pathlib.Path(m.hf_checkpoint))
   is_switch = raw.get("model_type") == "switch_transformers"
   if is_switch != (mtype == "switch"):
     raise ValueError(
         f"config.model.hf_checkpoint={m.hf_checkpoint!r} holds a {raw.get('model_type')!r} "
         f"model but config.model.type={mtype!r}: set config.model.type="
-        f"{'switch' if is_switch else 'decoder'!r}.")
+        f"{'switch' if is_switch else 'decoder'!r}."
+    )
   overrides: dict[str, Any] = {}
   if m.lora_rank > 0:
     overrides.update(lora_rank=m.lora_rank, lora_alpha=m.lora_alpha)
@@ -245,28 +284,38 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
     overrides["moe_impl"] = m.moe_impl
     if m.get("capacity_factor", 0.0):
       overrides["capacity_factor"] = float(m.capacity_factor)
-  model = load_pretrained(m.hf_checkpoint, m.get("dtype", "float32"), seed=config.seed,
-                          **overrides)
+  model = load_pretrained(m.hf_checkpoint, m.get("dtype", "float32"), seed=config.seed, **overrides)
   if tokenizer.vocab_size > model.config.vocab_size:
     raise ValueError(
         f"the tokenizer of {m.hf_checkpoint} has {tokenizer.vocab_size} tokens but the model "
-        f"only {model.config.vocab_size} embeddings: not the checkpoint's own tokenizer?")
+        f"only {model.config.vocab_size} embeddings: not the checkpoint's own tokenizer?"
+    )
   return model.config, model.params
 
 
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MoEConfig:
   m = config.model
-  fields = dict(vocab_size=vocab_size, hidden_size=m.hidden_size,
-                intermediate_size=m.intermediate_size, num_layers=m.num_layers,
-                num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, num_experts=m.num_experts,
-                top_k=m.top_k, moe_intermediate_size=m.moe_intermediate_size,
-                shared_expert_intermediate_size=m.shared_expert_intermediate_size,
-                lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, moe_impl=m.moe_impl,
-                capacity_factor=m.capacity_factor or None,
-                dtype=m.get("dtype", "float32"), param_dtype=m.get("dtype", "float32"),
-                router_aux_loss_coef=config.train.load_balance_coef,
-                router_z_loss_coef=config.train.z_loss_coef,
-                max_position_embeddings=max(config.data.seq_len, 8))
+  fields = dict(
+      vocab_size=vocab_size,
+      hidden_size=m.hidden_size,
+      intermediate_size=m.intermediate_size,
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads,
+      num_experts=m.num_experts,
+      top_k=m.top_k,
+      moe_intermediate_size=m.moe_intermediate_size,
+      shared_expert_intermediate_size=m.shared_expert_intermediate_size,
+      lora_rank=m.lora_rank,
+      lora_alpha=m.lora_alpha,
+      moe_impl=m.moe_impl,
+      capacity_factor=m.capacity_factor or None,
+      dtype=m.get("dtype", "float32"),
+      param_dtype=m.get("dtype", "float32"),
+      router_aux_loss_coef=config.train.load_balance_coef,
+      router_z_loss_coef=config.train.z_loss_coef,
+      max_position_embeddings=max(config.data.seq_len, 8),
+  )
   if m.family in ("deepseek_moe",) and m.shared_expert_intermediate_size == 0:
     fields.pop("shared_expert_intermediate_size")
   return family_config(m.family, **fields)
@@ -301,30 +350,39 @@ class FederatedData:
     elif d.dataset == "agnews":
       from fedalign.data.agnews import TextSplit
       from fedalign.data.builders import load_records
+
       if not d.data_dir:
-        raise ValueError("config.data.data_dir is empty: dataset='agnews' reads the AG News "
-                         "CSV files from a manual directory (see fedalign.data.sources).")
+        raise ValueError(
+            "config.data.data_dir is empty: dataset='agnews' reads the AG News "
+            "CSV files from a manual directory (see fedalign.data.sources)."
+        )
       splits = []
       for split in ("train", "test"):
         recs = load_records("ag_news", split, d.data_dir, str(workdir / "tfds"))
-        splits.append(TextSplit([r["text"] for r in recs],
-                                np.asarray([r["label"] for r in recs], np.int32)))
+        splits.append(
+            TextSplit([r["text"] for r in recs], np.asarray([r["label"] for r in recs], np.int32))
+        )
       train, test = splits
     elif self.multiple_choice:  # fixed, seed-independent train/test split; label = topic group
       train, test = mc_lib.load_splits(d.dataset, d.data_dir)
     else:
-      raise ValueError(f"config.data.dataset={d.dataset!r} is invalid: expected one of "
-                       "('agnews_embedded', 'agnews', 'mmlu', 'hellaswag').")
+      raise ValueError(
+          f"config.data.dataset={d.dataset!r} is invalid: expected one of "
+          "('agnews_embedded', 'agnews', 'mmlu', 'hellaswag')."
+      )
     if d.get("validation_examples", 0):
       # A fixed hold-out of the training rows (the same for every seed and method), for
       # choosing hyper-parameters without touching the test split (eval.split='validation').
       if not 0 < d.validation_examples < len(train):
-        raise ValueError(f"config.data.validation_examples={d.validation_examples} is "
-                         f"invalid: expected an integer in [0, {len(train)}) (0 = none)")
+        raise ValueError(
+            f"config.data.validation_examples={d.validation_examples} is "
+            f"invalid: expected an integer in [0, {len(train)}) (0 = none)"
+        )
       held = np.random.default_rng(np.random.SeedSequence([VALIDATION_SEED])).permutation(
-          len(train))
-      validation = train.subset(np.sort(held[:d.validation_examples]))
-      train = train.subset(np.sort(held[d.validation_examples:]))
+          len(train)
+      )
+      validation = train.subset(np.sort(held[: d.validation_examples]))
+      train = train.subset(np.sort(held[d.validation_examples :]))
       if config.eval.get("split", "test") == "validation":
         test = validation
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 7919]))
@@ -336,22 +394,26 @@ class FederatedData:
 
     labels = np.asarray(train.label)
     if d.partition == "dirichlet":
-      self.clients = part.dirichlet_partition(labels, d.num_clients, d.alpha, config.seed,
-                                              min_size=d.min_client_size)
+      self.clients = part.dirichlet_partition(
+          labels, d.num_clients, d.alpha, config.seed, min_size=d.min_client_size
+      )
     elif d.partition == "iid":
       self.clients = part.iid_partition(len(labels), d.num_clients, config.seed)
     else:
-      self.clients = part.pathological_partition(labels, d.num_clients,
-                                                 d.classes_per_client, config.seed)
+      self.clients = part.pathological_partition(
+          labels, d.num_clients, d.classes_per_client, config.seed
+      )
     empty = [i for i, c in enumerate(self.clients) if len(c) == 0]
     if empty:
-      raise ValueError(f"the {d.partition} partition leaves clients {empty} with no data: "
-                       "lower data.num_clients or raise data.alpha / data.min_client_size.")
+      raise ValueError(
+          f"the {d.partition} partition leaves clients {empty} with no data: "
+          "lower data.num_clients or raise data.alpha / data.min_client_size."
+      )
     self.client_sizes = np.array([len(c) for c in self.clients])
     self.label_counts = part.label_counts(labels, self.clients, self.num_classes)
 
     self.seq2seq = model_type(config) == "switch"
-    label_words = (fmt_lib.AGNEWS_SEQ2SEQ_LABEL_WORDS if self.seq2seq else AGNEWS_LABEL_WORDS)
+    label_words = fmt_lib.AGNEWS_SEQ2SEQ_LABEL_WORDS if self.seq2seq else AGNEWS_LABEL_WORDS
     if self.multiple_choice:  # options are scored as sequences; keeps MMLU's " A".." D" whole
       label_words = mc_lib.ADDED_TOKENS[d.dataset]
     self.label_words = label_words
@@ -363,8 +425,9 @@ class FederatedData:
         self.tokenizer = load_tokenizer(tok_path)
       else:
         client_text = [train.text[i] for c in self.clients for i in c]
-        self.tokenizer = train_bpe(client_text, d.vocab_size, path=tok_path,
-                                   added_tokens=label_words)
+        self.tokenizer = train_bpe(
+            client_text, d.vocab_size, path=tok_path, added_tokens=label_words
+        )
     else:
       self.tokenizer = load_tokenizer(d.tokenizer)
     self.test_labels = np.asarray(test.label)
@@ -380,12 +443,10 @@ class FederatedData:
       self.mc_metric = config.eval.get("mc_metric", "acc")
     elif self.seq2seq:
       fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
-      ex = fmt_lib.format_seq2seq_classification(train.text, train.label, self.tokenizer,
-                                                 **fmt)
+      ex = fmt_lib.format_seq2seq_classification(train.text, train.label, self.tokenizer, **fmt)
       self.batch_keys = ("tokens", "mask", "target_tokens", "target_mask")
       self.train = {k: ex[k] for k in self.batch_keys}
-      test_ex = fmt_lib.format_seq2seq_classification(test.text, test.label, self.tokenizer,
-                                                      **fmt)
+      test_ex = fmt_lib.format_seq2seq_classification(test.text, test.label, self.tokenizer, **fmt)
       self.test = {k: test_ex[k] for k in ("tokens", "mask", "labels")}
       self.candidates = fmt_lib.seq2seq_label_candidates(self.tokenizer, label_words)
     else:
@@ -396,27 +457,40 @@ class FederatedData:
       words = fmt_lib.label_word_ids(self.tokenizer, label_words)
       if all(len(w) == 1 for w in words):
         test_ex = fmt_lib.format_classification(test.text, test.label, self.tokenizer, **fmt)
-        self.test = {k: test_ex[k] for k in ("tokens", "mask", "target_mask", "labels",
-                                              "last_index")}
+        self.test = {
+            k: test_ex[k] for k in ("tokens", "mask", "target_mask", "labels", "last_index")
+        }
         self.candidate_ids = fmt_lib.single_token_ids(self.tokenizer, label_words)
       else:  # e.g. a checkpoint's tokenizer splits a label word: score whole sequences
-        self.choices = fmt_lib.format_label_word_choices(test.text, test.label,
-                                                         self.tokenizer, **fmt)
-        self.test = {k: self.choices[k] for k in ("tokens", "mask", "target_mask",
-                                                  "option_chars", "labels")}
+        self.choices = fmt_lib.format_label_word_choices(
+            test.text, test.label, self.tokenizer, **fmt
+        )
+        self.test = {
+            k: self.choices[k] for k in ("tokens", "mask", "target_mask", "option_chars", "labels")
+        }
 
-  def round_batches(self, config: ml_collections.ConfigDict, client_ids: np.ndarray,
-                    round_idx: int) -> dict[str, np.ndarray]:
+  def round_batches(
+      self, config: ml_collections.ConfigDict, client_ids: np.ndarray, round_idx: int
+  ) -> dict[str, np.ndarray]:
     """(C, S, B, T) arrays of the sampled clients for one round."""
     from fedalign.data.batching import make_client_batches
+
     t = config.train
     kw = dict(num_steps=t.local_steps) if t.local_steps > 0 else dict(epochs=t.local_epochs)
     if t.local_steps == 0:
       # One compiled shape for the whole run: pad to the largest client's step count.
-      kw["num_padded_steps"] = int(t.local_epochs * math.ceil(self.client_sizes.max()
-                                                               / t.batch_size))
-    b = make_client_batches(self.train, [self.clients[c] for c in client_ids], t.batch_size,
-                            seed=config.seed, round=round_idx, client_ids=client_ids, **kw)
+      kw["num_padded_steps"] = int(
+          t.local_epochs * math.ceil(self.client_sizes.max() / t.batch_size)
+      )
+    b = make_client_batches(
+        self.train,
+        [self.clients[c] for c in client_ids],
+        t.batch_size,
+        seed=config.seed,
+        round=round_idx,
+        client_ids=client_ids,
+        **kw,
+    )
     return {k: b[k] for k in self.batch_keys + ("step_mask",)}
 
 
@@ -432,8 +506,7 @@ def _to_py(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- the run
-def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
-                   ) -> dict[str, Any]:
+def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs (or resumes) a federated experiment; returns the summary written to summary.json.
 
   Example (a few seconds on CPU):
@@ -458,18 +531,24 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   mask = trainable_mask(params, config.train.trainable)
   trainable, _ = partition(params, mask)
   algorithm = make_algorithm(config, trainable, config.data.num_clients)
-  task = (Seq2SeqTask(module) if data.seq2seq
-          else CausalLMTask(module, config.train.prompt_loss_weight))
+  task = (
+      Seq2SeqTask(module) if data.seq2seq else CausalLMTask(module, config.train.prompt_loss_weight)
+  )
   client_update = make_client_update(
-      task, algorithm, client_optimizer(config),
+      task,
+      algorithm,
+      client_optimizer(config),
       load_balance_coef=config.train.load_balance_coef,
-      z_loss_coef=config.train.z_loss_coef, learning_rate=config.train.learning_rate)
+      z_loss_coef=config.train.z_loss_coef,
+      learning_rate=config.train.learning_rate,
+  )
   mesh = None
   if config.train.use_mesh:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), (CLIENT_AXIS,))
   chunk = config.train.chunk_size or None
-  round_fn = jax.jit(make_round_fn(client_update, algorithm, mask, seed=config.seed,
-                                   chunk_size=chunk, mesh=mesh))
+  round_fn = jax.jit(
+      make_round_fn(client_update, algorithm, mask, seed=config.seed, chunk_size=chunk, mesh=mesh)
+  )
   evaluate = make_evaluator(data, mcfg, module, config.eval.batch_size)
   test_examples = {k: jnp.asarray(v) for k, v in data.test.items()}
   specialization = make_specialization(data, module, config.eval.specialization_examples)
@@ -493,8 +572,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   step = math.lcm(chunk or 1, mesh.size if mesh is not None else 1)
   pad_to = int(math.ceil(cpr / step) * step)
   rounds = config.train.rounds
-  bar = tqdm(range(start_round, rounds), desc=f"{config.method}", initial=start_round,
-             total=rounds, disable=None)
+  bar = tqdm(
+      range(start_round, rounds),
+      desc=f"{config.method}",
+      initial=start_round,
+      total=rounds,
+      disable=None,
+  )
   for r in bar:
     rt = time.time()
     ids = sample_clients(config.seed, r, config.data.num_clients, cpr)
@@ -504,8 +588,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     weights = data.client_sizes[ids].astype(np.float32)
     if pad_to > cpr:  # weight-0 padding clients (chunks / devices)
       extra = pad_to - cpr
-      batches = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
-                 for k, v in batches.items()}
+      batches = {
+          k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+          for k, v in batches.items()
+      }
       weights = np.concatenate([weights, np.zeros(extra, np.float32)])
       ids_in = np.concatenate([ids, np.repeat(ids[:1], extra)])
     else:
@@ -514,8 +600,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     train_loss = float(out["train_loss"])
     excluded = [int(c) for c, e in zip(ids, np.asarray(out["excluded"])[:cpr]) if e]
     round_time = time.time() - rt
-    record = {"round": r + 1, "method": config.method, "train_loss": train_loss,
-              "excluded_clients": excluded, "round_time_s": round_time}
+    record = {
+        "round": r + 1,
+        "method": config.method,
+        "train_loss": train_loss,
+        "excluded_clients": excluded,
+        "round_time_s": round_time,
+    }
     if (r + 1) % config.eval.every == 0 or r + 1 == rounds:
       ev = evaluate(state["params"], test_examples)
       record["test_accuracy"] = float(ev["acc"])
@@ -524,23 +615,31 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         record["client_accuracy"] = [round(float(a), 5) for a in acc_c]
         record["mean_client_accuracy"] = float(jnp.mean(acc_c))
       record.update(_diagnostics(out))
-      _save_client_routing(workdir / "routing_distributions.npz", out, ids, r + 1,
-                           config.data.num_clients)
+      _save_client_routing(
+          workdir / "routing_distributions.npz", out, ids, r + 1, config.data.num_clients
+      )
       if specialization is not None:
         mi, _ = specialization(state["params"])
         record["expert_specialization"] = float(np.mean([float(v) for v in mi.values()]))
         record["expert_specialization_per_block"] = {k: float(v) for k, v in mi.items()}
       record["elapsed_s"] = time.time() - t0
-      history.append({"round": r + 1, "test_accuracy": record["test_accuracy"],
-                      "train_loss": train_loss})
+      history.append(
+          {"round": r + 1, "test_accuracy": record["test_accuracy"], "train_loss": train_loss}
+      )
       with metrics_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
       bar.set_postfix(acc=f"{record['test_accuracy']:.3f}", loss=f"{train_loss:.3f}")
-      log.info("round %d/%d %s test_accuracy=%.4f train_loss=%.4f (%.1fs)", r + 1, rounds,
-               config.method, record["test_accuracy"], train_loss, round_time)
+      log.info(
+          "round %d/%d %s test_accuracy=%.4f train_loss=%.4f (%.1fs)",
+          r + 1,
+          rounds,
+          config.method,
+          record["test_accuracy"],
+          train_loss,
+          round_time,
+      )
     if excluded:
-      log.warning("round %d: clients %s sent non-finite updates and were excluded", r + 1,
-                  excluded)
+      log.warning("round %d: clients %s sent non-finite updates and were excluded", r + 1, excluded)
     every = config.checkpoint.every
     if every and ((r + 1) % every == 0 or r + 1 == rounds):
       ckpt.save(r + 1, state, {"round": r + 1, "history": history})
@@ -568,18 +667,21 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
 def make_evaluator(data: FederatedData, mcfg: Any, module: Any, batch_size: int) -> Any:
   """The jitted ``evaluate(params, data.test) -> {'acc', 'correct', 'pred', ...}`` of a run."""
   from fedalign.metrics import evaluation as ev
+
   if data.seq2seq:
     return ev.make_seq2seq_classification_evaluator(mcfg, data.candidates, batch_size)
   apply_fn = lambda p, tok, m: module.apply({"params": p}, tok, m)[0]
   if getattr(data, "multiple_choice", False):  # MMLU / HellaSwag: every option scored
     return ev.make_multiple_choice_evaluator(
-        apply_fn, max(1, batch_size // data.test["tokens"].shape[1]), labels_key="answers",
-        metric=data.mc_metric)
+        apply_fn,
+        max(1, batch_size // data.test["tokens"].shape[1]),
+        labels_key="answers",
+        metric=data.mc_metric,
+    )
   if data.candidate_ids is not None:
     return ev.make_classification_evaluator(apply_fn, data.candidate_ids, batch_size)
   # Multi-token label words: K sequences per example, so K times smaller batches.
-  return ev.make_multiple_choice_evaluator(
-      apply_fn, max(1, batch_size // len(data.label_words)))
+  return ev.make_multiple_choice_evaluator(apply_fn, max(1, batch_size // len(data.label_words)))
 
 
 def make_specialization(data: FederatedData, module: Any, max_examples: int) -> Any:
@@ -590,6 +692,7 @@ def make_specialization(data: FederatedData, module: Any, max_examples: int) -> 
   the prompt is routed. None when ``max_examples`` is 0.
   """
   from fedalign.metrics.specialization import make_expert_specialization_fn
+
   if max_examples <= 0 or np.ndim(data.test["tokens"]) != 2:
     return None  # off, or multi-token label words (K sequences per example)
   n = min(max_examples, len(data.test["labels"]))
@@ -599,11 +702,15 @@ def make_specialization(data: FederatedData, module: Any, max_examples: int) -> 
     mask = mask & ~jnp.asarray(data.test["target_mask"][:n])
   labels = jnp.asarray(data.test["labels"][:n])
   if data.seq2seq:
+
     def routing_fn(p, t, m):  # one decoder step per example, masked like its encoder input
       return module.apply({"params": p}, t, m, None, m[:, :1])[1]["routing"]
+
   else:
+
     def routing_fn(p, t, m):
       return module.apply({"params": p}, t, m)[1]["routing"]
+
   fn = make_expert_specialization_fn(routing_fn, data.num_classes)
   return lambda params: fn(params, tokens, mask, labels)
 
@@ -612,6 +719,7 @@ def _diagnostics(out: dict[str, Any]) -> dict[str, Any]:
   """Scalar diagnostics of the aggregator plus routing divergence and role preservation."""
   from fedalign.metrics import routing_metrics as rm
   from fedalign.models.routing import finalize_stats
+
   rec: dict[str, Any] = {}
   for k, v in out["diagnostics"].items():
     v = np.asarray(v)
@@ -626,8 +734,7 @@ def _diagnostics(out: dict[str, Any]) -> dict[str, Any]:
       continue
     p = f["p"][real]
     p_mean = jnp.mean(p, axis=0)
-    divs.append(float(rm.routing_divergence(p, p_mean / jnp.sum(p_mean),
-                                            jnp.ones(p.shape[0]))))
+    divs.append(float(rm.routing_divergence(p, p_mean / jnp.sum(p_mean), jnp.ones(p.shape[0]))))
     roles.append(float(rm.expert_role_preservation(f["mu"][real], f["c"][real])))
   if divs:
     rec["routing_divergence"] = float(np.mean(divs))
@@ -635,8 +742,9 @@ def _diagnostics(out: dict[str, Any]) -> dict[str, Any]:
   return rec
 
 
-def _save_client_routing(path: pathlib.Path, out: dict[str, Any], ids: np.ndarray,
-                         round_num: int, num_clients: int) -> None:
+def _save_client_routing(
+    path: pathlib.Path, out: dict[str, Any], ids: np.ndarray, round_num: int, num_clients: int
+) -> None:
   """Writes each MoE block's per-client routing distribution p_i (clients, experts).
 
   Rows are client ids (NaN for clients not sampled this round); ``p_i`` is the mean router
@@ -644,12 +752,12 @@ def _save_client_routing(path: pathlib.Path, out: dict[str, Any], ids: np.ndarra
   method doc). Keys are block paths with '/' as '.', plus ``round`` and ``client_ids``.
   """
   from fedalign.models.routing import finalize_stats
-  arrays: dict[str, np.ndarray] = {"round": np.asarray(round_num),
-                                   "client_ids": np.asarray(ids)}
+
+  arrays: dict[str, np.ndarray] = {"round": np.asarray(round_num), "client_ids": np.asarray(ids)}
   for block, s in out["routing_stats"].items():
     if block.startswith("_"):
       continue
-    p = np.asarray(finalize_stats(s)["p"], np.float32)[:len(ids)]
+    p = np.asarray(finalize_stats(s)["p"], np.float32)[: len(ids)]
     full = np.full((num_clients, p.shape[-1]), np.nan, np.float32)
     full[ids] = p
     arrays[block.replace("/", ".")] = full
@@ -662,18 +770,27 @@ def _truncate_metrics(path: pathlib.Path, start_round: int) -> None:
   """Drops metric lines past the resumed round so a resumed file equals an uninterrupted one."""
   if not path.exists():
     return
-  keep = [line for line in path.read_text().splitlines()
-          if line.strip() and json.loads(line)["round"] <= start_round]
+  keep = [
+      line
+      for line in path.read_text().splitlines()
+      if line.strip() and json.loads(line)["round"] <= start_round
+  ]
   path.write_text("".join(line + "\n" for line in keep))
 
 
-def _plot(workdir: pathlib.Path, history: list[dict], data: FederatedData,
-          config: ml_collections.ConfigDict) -> None:
+def _plot(
+    workdir: pathlib.Path,
+    history: list[dict],
+    data: FederatedData,
+    config: ml_collections.ConfigDict,
+) -> None:
   """Accuracy-vs-round curve and the partition's clients x classes counts."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from fedalign.data.partition import plot_label_counts
+
   plots = workdir / "plots"
   plots.mkdir(exist_ok=True)
   if history:

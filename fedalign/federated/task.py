@@ -16,6 +16,7 @@ Batch format of :class:`Seq2SeqTask` (encoder-decoder, text-to-text; from
 * ``target_tokens`` int32 (B, L) / ``target_mask`` bool (B, L): decoder targets (label word
   tokens + EOS, right-padded) and their padding mask.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,8 +29,9 @@ import optax
 PyTree = Any
 
 
-def shifted_cross_entropy(logits: jax.Array, tokens: jax.Array, target_mask: jax.Array
-                          ) -> tuple[jax.Array, jax.Array]:
+def shifted_cross_entropy(
+    logits: jax.Array, tokens: jax.Array, target_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy over target positions and their count.
 
   logits[:, t] predicts tokens[:, t + 1]; a token counts when target_mask[:, t + 1].
@@ -64,12 +66,14 @@ class CausalLMTask:
   def logits(self, params: PyTree, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     return self.module.apply({"params": params}, tokens, mask)[0]
 
-  def loss(self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array
-           ) -> tuple[jax.Array, dict[str, Any]]:
+  def loss(
+      self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array
+  ) -> tuple[jax.Array, dict[str, Any]]:
     del rng
     logits, aux = self.module.apply({"params": params}, batch["tokens"], batch["mask"])
-    total, count = shifted_cross_entropy(logits, batch["tokens"],
-                                         batch["target_mask"] & batch["mask"])
+    total, count = shifted_cross_entropy(
+        logits, batch["tokens"], batch["target_mask"] & batch["mask"]
+    )
     loss = total / jnp.maximum(count, 1.0)
     if self.prompt_loss_weight:
       prompt = batch["mask"] & ~batch["target_mask"]
@@ -118,24 +122,33 @@ class Seq2SeqTask:
   def decoder_inputs(self, target_tokens: jax.Array, target_mask: jax.Array) -> jax.Array:
     """Teacher-forcing decoder inputs: [start, targets[:-1]] (padding -> pad id)."""
     from fedalign.models.switch import shift_right
+
     cfg = self.module.config
     tgt = jnp.where(target_mask, target_tokens, cfg.pad_token_id).astype(jnp.int32)
     return shift_right(tgt, cfg.decoder_start_token_id, cfg.pad_token_id)
 
-  def logits(self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array | None = None
-             ) -> tuple[jax.Array, dict[str, Any]]:
+  def logits(
+      self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array | None = None
+  ) -> tuple[jax.Array, dict[str, Any]]:
     """Decoder logits (B, L, V) for the batch's targets (teacher forcing) and the model aux."""
     target_mask = batch["target_mask"].astype(bool)
     dec_in = self.decoder_inputs(batch["target_tokens"], target_mask)
     rngs = None if self.deterministic or rng is None else {"dropout": rng}
     # Decoder position t reads target t-1 and predicts target t: it is a real token exactly
     # where target t is, so target_mask doubles as the decoder padding mask.
-    return self.module.apply({"params": params}, batch["tokens"], batch["mask"].astype(bool),
-                             dec_in, target_mask,
-                             deterministic=self.deterministic or rng is None, rngs=rngs)
+    return self.module.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["mask"].astype(bool),
+        dec_in,
+        target_mask,
+        deterministic=self.deterministic or rng is None,
+        rngs=rngs,
+    )
 
-  def loss(self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array
-           ) -> tuple[jax.Array, dict[str, Any]]:
+  def loss(
+      self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array
+  ) -> tuple[jax.Array, dict[str, Any]]:
     logits, aux = self.logits(params, batch, rng)
     target_mask = batch["target_mask"].astype(bool)
     tgt = jnp.where(target_mask, batch["target_tokens"], 0).astype(jnp.int32)

@@ -33,6 +33,7 @@ Example:
     >>> np.round(np.asarray(r["logprobs"]) / np.log(1 / 259), 3).tolist()
     [[2.0, 3.0]]
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
@@ -49,76 +50,76 @@ Array = jax.Array | np.ndarray
 
 
 def token_logprobs(logits: Array, tokens: Array) -> jax.Array:
-    """(B, T) log p(token_t | tokens_<t) from (B, T, V) logits; position 0 gets 0.
+  """(B, T) log p(token_t | tokens_<t) from (B, T, V) logits; position 0 gets 0.
 
-    >>> np.round(np.asarray(token_logprobs(jnp.zeros((1, 2, 4)), jnp.array([[0, 3]]))), 4)
-    array([[ 0.    , -1.3863]], dtype=float32)
-    """
-    logits = jnp.asarray(logits, jnp.float32)[:, :-1]
-    nxt = jnp.asarray(tokens)[:, 1:]
-    picked = jnp.take_along_axis(logits, nxt[..., None], axis=-1)[..., 0]
-    lp = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.pad(lp, ((0, 0), (1, 0)))
+  >>> np.round(np.asarray(token_logprobs(jnp.zeros((1, 2, 4)), jnp.array([[0, 3]]))), 4)
+  array([[ 0.    , -1.3863]], dtype=float32)
+  """
+  logits = jnp.asarray(logits, jnp.float32)[:, :-1]
+  nxt = jnp.asarray(tokens)[:, 1:]
+  picked = jnp.take_along_axis(logits, nxt[..., None], axis=-1)[..., 0]
+  lp = picked - jax.nn.logsumexp(logits, axis=-1)
+  return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
 def sequence_logprob(logits: Array, tokens: Array, target_mask: Array) -> jax.Array:
-    """(B,) sum of the log-probs of the target tokens (``target_mask``; position 0 ignored)."""
-    lp = token_logprobs(logits, tokens)
-    tm = jnp.asarray(target_mask).at[:, 0].set(False)
-    return jnp.sum(jnp.where(tm, lp, 0.0), axis=-1)
+  """(B,) sum of the log-probs of the target tokens (``target_mask``; position 0 ignored)."""
+  lp = token_logprobs(logits, tokens)
+  tm = jnp.asarray(target_mask).at[:, 0].set(False)
+  return jnp.sum(jnp.where(tm, lp, 0.0), axis=-1)
 
 
 def _batched(arrays: Sequence[Array], batch_size: int) -> tuple[list[jax.Array], int]:
-    """Pads the leading axis to a multiple of batch_size (repeating row 0), -> (nb, B, ...)."""
-    n = arrays[0].shape[0]
-    nb = max(1, -(-n // batch_size))
-    idx = jnp.concatenate([jnp.arange(n), jnp.zeros(nb * batch_size - n, jnp.int32)])
-    out = [jnp.asarray(a)[idx].reshape((nb, batch_size) + a.shape[1:]) for a in arrays]
-    return out, n
+  """Pads the leading axis to a multiple of batch_size (repeating row 0), -> (nb, B, ...)."""
+  n = arrays[0].shape[0]
+  nb = max(1, -(-n // batch_size))
+  idx = jnp.concatenate([jnp.arange(n), jnp.zeros(nb * batch_size - n, jnp.int32)])
+  out = [jnp.asarray(a)[idx].reshape((nb, batch_size) + a.shape[1:]) for a in arrays]
+  return out, n
 
 
 def score_sequences(
     logits_fn: LogitsFn, tokens: Array, mask: Array, target_mask: Array, batch_size: int
 ) -> jax.Array:
-    """(N,) summed target log-prob of N sequences, in fixed batches of ``batch_size``."""
-    (t, m, tm), n = _batched([tokens, mask, target_mask], batch_size)
+  """(N,) summed target log-prob of N sequences, in fixed batches of ``batch_size``."""
+  (t, m, tm), n = _batched([tokens, mask, target_mask], batch_size)
 
-    def body(x):
-        tb, mb, tmb = x
-        return sequence_logprob(logits_fn(tb, mb), tb, tmb)
+  def body(x):
+    tb, mb, tmb = x
+    return sequence_logprob(logits_fn(tb, mb), tb, tmb)
 
-    return jax.lax.map(body, (t, m, tm)).reshape(-1)[:n]
+  return jax.lax.map(body, (t, m, tm)).reshape(-1)[:n]
 
 
 def multiple_choice_eval(
     logits_fn: LogitsFn, choices: Mapping[str, Array], batch_size: int
 ) -> dict[str, jax.Array]:
-    """Scores (N, K, T) option sequences (``format_multiple_choice`` output).
+  """Scores (N, K, T) option sequences (``format_multiple_choice`` output).
 
-    Returns:
-      ``logprobs`` (N, K) summed option log-probs; ``pred``, ``pred_norm`` (N,);
-      ``correct``, ``correct_norm`` (N,) bool; ``acc``, ``acc_norm`` scalars.
-    """
-    tokens = jnp.asarray(choices["tokens"])
-    n, k, t = tokens.shape
-    flat = lambda a: jnp.asarray(a).reshape(n * k, t)
-    s = score_sequences(
-        logits_fn, flat(tokens), flat(choices["mask"]), flat(choices["target_mask"]), batch_size
-    ).reshape(n, k)
-    chars = jnp.maximum(jnp.asarray(choices["option_chars"], jnp.float32), 1.0)
-    labels = jnp.asarray(choices["labels"])
-    pred = jnp.argmax(s, axis=1)
-    pred_norm = jnp.argmax(s / chars, axis=1)
-    correct, correct_norm = pred == labels, pred_norm == labels
-    return {
-        "logprobs": s,
-        "pred": pred,
-        "pred_norm": pred_norm,
-        "correct": correct,
-        "correct_norm": correct_norm,
-        "acc": jnp.mean(correct),
-        "acc_norm": jnp.mean(correct_norm),
-    }
+  Returns:
+    ``logprobs`` (N, K) summed option log-probs; ``pred``, ``pred_norm`` (N,);
+    ``correct``, ``correct_norm`` (N,) bool; ``acc``, ``acc_norm`` scalars.
+  """
+  tokens = jnp.asarray(choices["tokens"])
+  n, k, t = tokens.shape
+  flat = lambda a: jnp.asarray(a).reshape(n * k, t)
+  s = score_sequences(
+      logits_fn, flat(tokens), flat(choices["mask"]), flat(choices["target_mask"]), batch_size
+  ).reshape(n, k)
+  chars = jnp.maximum(jnp.asarray(choices["option_chars"], jnp.float32), 1.0)
+  labels = jnp.asarray(choices["labels"])
+  pred = jnp.argmax(s, axis=1)
+  pred_norm = jnp.argmax(s / chars, axis=1)
+  correct, correct_norm = pred == labels, pred_norm == labels
+  return {
+      "logprobs": s,
+      "pred": pred,
+      "pred_norm": pred_norm,
+      "correct": correct,
+      "correct_norm": correct_norm,
+      "acc": jnp.mean(correct),
+      "acc_norm": jnp.mean(correct_norm),
+  }
 
 
 def classification_eval(
@@ -127,33 +128,33 @@ def classification_eval(
     candidate_ids: Array,
     batch_size: int,
 ) -> dict[str, jax.Array]:
-    """One-pass label-word scoring for single-token label words.
+  """One-pass label-word scoring for single-token label words.
 
-    ``examples`` is ``format_classification`` output (either mode): the target tokens are
-    removed from the input (token 0, mask False) so nothing of the label leaks even for a
-    non-causal model, and the log-softmax at ``last_index`` (the last prompt token) is read at
-    each ``candidate_ids`` (K,) (from ``formatting.single_token_ids``).
+  ``examples`` is ``format_classification`` output (either mode): the target tokens are
+  removed from the input (token 0, mask False) so nothing of the label leaks even for a
+  non-causal model, and the log-softmax at ``last_index`` (the last prompt token) is read at
+  each ``candidate_ids`` (K,) (from ``formatting.single_token_ids``).
 
-    Returns:
-      ``logprobs`` (N, K), ``pred`` (N,), ``correct`` (N,) bool, ``acc`` scalar.
-    """
-    tokens = jnp.asarray(examples["tokens"])
-    tm = jnp.asarray(examples["target_mask"])
-    tok_in = jnp.where(tm, 0, tokens)
-    mask_in = jnp.asarray(examples["mask"]) & ~tm
-    cand = jnp.asarray(candidate_ids, jnp.int32)
-    (t, m, last), n = _batched([tok_in, mask_in, jnp.asarray(examples["last_index"])], batch_size)
+  Returns:
+    ``logprobs`` (N, K), ``pred`` (N,), ``correct`` (N,) bool, ``acc`` scalar.
+  """
+  tokens = jnp.asarray(examples["tokens"])
+  tm = jnp.asarray(examples["target_mask"])
+  tok_in = jnp.where(tm, 0, tokens)
+  mask_in = jnp.asarray(examples["mask"]) & ~tm
+  cand = jnp.asarray(candidate_ids, jnp.int32)
+  (t, m, last), n = _batched([tok_in, mask_in, jnp.asarray(examples["last_index"])], batch_size)
 
-    def body(x):
-        tb, mb, lb = x
-        logits = jnp.asarray(logits_fn(tb, mb), jnp.float32)
-        row = jnp.take_along_axis(logits, lb[:, None, None], axis=1)[:, 0]  # (B, V)
-        return jax.nn.log_softmax(row, axis=-1)[:, cand]
+  def body(x):
+    tb, mb, lb = x
+    logits = jnp.asarray(logits_fn(tb, mb), jnp.float32)
+    row = jnp.take_along_axis(logits, lb[:, None, None], axis=1)[:, 0]  # (B, V)
+    return jax.nn.log_softmax(row, axis=-1)[:, cand]
 
-    s = jax.lax.map(body, (t, m, last)).reshape(-1, cand.shape[0])[:n]
-    pred = jnp.argmax(s, axis=1)
-    correct = pred == jnp.asarray(examples["labels"])
-    return {"logprobs": s, "pred": pred, "correct": correct, "acc": jnp.mean(correct)}
+  s = jax.lax.map(body, (t, m, last)).reshape(-1, cand.shape[0])[:n]
+  pred = jnp.argmax(s, axis=1)
+  correct = pred == jnp.asarray(examples["labels"])
+  return {"logprobs": s, "pred": pred, "correct": correct, "acc": jnp.mean(correct)}
 
 
 def seq2seq_classification_eval(
@@ -162,59 +163,58 @@ def seq2seq_classification_eval(
     candidates: tuple[Array, Array],
     batch_size: int,
 ) -> dict[str, jax.Array]:
-    """Rank classification with an encoder-decoder: scores every label word sequence.
+  """Rank classification with an encoder-decoder: scores every label word sequence.
 
-    ``examples``: ``format_seq2seq_classification`` output (``tokens``, ``mask``, ``labels``;
-    the targets are not read). ``candidates``: ``(ids (K, L), mask (K, L))`` from
-    ``formatting.seq2seq_label_candidates``. ``score_fn`` returns the summed log-prob (B, K) of
-    each candidate as the decoder target of each input (e.g. ``switch.score_choices``).
+  ``examples``: ``format_seq2seq_classification`` output (``tokens``, ``mask``, ``labels``;
+  the targets are not read). ``candidates``: ``(ids (K, L), mask (K, L))`` from
+  ``formatting.seq2seq_label_candidates``. ``score_fn`` returns the summed log-prob (B, K) of
+  each candidate as the decoder target of each input (e.g. ``switch.score_choices``).
 
-    Returns:
-      ``logprobs`` (N, K), ``pred`` (N,), ``correct`` (N,) bool, ``acc`` scalar.
-    """
-    cand_ids = jnp.asarray(candidates[0], jnp.int32)
-    cand_mask = jnp.asarray(candidates[1], bool)
-    (t, m), n = _batched([jnp.asarray(examples["tokens"]), jnp.asarray(examples["mask"])],
-                         batch_size)
-    s = jax.lax.map(lambda x: score_fn(x[0], x[1], cand_ids, cand_mask), (t, m))
-    s = s.reshape(-1, cand_ids.shape[0])[:n]
-    pred = jnp.argmax(s, axis=1)
-    correct = pred == jnp.asarray(examples["labels"])
-    return {"logprobs": s, "pred": pred, "correct": correct, "acc": jnp.mean(correct)}
+  Returns:
+    ``logprobs`` (N, K), ``pred`` (N,), ``correct`` (N,) bool, ``acc`` scalar.
+  """
+  cand_ids = jnp.asarray(candidates[0], jnp.int32)
+  cand_mask = jnp.asarray(candidates[1], bool)
+  (t, m), n = _batched([jnp.asarray(examples["tokens"]), jnp.asarray(examples["mask"])], batch_size)
+  s = jax.lax.map(lambda x: score_fn(x[0], x[1], cand_ids, cand_mask), (t, m))
+  s = s.reshape(-1, cand_ids.shape[0])[:n]
+  pred = jnp.argmax(s, axis=1)
+  correct = pred == jnp.asarray(examples["labels"])
+  return {"logprobs": s, "pred": pred, "correct": correct, "acc": jnp.mean(correct)}
 
 
 def per_class_accuracy(correct: Array, labels: Array, num_classes: int) -> jax.Array:
-    """(K,) accuracy per true class (0 for a class absent from ``labels``).
+  """(K,) accuracy per true class (0 for a class absent from ``labels``).
 
-    >>> per_class_accuracy(jnp.array([1, 0, 1]), jnp.array([0, 0, 1]), 3).tolist()
-    [0.5, 1.0, 0.0]
-    """
-    onehot = jax.nn.one_hot(jnp.asarray(labels), num_classes, dtype=jnp.float32)
-    hits = onehot.T @ jnp.asarray(correct, jnp.float32)
-    count = onehot.sum(0)
-    return jnp.where(count > 0, hits / jnp.maximum(count, 1.0), 0.0)
+  >>> per_class_accuracy(jnp.array([1, 0, 1]), jnp.array([0, 0, 1]), 3).tolist()
+  [0.5, 1.0, 0.0]
+  """
+  onehot = jax.nn.one_hot(jnp.asarray(labels), num_classes, dtype=jnp.float32)
+  hits = onehot.T @ jnp.asarray(correct, jnp.float32)
+  count = onehot.sum(0)
+  return jnp.where(count > 0, hits / jnp.maximum(count, 1.0), 0.0)
 
 
 def client_accuracy(correct: Array, labels: Array, client_label_counts: Array) -> jax.Array:
-    """(C,) accuracy of the same predictions under each client's label distribution.
+  """(C,) accuracy of the same predictions under each client's label distribution.
 
-    acc_c = sum_k p_c(k) acc_k, with p_c the client's training label distribution (rows of
-    ``client_label_counts`` (C, K), e.g. ``partition.label_counts``) and acc_k the per-class
-    accuracy on the (balanced) test set - an importance-weighted estimate of accuracy on a
-    test set drawn like the client's data. Classes absent from the test set are dropped and
-    p_c renormalised. Global accuracy is ``mean(correct)``.
+  acc_c = sum_k p_c(k) acc_k, with p_c the client's training label distribution (rows of
+  ``client_label_counts`` (C, K), e.g. ``partition.label_counts``) and acc_k the per-class
+  accuracy on the (balanced) test set - an importance-weighted estimate of accuracy on a
+  test set drawn like the client's data. Classes absent from the test set are dropped and
+  p_c renormalised. Global accuracy is ``mean(correct)``.
 
-    >>> client_accuracy(jnp.array([1, 0, 1, 1]), jnp.array([0, 0, 1, 1]),
-    ...                 jnp.array([[10, 0], [5, 5]])).tolist()
-    [0.5, 0.75]
-    """
-    counts = jnp.asarray(client_label_counts, jnp.float32)
-    k = counts.shape[1]
-    acc_k = per_class_accuracy(correct, labels, k)
-    present = jax.nn.one_hot(jnp.asarray(labels), k).sum(0) > 0
-    w = counts * present
-    w = w / jnp.maximum(w.sum(1, keepdims=True), 1e-12)
-    return w @ acc_k
+  >>> client_accuracy(jnp.array([1, 0, 1, 1]), jnp.array([0, 0, 1, 1]),
+  ...                 jnp.array([[10, 0], [5, 5]])).tolist()
+  [0.5, 0.75]
+  """
+  counts = jnp.asarray(client_label_counts, jnp.float32)
+  k = counts.shape[1]
+  acc_k = per_class_accuracy(correct, labels, k)
+  present = jax.nn.one_hot(jnp.asarray(labels), k).sum(0) > 0
+  w = counts * present
+  w = w / jnp.maximum(w.sum(1, keepdims=True), 1e-12)
+  return w @ acc_k
 
 
 def sample_client_test_sets(
@@ -223,123 +223,124 @@ def sample_client_test_sets(
     size: int,
     seed: int,
 ) -> list[np.ndarray]:
-    """Per-client test index sets of ``size`` rows drawn (with replacement) from the test set
-    with each client's training label distribution: the sampling alternative to
-    :func:`client_accuracy`. Deterministic from ``seed``."""
-    y = np.asarray(test_labels)
-    counts = np.asarray(client_label_counts, dtype=np.float64)
-    by_class = [np.flatnonzero(y == k) for k in range(counts.shape[1])]
-    out = []
-    for c, row in enumerate(counts):
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), c]))
-        p = np.array([row[k] if len(by_class[k]) else 0.0 for k in range(len(row))])
-        if p.sum() <= 0:
-            raise ValueError(f"client {c} has no training label present in the test set")
-        ks = rng.choice(len(p), size=size, p=p / p.sum())
-        out.append(np.array([rng.choice(by_class[k]) for k in ks], dtype=np.int64))
-    return out
+  """Per-client test index sets of ``size`` rows drawn (with replacement) from the test set
+  with each client's training label distribution: the sampling alternative to
+  :func:`client_accuracy`. Deterministic from ``seed``."""
+  y = np.asarray(test_labels)
+  counts = np.asarray(client_label_counts, dtype=np.float64)
+  by_class = [np.flatnonzero(y == k) for k in range(counts.shape[1])]
+  out = []
+  for c, row in enumerate(counts):
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), c]))
+    p = np.array([row[k] if len(by_class[k]) else 0.0 for k in range(len(row))])
+    if p.sum() <= 0:
+      raise ValueError(f"client {c} has no training label present in the test set")
+    ks = rng.choice(len(p), size=size, p=p / p.sum())
+    out.append(np.array([rng.choice(by_class[k]) for k in ks], dtype=np.int64))
+  return out
 
 
 def make_multiple_choice_evaluator(
     apply_fn: ApplyFn, batch_size: int, *, labels_key: str = "labels", metric: str = "acc"
 ) -> Callable[[object, Mapping[str, Array]], dict[str, jax.Array]]:
-    """``jax.jit`` of ``(params, choices) -> multiple_choice_eval(...)`` with
-    ``logits_fn = lambda t, m: apply_fn(params, t, m)``: compiles once per data shape.
+  """``jax.jit`` of ``(params, choices) -> multiple_choice_eval(...)`` with
+  ``logits_fn = lambda t, m: apply_fn(params, t, m)``: compiles once per data shape.
 
-    Args:
-      apply_fn: ``(params, tokens, mask) -> logits``.
-      batch_size: sequences (not questions) per forward pass.
-      labels_key: the key of ``choices`` holding the correct option index (e.g. ``"answers"``
-        when ``"labels"`` holds something else, such as a topic group).
-      metric: ``"acc"`` or ``"acc_norm"``: which score fills ``acc``, ``correct`` and ``pred``
-        (both ``acc_norm`` and ``acc_unnorm`` are always in the output too).
+  Args:
+    apply_fn: ``(params, tokens, mask) -> logits``.
+    batch_size: sequences (not questions) per forward pass.
+    labels_key: the key of ``choices`` holding the correct option index (e.g. ``"answers"``
+      when ``"labels"`` holds something else, such as a topic group).
+    metric: ``"acc"`` or ``"acc_norm"``: which score fills ``acc``, ``correct`` and ``pred``
+      (both ``acc_norm`` and ``acc_unnorm`` are always in the output too).
 
-    >>> from fedalign.data.formatting import format_multiple_choice
-    >>> from fedalign.data.tokenize import ByteTokenizer
-    >>> mc = format_multiple_choice(["a"], [[" b", " cc"]], [0], ByteTokenizer(), max_len=8)
-    >>> ev = make_multiple_choice_evaluator(lambda p, t, m: jnp.zeros(t.shape + (259,)), 2,
-    ...                                     metric="acc_norm")
-    >>> out = ev(None, mc)
-    >>> sorted(k for k in out if k.startswith("acc")), bool(out["acc"] == out["acc_norm"])
-    (['acc', 'acc_norm', 'acc_unnorm'], True)
-    """
-    if metric not in ("acc", "acc_norm"):
-        raise ValueError(f"metric={metric!r} is invalid: expected 'acc' or 'acc_norm'.")
+  >>> from fedalign.data.formatting import format_multiple_choice
+  >>> from fedalign.data.tokenize import ByteTokenizer
+  >>> mc = format_multiple_choice(["a"], [[" b", " cc"]], [0], ByteTokenizer(), max_len=8)
+  >>> ev = make_multiple_choice_evaluator(lambda p, t, m: jnp.zeros(t.shape + (259,)), 2,
+  ...                                     metric="acc_norm")
+  >>> out = ev(None, mc)
+  >>> sorted(k for k in out if k.startswith("acc")), bool(out["acc"] == out["acc_norm"])
+  (['acc', 'acc_norm', 'acc_unnorm'], True)
+  """
+  if metric not in ("acc", "acc_norm"):
+    raise ValueError(f"metric={metric!r} is invalid: expected 'acc' or 'acc_norm'.")
 
-    @jax.jit
-    def evaluate(params, choices):
-        choices = {**choices, "labels": choices[labels_key]}
-        out = multiple_choice_eval(lambda t, m: apply_fn(params, t, m), choices, batch_size)
-        out["acc_unnorm"] = out["acc"]
-        if metric == "acc_norm":
-            out.update(acc=out["acc_norm"], correct=out["correct_norm"], pred=out["pred_norm"])
-        return out
+  @jax.jit
+  def evaluate(params, choices):
+    choices = {**choices, "labels": choices[labels_key]}
+    out = multiple_choice_eval(lambda t, m: apply_fn(params, t, m), choices, batch_size)
+    out["acc_unnorm"] = out["acc"]
+    if metric == "acc_norm":
+      out.update(acc=out["acc_norm"], correct=out["correct_norm"], pred=out["pred_norm"])
+    return out
 
-    return evaluate
+  return evaluate
 
 
 def make_classification_evaluator(
     apply_fn: ApplyFn, candidate_ids: Array, batch_size: int
 ) -> Callable[[object, Mapping[str, Array]], dict[str, jax.Array]]:
-    """``jax.jit`` of ``(params, examples) -> classification_eval(...)`` (one compile)."""
-    cand = np.asarray(candidate_ids, np.int32)
+  """``jax.jit`` of ``(params, examples) -> classification_eval(...)`` (one compile)."""
+  cand = np.asarray(candidate_ids, np.int32)
 
-    @jax.jit
-    def evaluate(params, examples):
-        return classification_eval(lambda t, m: apply_fn(params, t, m), examples, cand,
-                                   batch_size)
+  @jax.jit
+  def evaluate(params, examples):
+    return classification_eval(lambda t, m: apply_fn(params, t, m), examples, cand, batch_size)
 
-    return evaluate
+  return evaluate
 
 
 def make_seq2seq_classification_evaluator(
     model: object, candidates: tuple[Array, Array], batch_size: int
 ) -> Callable[[object, Mapping[str, Array]], dict[str, jax.Array]]:
-    """``jax.jit`` of ``(params, examples) -> seq2seq_classification_eval(...)`` (one compile).
+  """``jax.jit`` of ``(params, examples) -> seq2seq_classification_eval(...)`` (one compile).
 
-    Args:
-      model: a :class:`~fedalign.models.switch.SwitchConfig` (scored with
-        :func:`fedalign.models.switch.score_choices`: each input is encoded once and the K
-        candidates decoded against it), or a function ``score_fn(params, enc_ids, enc_mask,
-        choice_ids, choice_mask) -> (B, K)`` summed log-probs.
-      candidates: ``(ids (K, L), mask (K, L))`` label-word targets
-        (``formatting.seq2seq_label_candidates``); padded positions do not count.
-      batch_size: inputs per scoring batch.
+  Args:
+    model: a :class:`~fedalign.models.switch.SwitchConfig` (scored with
+      :func:`fedalign.models.switch.score_choices`: each input is encoded once and the K
+      candidates decoded against it), or a function ``score_fn(params, enc_ids, enc_mask,
+      choice_ids, choice_mask) -> (B, K)`` summed log-probs.
+    candidates: ``(ids (K, L), mask (K, L))`` label-word targets
+      (``formatting.seq2seq_label_candidates``); padded positions do not count.
+    batch_size: inputs per scoring batch.
 
-    Returns the same dict as :func:`make_classification_evaluator` (``acc``, ``correct``,
-    ``pred``, ``logprobs``).
+  Returns the same dict as :func:`make_classification_evaluator` (``acc``, ``correct``,
+  ``pred``, ``logprobs``).
 
-    >>> import jax.numpy as jnp, numpy as np
-    >>> from fedalign.models import init_params
-    >>> from fedalign.models.switch import switch_tiny
-    >>> cfg = switch_tiny()
-    >>> ev = make_seq2seq_classification_evaluator(
-    ...     cfg, (np.array([[5, 1, 0], [6, 7, 1]]), np.array([[1, 1, 0], [1, 1, 1]], bool)), 2)
-    >>> ex = {'tokens': jnp.ones((3, 5), jnp.int32), 'mask': jnp.ones((3, 5), bool),
-    ...       'labels': jnp.array([0, 1, 0])}
-    >>> ev(init_params(cfg), ex)['logprobs'].shape
-    (3, 2)
-    """
-    ids = np.asarray(candidates[0], np.int32)
-    mask = np.asarray(candidates[1], bool)
-    if ids.ndim != 2 or ids.shape != mask.shape:
-        raise ValueError(f"candidates must be (ids (K, L), mask (K, L)); got shapes {ids.shape} "
-                         f"and {mask.shape}")
-    if not mask.any(axis=1).all():
-        raise ValueError("every candidate needs at least one target token (mask row all False)")
-    if type(model).__name__ == "SwitchConfig":
-        from fedalign.models.switch import score_choices
+  >>> import jax.numpy as jnp, numpy as np
+  >>> from fedalign.models import init_params
+  >>> from fedalign.models.switch import switch_tiny
+  >>> cfg = switch_tiny()
+  >>> ev = make_seq2seq_classification_evaluator(
+  ...     cfg, (np.array([[5, 1, 0], [6, 7, 1]]), np.array([[1, 1, 0], [1, 1, 1]], bool)), 2)
+  >>> ex = {'tokens': jnp.ones((3, 5), jnp.int32), 'mask': jnp.ones((3, 5), bool),
+  ...       'labels': jnp.array([0, 1, 0])}
+  >>> ev(init_params(cfg), ex)['logprobs'].shape
+  (3, 2)
+  """
+  ids = np.asarray(candidates[0], np.int32)
+  mask = np.asarray(candidates[1], bool)
+  if ids.ndim != 2 or ids.shape != mask.shape:
+    raise ValueError(
+        f"candidates must be (ids (K, L), mask (K, L)); got shapes {ids.shape} " f"and {mask.shape}"
+    )
+  if not mask.any(axis=1).all():
+    raise ValueError("every candidate needs at least one target token (mask row all False)")
+  if type(model).__name__ == "SwitchConfig":
+    from fedalign.models.switch import score_choices
 
-        config = model
-        score = lambda p, t, m, ci, cm: score_choices(p, config, t, m, ci, cm)
-    elif callable(model):
-        score = model
-    else:
-        raise TypeError(f"model must be a SwitchConfig or a score function, got {type(model)}")
+    config = model
+    score = lambda p, t, m, ci, cm: score_choices(p, config, t, m, ci, cm)
+  elif callable(model):
+    score = model
+  else:
+    raise TypeError(f"model must be a SwitchConfig or a score function, got {type(model)}")
 
-    @jax.jit
-    def evaluate(params, examples):
-        return seq2seq_classification_eval(
-            lambda t, m, ci, cm: score(params, t, m, ci, cm), examples, (ids, mask), batch_size)
+  @jax.jit
+  def evaluate(params, examples):
+    return seq2seq_classification_eval(
+        lambda t, m, ci, cm: score(params, t, m, ci, cm), examples, (ids, mask), batch_size
+    )
 
-    return evaluate
+  return evaluate

@@ -13,6 +13,7 @@ Pure, jittable functions of routing statistics (see :mod:`fedalign.models.routin
 Every function returns finite values for degenerate input (zero vectors, zero counts, no
 client selecting an expert).
 """
+
 from __future__ import annotations
 
 import jax
@@ -46,8 +47,9 @@ def js_divergence(p: jax.Array, q: jax.Array, axis: int = -1) -> jax.Array:
   return 0.5 * (jnp.sum(_xlogy_ratio(p, m), axis=axis) + jnp.sum(_xlogy_ratio(q, m), axis=axis))
 
 
-def routing_divergence(client_p: jax.Array, p_g: jax.Array,
-                       weights: jax.Array | None = None) -> jax.Array:
+def routing_divergence(
+    client_p: jax.Array, p_g: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
   """Weighted mean over clients of JS(p_i, p_g).
 
   Args:
@@ -71,8 +73,7 @@ def routing_divergence(client_p: jax.Array, p_g: jax.Array,
   return jnp.where(total > 0, jnp.sum(w * js) / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def expert_role_preservation_per_expert(mu: jax.Array,
-                                        c: jax.Array) -> tuple[jax.Array, jax.Array]:
+def expert_role_preservation_per_expert(mu: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-expert mean pairwise cosine of mu_i(e) over client pairs i != j that selected e.
 
   Args:

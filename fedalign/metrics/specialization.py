@@ -18,6 +18,7 @@ Example:
   >>> tables['layers_0/mlp'].shape, float(mi['layers_0/mlp']) >= 0.0
   ((2, 4), True)
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -30,8 +31,9 @@ from fedalign.metrics.routing_metrics import expert_specialization_mi
 PyTree = Any
 
 
-def make_expert_specialization_fn(routing_fn: Callable[[PyTree, jax.Array, jax.Array], dict],
-                                  num_classes: int) -> Callable[..., tuple[dict, dict]]:
+def make_expert_specialization_fn(
+    routing_fn: Callable[[PyTree, jax.Array, jax.Array], dict], num_classes: int
+) -> Callable[..., tuple[dict, dict]]:
   """Jitted ``(params, tokens, mask, labels) -> ({block: MI}, {block: (K, E) counts})``.
 
   Args:

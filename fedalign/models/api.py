@@ -12,6 +12,7 @@ Example:
   >>> logits.shape
   (1, 3, 32)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,16 @@ def build_module(config: Any) -> nn.Module:
   """The Flax module for a model config (decoder MoE LM or Switch encoder-decoder)."""
   if isinstance(config, MoEConfig):
     from fedalign.models.decoder import MoEDecoderLM
+
     return MoEDecoderLM(config.validate())
   if type(config).__name__ == "SwitchConfig":
     from fedalign.models.switch import SwitchTransformer
+
     return SwitchTransformer(config.validate())
-  raise TypeError(f"unsupported model config type {type(config).__name__}: expected "
-                  "MoEConfig or SwitchConfig.")
+  raise TypeError(
+      f"unsupported model config type {type(config).__name__}: expected "
+      "MoEConfig or SwitchConfig."
+  )
 
 
 def init_params(config: Any, rng: jax.Array | int = 0, seq_len: int = 8) -> PyTree:
@@ -66,8 +71,9 @@ class MoEModel:
   def apply(self, params: PyTree, *args: Any, **kwargs: Any) -> tuple[jax.Array, dict]:
     return self.module.apply({"params": params}, *args, **kwargs)
 
-  def __call__(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any
-               ) -> tuple[jax.Array, dict]:
+  def __call__(
+      self, input_ids: Any, attention_mask: Any = None, **kwargs: Any
+  ) -> tuple[jax.Array, dict]:
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is not None:
       attention_mask = jnp.asarray(attention_mask).astype(bool)

@@ -5,6 +5,7 @@
 Qwen3-MoE and DeepSeek-MoE (v1), and :meth:`MoEConfig.validate` rejects out-of-range fields
 with an error naming the field and the accepted values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,22 +32,22 @@ class MoEConfig:
   family: str = "mixtral"
   vocab_size: int = 512
   hidden_size: int = 64
-  intermediate_size: int = 128          # dense MLP width (dense layers)
+  intermediate_size: int = 128  # dense MLP width (dense layers)
   num_layers: int = 2
   num_heads: int = 4
   num_kv_heads: int = 2
-  head_dim: int | None = None           # default hidden_size // num_heads
+  head_dim: int | None = None  # default hidden_size // num_heads
   # Routed experts.
   num_experts: int = 8
   top_k: int = 2
   moe_intermediate_size: int = 64
-  norm_topk_prob: bool = True           # renormalise the top-k weights (Mixtral)
-  routed_scaling_factor: float = 1.0    # DeepSeek multiplies the top-k weights by this
+  norm_topk_prob: bool = True  # renormalise the top-k weights (Mixtral)
+  routed_scaling_factor: float = 1.0  # DeepSeek multiplies the top-k weights by this
   router_bias: bool = False
   capacity_factor: float | None = None  # None = dropless
-  moe_impl: str = "dense"               # 'dense' (every expert on every token) | 'ragged'
+  moe_impl: str = "dense"  # 'dense' (every expert on every token) | 'ragged'
   # Shared experts (Qwen2-MoE: gated; DeepSeek-MoE: ungated).
-  shared_expert_intermediate_size: int = 0   # 0 = no shared expert
+  shared_expert_intermediate_size: int = 0  # 0 = no shared expert
   shared_expert_gate: bool = False
   # Which layers are MoE: layer i (0-based) is MoE iff i >= first_k_dense and
   # (i + 1) % moe_every == 0 and i not in dense_layers.
@@ -54,9 +55,9 @@ class MoEConfig:
   moe_every: int = 1
   dense_layers: tuple[int, ...] = ()
   # Attention.
-  qk_norm: str = "none"                 # 'full' (OLMoE), 'head' (Qwen3-MoE)
-  qkv_bias: bool = False                # Qwen2-MoE
-  clip_qkv: float | None = None         # OLMoE option
+  qk_norm: str = "none"  # 'full' (OLMoE), 'head' (Qwen3-MoE)
+  qkv_bias: bool = False  # Qwen2-MoE
+  clip_qkv: float | None = None  # OLMoE option
   rope_theta: float = 10000.0
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
@@ -65,11 +66,11 @@ class MoEConfig:
   router_aux_loss_coef: float = 0.01
   router_z_loss_coef: float = 0.0
   # LoRA.
-  lora_rank: int = 0                    # 0 = no adapters
+  lora_rank: int = 0  # 0 = no adapters
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("attention", "experts")
   # Numerics.
-  dtype: str = "float32"                # compute dtype (router always float32)
+  dtype: str = "float32"  # compute dtype (router always float32)
   param_dtype: str = "float32"
   initializer_range: float = 0.02
 
@@ -82,8 +83,12 @@ class MoEConfig:
     return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
   def is_moe_layer(self, i: int) -> bool:
-    return (self.num_experts > 0 and i >= self.first_k_dense
-            and (i + 1) % self.moe_every == 0 and i not in self.dense_layers)
+    return (
+        self.num_experts > 0
+        and i >= self.first_k_dense
+        and (i + 1) % self.moe_every == 0
+        and i not in self.dense_layers
+    )
 
   def replace(self, **kwargs: Any) -> "MoEConfig":
     return dataclasses.replace(self, **kwargs).validate()
@@ -96,12 +101,19 @@ class MoEConfig:
 
     def bad(field: str, expected: str):
       raise ValueError(
-          f"MoEConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}.")
+          f"MoEConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}."
+      )
 
     if self.family not in FAMILIES + ("custom",):
       bad("family", f"one of {FAMILIES + ('custom',)}")
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                 "intermediate_size"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "intermediate_size",
+    ):
       if int(getattr(self, name)) < 1:
         bad(name, "a positive integer")
     if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -148,11 +160,19 @@ class MoEConfig:
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": dict(norm_topk_prob=True, qk_norm="none", shared_expert_intermediate_size=0),
     "olmoe": dict(norm_topk_prob=False, qk_norm="full", rms_norm_eps=1e-5),
-    "qwen2_moe": dict(norm_topk_prob=False, qkv_bias=True, shared_expert_gate=True,
-                      shared_expert_intermediate_size=128),
+    "qwen2_moe": dict(
+        norm_topk_prob=False,
+        qkv_bias=True,
+        shared_expert_gate=True,
+        shared_expert_intermediate_size=128,
+    ),
     "qwen3_moe": dict(norm_topk_prob=True, qk_norm="head"),
-    "deepseek_moe": dict(norm_topk_prob=False, first_k_dense=1,
-                         shared_expert_intermediate_size=128, shared_expert_gate=False),
+    "deepseek_moe": dict(
+        norm_topk_prob=False,
+        first_k_dense=1,
+        shared_expert_intermediate_size=128,
+        shared_expert_gate=False,
+    ),
 }
 
 

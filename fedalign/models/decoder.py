@@ -18,6 +18,7 @@ Example:
   >>> logits.shape, sorted(aux['routing'])
   ((2, 5, 64), ['layers_0/mlp', 'layers_1/mlp'])
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,8 +28,15 @@ import jax
 import jax.numpy as jnp
 
 from fedalign.models.config import MoEConfig
-from fedalign.models.layers import (LoRADense, RMSNorm, apply_rope, attention_mask,
-                                    dot_product_attention, dtype_of, rope_cos_sin)
+from fedalign.models.layers import (
+    LoRADense,
+    RMSNorm,
+    apply_rope,
+    attention_mask,
+    dot_product_attention,
+    dtype_of,
+    rope_cos_sin,
+)
 from fedalign.models.moe import MLP, MoEBlock
 
 Array = jax.Array
@@ -45,8 +53,13 @@ class Attention(nn.Module):
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     hd, h, hkv = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
     r = cfg.lora_rank if "attention" in cfg.lora_targets else 0
-    kw = dict(lora_rank=r, lora_alpha=cfg.lora_alpha, dtype=dtype, param_dtype=pdtype,
-              init_std=cfg.initializer_range)
+    kw = dict(
+        lora_rank=r,
+        lora_alpha=cfg.lora_alpha,
+        dtype=dtype,
+        param_dtype=pdtype,
+        init_std=cfg.initializer_range,
+    )
     q = LoRADense(h * hd, use_bias=cfg.qkv_bias, name="q_proj", **kw)(x)
     k = LoRADense(hkv * hd, use_bias=cfg.qkv_bias, name="k_proj", **kw)(x)
     v = LoRADense(hkv * hd, use_bias=cfg.qkv_bias, name="v_proj", **kw)(x)
@@ -61,7 +74,7 @@ class Attention(nn.Module):
       q = RMSNorm(cfg.rms_norm_eps, pdtype, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, pdtype, name="k_norm")(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = dot_product_attention(q, k, v, mask, hd ** -0.5)
+    out = dot_product_attention(q, k, v, mask, hd**-0.5)
     return LoRADense(cfg.hidden_size, name="o_proj", **kw)(out)
 
 
@@ -82,8 +95,15 @@ class DecoderLayer(nn.Module):
       y, stats, losses = MoEBlock(cfg, name="mlp")(h, token_mask)
     else:
       r = cfg.lora_rank if "dense_mlp" in cfg.lora_targets else 0
-      y = MLP(cfg.intermediate_size, r, cfg.lora_alpha, dtype_of(cfg.dtype), pdtype,
-              cfg.initializer_range, name="mlp")(h)
+      y = MLP(
+          cfg.intermediate_size,
+          r,
+          cfg.lora_alpha,
+          dtype_of(cfg.dtype),
+          pdtype,
+          cfg.initializer_range,
+          name="mlp",
+      )(h)
       stats, losses = None, None
     return x + y, stats, losses
 
@@ -94,16 +114,21 @@ class MoEDecoderLM(nn.Module):
   config: MoEConfig
 
   @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               positions: Array | None = None) -> tuple[Array, dict[str, Any]]:
+  def __call__(
+      self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+  ) -> tuple[Array, dict[str, Any]]:
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     b, t = input_ids.shape
-    token_mask = (jnp.ones((b, t), bool) if attention_mask is None
-                  else attention_mask.astype(bool))
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
-                     embedding_init=nn.initializers.normal(cfg.initializer_range),
-                     name="embed")
+    token_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    embed = nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        dtype=dtype,
+        param_dtype=pdtype,
+        embedding_init=nn.initializers.normal(cfg.initializer_range),
+        name="embed",
+    )
     x = embed(input_ids)
     if positions is None:
       positions = jnp.arange(t)
@@ -111,8 +136,9 @@ class MoEDecoderLM(nn.Module):
     attn_mask = attention_mask_fn(token_mask if attention_mask is not None else None, t)
     routing, lb, z = {}, [], []
     for i in range(cfg.num_layers):
-      x, stats, losses = DecoderLayer(cfg, i, name=f"layers_{i}")(x, token_mask, attn_mask,
-                                                                  cos, sin)
+      x, stats, losses = DecoderLayer(cfg, i, name=f"layers_{i}")(
+          x, token_mask, attn_mask, cos, sin
+      )
       if stats is not None:
         routing[f"layers_{i}/mlp"] = stats
         lb.append(losses["load_balance_loss"])
@@ -121,8 +147,13 @@ class MoEDecoderLM(nn.Module):
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
-      logits = LoRADense(cfg.vocab_size, dtype=dtype, param_dtype=pdtype,
-                         init_std=cfg.initializer_range, name="lm_head")(x)
+      logits = LoRADense(
+          cfg.vocab_size,
+          dtype=dtype,
+          param_dtype=pdtype,
+          init_std=cfg.initializer_range,
+          name="lm_head",
+      )(x)
     zero = jnp.zeros((), jnp.float32)
     aux = {
         "routing": routing,

@@ -44,6 +44,7 @@ Example:
   ...              == model.params['layers_0']['mlp']['experts']['wi_0']))
   True
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,51 +69,125 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 #: HF ``model_type`` -> MoEConfig family.
-MODEL_TYPES = {"mixtral": "mixtral", "olmoe": "olmoe", "qwen2_moe": "qwen2_moe",
-               "qwen3_moe": "qwen3_moe", "deepseek": "deepseek_moe"}
+MODEL_TYPES = {
+    "mixtral": "mixtral",
+    "olmoe": "olmoe",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+    "deepseek": "deepseek_moe",
+}
 #: MoEConfig family -> (HF model_type, architectures entry) written by save_pretrained.
-_ARCHITECTURES = {"mixtral": ("mixtral", "MixtralForCausalLM"),
-                  "olmoe": ("olmoe", "OlmoeForCausalLM"),
-                  "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
-                  "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
-                  "deepseek_moe": ("deepseek", "DeepseekForCausalLM")}
+_ARCHITECTURES = {
+    "mixtral": ("mixtral", "MixtralForCausalLM"),
+    "olmoe": ("olmoe", "OlmoeForCausalLM"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "deepseek_moe": ("deepseek", "DeepseekForCausalLM"),
+}
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
 
 # Defaults of the HF config classes (transformers 5.x; DeepSeek: the v1 remote-code
 # DeepseekConfig), used for fields a config.json leaves out.
-_COMMON_DEFAULTS = dict(hidden_act="silu", initializer_range=0.02, tie_word_embeddings=False,
-                        head_dim=None)
+_COMMON_DEFAULTS = dict(
+    hidden_act="silu", initializer_range=0.02, tie_word_embeddings=False, head_dim=None
+)
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                    max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, rope_theta=1e6,
-                    num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001,
-                    sliding_window=None),
-    "olmoe": dict(vocab_size=50304, hidden_size=2048, intermediate_size=2048,
-                  num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=None,
-                  max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  num_experts=64, num_experts_per_tok=8, router_aux_loss_coef=0.01,
-                  norm_topk_prob=False, clip_qkv=None, attention_bias=False),
-    "qwen2_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
-                      num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                      max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
-                      num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-                      shared_expert_intermediate_size=5632, norm_topk_prob=False,
-                      router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=None,
-                      qkv_bias=True, use_sliding_window=False),
-    "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                      num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
-                      max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
-                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-                      norm_topk_prob=False, router_aux_loss_coef=0.001, decoder_sparse_step=1,
-                      mlp_only_layers=None, attention_bias=False, use_sliding_window=False),
-    "deepseek": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008,
-                     num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=None,
-                     max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-                     n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None,
-                     moe_intermediate_size=1407, moe_layer_freq=1, first_k_dense_replace=0,
-                     norm_topk_prob=False, routed_scaling_factor=1.0, scoring_func="softmax",
-                     aux_loss_alpha=0.001, attention_bias=False, mlp_bias=False),
+    "mixtral": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.001,
+        sliding_window=None,
+    ),
+    "olmoe": dict(
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=None,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        num_experts=64,
+        num_experts_per_tok=8,
+        router_aux_loss_coef=0.01,
+        norm_topk_prob=False,
+        clip_qkv=None,
+        attention_bias=False,
+    ),
+    "qwen2_moe": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        num_experts=60,
+        num_experts_per_tok=4,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        norm_topk_prob=False,
+        router_aux_loss_coef=0.001,
+        decoder_sparse_step=1,
+        mlp_only_layers=None,
+        qkv_bias=True,
+        use_sliding_window=False,
+    ),
+    "qwen3_moe": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=False,
+        router_aux_loss_coef=0.001,
+        decoder_sparse_step=1,
+        mlp_only_layers=None,
+        attention_bias=False,
+        use_sliding_window=False,
+    ),
+    "deepseek": dict(
+        vocab_size=102400,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=30,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        n_routed_experts=None,
+        n_shared_experts=None,
+        num_experts_per_tok=None,
+        moe_intermediate_size=1407,
+        moe_layer_freq=1,
+        first_k_dense_replace=0,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        scoring_func="softmax",
+        aux_loss_alpha=0.001,
+        attention_bias=False,
+        mlp_bias=False,
+    ),
 }
 
 # Our names <-> HF names of the gated MLP projections.
@@ -120,8 +195,16 @@ _MLP_NAMES = {"wi_0": "gate_proj", "wi_1": "up_proj", "wo": "down_proj"}
 _MIXTRAL_EXPERT_NAMES = {"wi_0": "w1", "wi_1": "w3", "wo": "w2"}
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Fields of MoEConfig that load_pretrained may override (they change no weight shape).
-OVERRIDABLE = ("lora_rank", "lora_alpha", "lora_targets", "moe_impl", "capacity_factor",
-               "router_aux_loss_coef", "router_z_loss_coef", "initializer_range")
+OVERRIDABLE = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "moe_impl",
+    "capacity_factor",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "initializer_range",
+)
 
 
 class CheckpointError(ValueError):
@@ -141,8 +224,9 @@ class _Fields:
 
   def bad(self, name: str, expected: str, value: Any = None) -> CheckpointError:
     value = self.raw.get(name, self.defaults.get(name)) if value is None else value
-    return CheckpointError(f"{self.source}: field {name!r}={value!r} is not supported: "
-                           f"expected {expected}.")
+    return CheckpointError(
+        f"{self.source}: field {name!r}={value!r} is not supported: " f"expected {expected}."
+    )
 
   def get(self, name: str) -> Any:
     return self.raw[name] if name in self.raw else self.defaults.get(name)
@@ -159,8 +243,12 @@ class _Fields:
     value = self.get(name)
     if value is None and allow_none:
       return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        positive and not value > 0) or not np.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (positive and not value > 0)
+        or not np.isfinite(value)
+    ):
       raise self.bad(name, "a positive number" if positive else "a finite number", value)
     return float(value)
 
@@ -195,12 +283,16 @@ def _rope_theta(f: _Fields) -> float:
       raise f.bad("rope_parameters", "a single (not per-layer-type) rope dict")
     rtype = params.get("rope_type", params.get("type", "default"))
     if rtype != "default":
-      raise CheckpointError(f"{f.source}: field 'rope_parameters.rope_type'={rtype!r} is not "
-                            "supported: expected 'default' (no rope scaling).")
+      raise CheckpointError(
+          f"{f.source}: field 'rope_parameters.rope_type'={rtype!r} is not "
+          "supported: expected 'default' (no rope scaling)."
+      )
     prf = params.get("partial_rotary_factor", 1.0)
     if prf != 1.0:
-      raise CheckpointError(f"{f.source}: field 'rope_parameters.partial_rotary_factor'="
-                            f"{prf!r} is not supported: expected 1.0.")
+      raise CheckpointError(
+          f"{f.source}: field 'rope_parameters.partial_rotary_factor'="
+          f"{prf!r} is not supported: expected 1.0."
+      )
     theta = params.get("rope_theta")
   scaling = f.raw.get("rope_scaling")
   if scaling is not None:
@@ -211,17 +303,19 @@ def _rope_theta(f: _Fields) -> float:
     raise f.bad("partial_rotary_factor", "1.0")
   legacy = f.raw.get("rope_theta")
   if theta is not None and legacy is not None and float(theta) != float(legacy):
-    raise CheckpointError(f"{f.source}: 'rope_theta'={legacy!r} disagrees with "
-                          f"'rope_parameters.rope_theta'={theta!r}.")
-  value = theta if theta is not None else legacy if legacy is not None else f.defaults[
-      "rope_theta"]
+    raise CheckpointError(
+        f"{f.source}: 'rope_theta'={legacy!r} disagrees with "
+        f"'rope_parameters.rope_theta'={theta!r}."
+    )
+  value = theta if theta is not None else legacy if legacy is not None else f.defaults["rope_theta"]
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
     raise f.bad("rope_theta", "a positive number", value)
   return float(value)
 
 
-def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32",
-                   source: str = CONFIG_NAME) -> MoEConfig:
+def config_from_hf(
+    hf: Mapping[str, Any], dtype: str = "float32", source: str = CONFIG_NAME
+) -> MoEConfig:
   """Maps a Hugging Face ``config.json`` dict to a validated :class:`MoEConfig`.
 
   Args:
@@ -237,21 +331,27 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32",
   """
   model_type = hf.get("model_type")
   if model_type in _MLA_MODEL_TYPES or (
-      model_type == "deepseek" and (hf.get("kv_lora_rank") is not None
-                                    or hf.get("q_lora_rank") is not None)):
+      model_type == "deepseek"
+      and (hf.get("kv_lora_rank") is not None or hf.get("q_lora_rank") is not None)
+  ):
     raise CheckpointError(
         f"{source}: model_type={model_type!r} uses multi-head latent attention (MLA: "
         f"q_lora_rank={hf.get('q_lora_rank')!r}, kv_lora_rank={hf.get('kv_lora_rank')!r}), "
         "which this model does not implement: expected a DeepSeek-MoE v1 checkpoint "
-        "(model_type 'deepseek', Llama-like q/k/v/o attention).")
+        "(model_type 'deepseek', Llama-like q/k/v/o attention)."
+    )
   if model_type not in MODEL_TYPES:
-    raise CheckpointError(f"{source}: model_type={model_type!r} is not supported: expected "
-                          f"one of {sorted(MODEL_TYPES)}.")
+    raise CheckpointError(
+        f"{source}: model_type={model_type!r} is not supported: expected "
+        f"one of {sorted(MODEL_TYPES)}."
+    )
   if dtype not in DTYPES:
     raise CheckpointError(f"dtype={dtype!r} is invalid: expected one of {DTYPES}.")
   if hf.get("quantization_config") is not None:
-    raise CheckpointError(f"{source}: field 'quantization_config' is set: quantised "
-                          "checkpoints are not supported (expected plain float weights).")
+    raise CheckpointError(
+        f"{source}: field 'quantization_config' is set: quantised "
+        "checkpoints are not supported (expected plain float weights)."
+    )
   f = _Fields(hf, HF_DEFAULTS[model_type], source)
   family = MODEL_TYPES[model_type]
   if f.get("hidden_act") != "silu":
@@ -265,19 +365,34 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32",
   if head_dim is not None and head_dim * num_heads == hidden:
     head_dim = None  # the default: keeps configs comparable across checkpoints
   fields: dict[str, Any] = dict(
-      vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=num_layers,
-      num_heads=num_heads, num_kv_heads=num_heads if kv is None else kv, head_dim=head_dim,
+      vocab_size=f.int("vocab_size"),
+      hidden_size=hidden,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=num_heads if kv is None else kv,
+      head_dim=head_dim,
       rms_norm_eps=f.float("rms_norm_eps", positive=True),
       tie_word_embeddings=f.bool("tie_word_embeddings"),
       max_position_embeddings=f.int("max_position_embeddings"),
-      rope_theta=_rope_theta(f), initializer_range=f.float("initializer_range", positive=True),
-      qk_norm="none", qkv_bias=False, clip_qkv=None, router_bias=False,
-      shared_expert_intermediate_size=0, shared_expert_gate=False, first_k_dense=0,
-      moe_every=1, dense_layers=(), routed_scaling_factor=1.0,
-      dtype=dtype, param_dtype=dtype)
+      rope_theta=_rope_theta(f),
+      initializer_range=f.float("initializer_range", positive=True),
+      qk_norm="none",
+      qkv_bias=False,
+      clip_qkv=None,
+      router_bias=False,
+      shared_expert_intermediate_size=0,
+      shared_expert_gate=False,
+      first_k_dense=0,
+      moe_every=1,
+      dense_layers=(),
+      routed_scaling_factor=1.0,
+      dtype=dtype,
+      param_dtype=dtype,
+  )
   if model_type in ("olmoe", "qwen3_moe", "deepseek") and f.bool("attention_bias"):
-    raise f.bad("attention_bias", "false (attention biases are not implemented for "
-                f"{model_type})")
+    raise f.bad(
+        "attention_bias", "false (attention biases are not implemented for " f"{model_type})"
+    )
   if f.raw.get("mlp_bias"):
     raise f.bad("mlp_bias", "false")
 
@@ -294,7 +409,8 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32",
     step = f.int("decoder_sparse_step")
     only = f.get("mlp_only_layers") or []
     if not isinstance(only, list) or any(
-        isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in only):
+        isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in only
+    ):
       raise f.bad("mlp_only_layers", f"a list of layer indices in [0, {num_layers})")
     fields.update(moe_every=step, dense_layers=tuple(sorted(set(only))))
     if f.get("use_sliding_window"):
@@ -309,30 +425,46 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32",
     fields.update(intermediate_size=inter, moe_intermediate_size=inter, norm_topk_prob=True)
     window = f.int("sliding_window", allow_none=True)
     if window is not None and window < fields["max_position_embeddings"]:
-      raise f.bad("sliding_window", "null or >= max_position_embeddings (sliding-window "
-                  "attention is not implemented)")
+      raise f.bad(
+          "sliding_window",
+          "null or >= max_position_embeddings (sliding-window " "attention is not implemented)",
+      )
   elif model_type == "olmoe":
     experts_and_top_k(("num_experts", "num_local_experts"))
     inter = f.int("intermediate_size")
     if head_dim is not None and head_dim * num_heads != hidden:
-      raise f.bad("head_dim", f"hidden_size / num_attention_heads = {hidden // num_heads} "
-                  "(OLMoE's q/k norms span hidden_size)")
-    fields.update(intermediate_size=inter, moe_intermediate_size=inter, qk_norm="full",
-                  norm_topk_prob=f.bool("norm_topk_prob"),
-                  clip_qkv=f.float("clip_qkv", positive=True, allow_none=True))
+      raise f.bad(
+          "head_dim",
+          f"hidden_size / num_attention_heads = {hidden // num_heads} "
+          "(OLMoE's q/k norms span hidden_size)",
+      )
+    fields.update(
+        intermediate_size=inter,
+        moe_intermediate_size=inter,
+        qk_norm="full",
+        norm_topk_prob=f.bool("norm_topk_prob"),
+        clip_qkv=f.float("clip_qkv", positive=True, allow_none=True),
+    )
   elif model_type == "qwen2_moe":
     experts_and_top_k(("num_experts", "num_local_experts"))
     shared = f.int("shared_expert_intermediate_size")
-    fields.update(intermediate_size=f.int("intermediate_size"),
-                  moe_intermediate_size=f.int("moe_intermediate_size"),
-                  shared_expert_intermediate_size=shared, shared_expert_gate=True,
-                  qkv_bias=f.bool("qkv_bias"), norm_topk_prob=f.bool("norm_topk_prob"))
+    fields.update(
+        intermediate_size=f.int("intermediate_size"),
+        moe_intermediate_size=f.int("moe_intermediate_size"),
+        shared_expert_intermediate_size=shared,
+        shared_expert_gate=True,
+        qkv_bias=f.bool("qkv_bias"),
+        norm_topk_prob=f.bool("norm_topk_prob"),
+    )
     qwen_layers()
   elif model_type == "qwen3_moe":
     experts_and_top_k(("num_experts", "num_local_experts"))
-    fields.update(intermediate_size=f.int("intermediate_size"),
-                  moe_intermediate_size=f.int("moe_intermediate_size"), qk_norm="head",
-                  norm_topk_prob=f.bool("norm_topk_prob"))
+    fields.update(
+        intermediate_size=f.int("intermediate_size"),
+        moe_intermediate_size=f.int("moe_intermediate_size"),
+        qk_norm="head",
+        norm_topk_prob=f.bool("norm_topk_prob"),
+    )
     qwen_layers()
   else:  # deepseek (v1)
     experts_and_top_k(("n_routed_experts",))
@@ -347,11 +479,14 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32",
       raise f.bad("first_k_dense_replace", f"an integer in [0, num_hidden_layers={num_layers}]")
     freq = f.int("moe_layer_freq")
     fields.update(
-        intermediate_size=f.int("intermediate_size"), moe_intermediate_size=moe_inter,
-        shared_expert_intermediate_size=moe_inter * n_shared, first_k_dense=first_k,
+        intermediate_size=f.int("intermediate_size"),
+        moe_intermediate_size=moe_inter,
+        shared_expert_intermediate_size=moe_inter * n_shared,
+        first_k_dense=first_k,
         dense_layers=tuple(i for i in range(first_k, num_layers) if i % freq),
         norm_topk_prob=f.bool("norm_topk_prob"),
-        routed_scaling_factor=f.float("routed_scaling_factor", positive=True))
+        routed_scaling_factor=f.float("routed_scaling_factor", positive=True),
+    )
   aux_name = "aux_loss_alpha" if model_type == "deepseek" else "router_aux_loss_coef"
   fields["router_aux_loss_coef"] = f.float(aux_name)
   try:
@@ -371,15 +506,18 @@ def config_to_hf(config: MoEConfig) -> dict[str, Any]:
   """
   cfg = config.validate()
   if cfg.family not in _ARCHITECTURES:
-    raise CheckpointError(f"MoEConfig.family={cfg.family!r} has no Hugging Face format: "
-                          f"expected one of {sorted(_ARCHITECTURES)}.")
+    raise CheckpointError(
+        f"MoEConfig.family={cfg.family!r} has no Hugging Face format: "
+        f"expected one of {sorted(_ARCHITECTURES)}."
+    )
   model_type, arch = _ARCHITECTURES[cfg.family]
 
   def need(field: str, expected: Any, why: str = "") -> None:
     if getattr(cfg, field) != expected:
       raise CheckpointError(
           f"MoEConfig.{field}={getattr(cfg, field)!r} cannot be saved as a Hugging Face "
-          f"{model_type} checkpoint: expected {expected!r}{why}.")
+          f"{model_type} checkpoint: expected {expected!r}{why}."
+      )
 
   if cfg.num_experts < 1:
     need("num_experts", "a positive number of experts")
@@ -389,16 +527,26 @@ def config_to_hf(config: MoEConfig) -> dict[str, Any]:
   all_layers = tuple(range(cfg.num_layers))
   hd = cfg.resolved_head_dim
   out: dict[str, Any] = dict(
-      architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size,
-      hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      hidden_act="silu", max_position_embeddings=cfg.max_position_embeddings,
-      initializer_range=cfg.initializer_range, rms_norm_eps=cfg.rms_norm_eps,
-      tie_word_embeddings=cfg.tie_word_embeddings, attention_dropout=0.0,
-      num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.router_aux_loss_coef,
+      architectures=[arch],
+      model_type=model_type,
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.hidden_size,
+      num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads,
+      hidden_act="silu",
+      max_position_embeddings=cfg.max_position_embeddings,
+      initializer_range=cfg.initializer_range,
+      rms_norm_eps=cfg.rms_norm_eps,
+      tie_word_embeddings=cfg.tie_word_embeddings,
+      attention_dropout=0.0,
+      num_experts_per_tok=cfg.top_k,
+      router_aux_loss_coef=cfg.router_aux_loss_coef,
       rope_theta=cfg.rope_theta,
       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-      dtype=cfg.param_dtype, use_cache=True)
+      dtype=cfg.param_dtype,
+      use_cache=True,
+  )
   if cfg.family != "deepseek_moe":
     out["head_dim"] = hd
   if cfg.family in ("mixtral", "olmoe", "qwen3_moe", "deepseek_moe"):
@@ -411,57 +559,90 @@ def config_to_hf(config: MoEConfig) -> dict[str, Any]:
   if cfg.family in ("mixtral", "olmoe"):
     need("shared_expert_intermediate_size", 0)
     if moe_layers != all_layers:
-      raise CheckpointError(f"MoEConfig: layers {sorted(set(all_layers) - set(moe_layers))} "
-                            f"are dense, but every {model_type} layer is MoE (expected "
-                            "first_k_dense=0, moe_every=1, dense_layers=()).")
+      raise CheckpointError(
+          f"MoEConfig: layers {sorted(set(all_layers) - set(moe_layers))} "
+          f"are dense, but every {model_type} layer is MoE (expected "
+          "first_k_dense=0, moe_every=1, dense_layers=())."
+      )
   if cfg.family == "mixtral":
     need("qk_norm", "none")
     need("norm_topk_prob", True, " (Mixtral always renormalises the top-k weights)")
-    out.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size,
-               sliding_window=None, router_jitter_noise=0.0)
+    out.update(
+        num_local_experts=cfg.num_experts,
+        intermediate_size=cfg.moe_intermediate_size,
+        sliding_window=None,
+        router_jitter_noise=0.0,
+    )
   elif cfg.family == "olmoe":
     need("qk_norm", "full")
     if hd * cfg.num_heads != cfg.hidden_size:
       need("head_dim", None, " (OLMoE's q/k norms span hidden_size)")
-    out.update(num_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size,
-               norm_topk_prob=cfg.norm_topk_prob, clip_qkv=cfg.clip_qkv, attention_bias=False)
+    out.update(
+        num_experts=cfg.num_experts,
+        intermediate_size=cfg.moe_intermediate_size,
+        norm_topk_prob=cfg.norm_topk_prob,
+        clip_qkv=cfg.clip_qkv,
+        attention_bias=False,
+    )
   elif cfg.family in ("qwen2_moe", "qwen3_moe"):
     if cfg.family == "qwen2_moe":
       need("qk_norm", "none")
       if cfg.shared_expert_intermediate_size < 1:
         need("shared_expert_intermediate_size", "a positive size (Qwen2-MoE always has one)")
       need("shared_expert_gate", True, " (Qwen2-MoE gates its shared expert)")
-      out.update(shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
-                 qkv_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None,
-                 layer_types=["full_attention"] * cfg.num_layers)
+      out.update(
+          shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+          qkv_bias=cfg.qkv_bias,
+          use_sliding_window=False,
+          sliding_window=None,
+          layer_types=["full_attention"] * cfg.num_layers,
+      )
     else:
       need("qk_norm", "head")
       need("shared_expert_intermediate_size", 0)
       out.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
     mlp_only = [i for i in all_layers if (i + 1) % cfg.moe_every == 0 and i not in moe_layers]
-    out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
-               intermediate_size=cfg.intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
-               decoder_sparse_step=cfg.moe_every, mlp_only_layers=mlp_only)
+    out.update(
+        num_experts=cfg.num_experts,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        intermediate_size=cfg.intermediate_size,
+        norm_topk_prob=cfg.norm_topk_prob,
+        decoder_sparse_step=cfg.moe_every,
+        mlp_only_layers=mlp_only,
+    )
   else:  # deepseek_moe -> DeepSeek-MoE v1
     need("qk_norm", "none")
     if hd * cfg.num_heads != cfg.hidden_size:
       need("head_dim", None, " (DeepSeek-MoE v1 has head_dim = hidden_size / heads)")
     first_k = moe_layers[0] if moe_layers else cfg.num_layers
     if not moe_layers or moe_layers != tuple(range(first_k, cfg.num_layers)):
-      raise CheckpointError(f"MoEConfig: MoE layers {list(moe_layers)} are not 'every layer "
-                            "from first_k_dense on', which DeepSeek-MoE v1 requires.")
+      raise CheckpointError(
+          f"MoEConfig: MoE layers {list(moe_layers)} are not 'every layer "
+          "from first_k_dense on', which DeepSeek-MoE v1 requires."
+      )
     n_shared, rem = divmod(cfg.shared_expert_intermediate_size, cfg.moe_intermediate_size)
     if rem:
-      need("shared_expert_intermediate_size",
-           f"a multiple of moe_intermediate_size={cfg.moe_intermediate_size}")
+      need(
+          "shared_expert_intermediate_size",
+          f"a multiple of moe_intermediate_size={cfg.moe_intermediate_size}",
+      )
     out.pop("router_aux_loss_coef")
-    out.update(n_routed_experts=cfg.num_experts, n_shared_experts=n_shared or None,
-               moe_intermediate_size=cfg.moe_intermediate_size,
-               intermediate_size=cfg.intermediate_size, first_k_dense_replace=first_k,
-               moe_layer_freq=1, norm_topk_prob=cfg.norm_topk_prob,
-               routed_scaling_factor=cfg.routed_scaling_factor, scoring_func="softmax",
-               topk_method="greedy", aux_loss_alpha=cfg.router_aux_loss_coef,
-               seq_aux=True, attention_bias=False, rope_scaling=None)
+    out.update(
+        n_routed_experts=cfg.num_experts,
+        n_shared_experts=n_shared or None,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        intermediate_size=cfg.intermediate_size,
+        first_k_dense_replace=first_k,
+        moe_layer_freq=1,
+        norm_topk_prob=cfg.norm_topk_prob,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        scoring_func="softmax",
+        topk_method="greedy",
+        aux_loss_alpha=cfg.router_aux_loss_coef,
+        seq_aux=True,
+        attention_bias=False,
+        rope_scaling=None,
+    )
   return out
 
 
@@ -477,8 +658,12 @@ class TensorStore:
   dicts.
   """
 
-  def __init__(self, locations: dict[str, str], handles: dict[str, Any] | None = None,
-               arrays: Mapping[str, np.ndarray] | None = None):
+  def __init__(
+      self,
+      locations: dict[str, str],
+      handles: dict[str, Any] | None = None,
+      arrays: Mapping[str, np.ndarray] | None = None,
+  ):
     self.locations = locations
     self._handles = handles or {}
     self._arrays = arrays
@@ -501,8 +686,10 @@ class TensorStore:
       try:
         weight_map = json.loads(index.read_text())["weight_map"]
       except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index}: not a safetensors index ({err!r}): expected a JSON "
-                              "object with a 'weight_map'.") from None
+        raise CheckpointError(
+            f"{index}: not a safetensors index ({err!r}): expected a JSON "
+            "object with a 'weight_map'."
+        ) from None
       files = [directory / name for name in sorted(set(weight_map.values()))]
       for file in files:
         if not file.is_file():
@@ -513,7 +700,8 @@ class TensorStore:
       raise CheckpointError(
           f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} found"
           + (f" (found {others}: only safetensors checkpoints are read)" if others else "")
-          + ".")
+          + "."
+      )
     store = cls({})
     try:
       for file in files:
@@ -524,15 +712,17 @@ class TensorStore:
         store._handles[str(file)] = handle
         for key in handle.keys():
           if key in store.locations:
-            raise CheckpointError(f"tensor {key!r} is in both {store.locations[key]} and "
-                                  f"{file}.")
+            raise CheckpointError(
+                f"tensor {key!r} is in both {store.locations[key]} and " f"{file}."
+            )
           store.locations[key] = str(file)
       if listed is not None:
         for key, name in listed.items():
           where = store.locations.get(key)
           if where is None or pathlib.Path(where).name != name:
-            raise CheckpointError(f"{index}: lists tensor {key!r} in {name!r}, but that "
-                                  "shard does not hold it.")
+            raise CheckpointError(
+                f"{index}: lists tensor {key!r} in {name!r}, but that " "shard does not hold it."
+            )
     except BaseException:
       store.close()
       raise
@@ -556,12 +746,16 @@ class TensorStore:
     """The tensor ``key``; raises naming the file(s) when missing or of another shape."""
     if key not in self.locations:
       files = sorted(set(self.locations.values()))
-      raise CheckpointError(f"tensor {key!r} (shape {tuple(shape)}{what}) is missing from "
-                            f"{', '.join(files) if files else 'the checkpoint'}.")
+      raise CheckpointError(
+          f"tensor {key!r} (shape {tuple(shape)}{what}) is missing from "
+          f"{', '.join(files) if files else 'the checkpoint'}."
+      )
     actual = self.shape(key)
     if actual != tuple(shape):
-      raise CheckpointError(f"{self.locations[key]}: tensor {key!r} has shape {actual}, "
-                            f"expected {tuple(shape)}{what}.")
+      raise CheckpointError(
+          f"{self.locations[key]}: tensor {key!r} has shape {actual}, "
+          f"expected {tuple(shape)}{what}."
+      )
     self.used.add(key)
     if self._arrays is not None:
       return self._arrays[key]
@@ -569,18 +763,20 @@ class TensorStore:
     handle = self._handles[file]
     dtype = handle.get_slice(key).get_dtype()
     if dtype not in ("F32", "F16", "BF16", "F64"):
-      raise CheckpointError(f"{file}: tensor {key!r} has dtype {dtype}: expected a float "
-                            "dtype (F32, F16, BF16 or F64).")
+      raise CheckpointError(
+          f"{file}: tensor {key!r} has dtype {dtype}: expected a float "
+          "dtype (F32, F16, BF16 or F64)."
+      )
     if dtype == "BF16":  # numpy has no bfloat16: go through JAX (ml_dtypes)
       if ("flax", file) not in self._handles:
-        self._handles[("flax", file)] = self._stack.enter_context(
-            safe_open(file, framework="flax"))
+        self._handles[("flax", file)] = self._stack.enter_context(safe_open(file, framework="flax"))
       return np.asarray(self._handles[("flax", file)].get_tensor(key))
     return handle.get_tensor(key)
 
   def unused(self) -> list[str]:
-    return sorted(k for k in self.locations
-                  if k not in self.used and not k.endswith(_IGNORED_SUFFIXES))
+    return sorted(
+        k for k in self.locations if k not in self.used and not k.endswith(_IGNORED_SUFFIXES)
+    )
 
 
 def _layer(path: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
@@ -592,13 +788,15 @@ def _moe_prefix(cfg: MoEConfig, i: int, store: TensorStore | None = None) -> str
   if cfg.family != "mixtral":
     return f"model.layers.{i}.mlp"
   if store is not None and not any(
-      k.startswith(f"model.layers.{i}.block_sparse_moe.") for k in store.locations):
+      k.startswith(f"model.layers.{i}.block_sparse_moe.") for k in store.locations
+  ):
     return f"model.layers.{i}.mlp"
   return f"model.layers.{i}.block_sparse_moe"
 
 
-def hf_name(cfg: MoEConfig, path: tuple[str, ...], store: TensorStore | None = None
-            ) -> tuple[str, bool]:
+def hf_name(
+    cfg: MoEConfig, path: tuple[str, ...], store: TensorStore | None = None
+) -> tuple[str, bool]:
   """(HF tensor name, whether our array is its transpose) of a non-expert parameter leaf.
 
   >>> hf_name(family_config('olmoe', num_layers=1), ('layers_0', 'attn', 'k_norm', 'scale'))
@@ -613,8 +811,10 @@ def hf_name(cfg: MoEConfig, path: tuple[str, ...], store: TensorStore | None = N
   if path[0].startswith("layers_"):
     i, rest = _layer(path)
     pre = f"model.layers.{i}"
-    norms = {("input_norm", "scale"): "input_layernorm",
-             ("post_attn_norm", "scale"): "post_attention_layernorm"}
+    norms = {
+        ("input_norm", "scale"): "input_layernorm",
+        ("post_attn_norm", "scale"): "post_attention_layernorm",
+    }
     if rest in norms:
       return f"{pre}.{norms[rest]}.weight", False
     if rest[0] == "attn" and len(rest) == 3:
@@ -653,12 +853,16 @@ def _read_experts(store: TensorStore, cfg: MoEConfig, prefix: str) -> dict[str, 
       raise CheckpointError(
           f"{store.locations[per_expert[0]]}: experts of {prefix} are stored both fused "
           f"({[k for k in fused if k in store]}) and per expert ({per_expert[:3]}...): "
-          "expected one layout.")
+          "expected one layout."
+      )
     what = f" = (experts, 2 * intermediate, hidden) for {e} experts"
     gate_up = store.get(fused[0], (e, 2 * f, d), what)
     down = store.get(fused[1], (e, d, f), " = (experts, hidden, intermediate)")
-    return {"wi_0": np.swapaxes(gate_up[:, :f], 1, 2), "wi_1": np.swapaxes(gate_up[:, f:], 1, 2),
-            "wo": np.swapaxes(down, 1, 2)}
+    return {
+        "wi_0": np.swapaxes(gate_up[:, :f], 1, 2),
+        "wi_1": np.swapaxes(gate_up[:, f:], 1, 2),
+        "wo": np.swapaxes(down, 1, 2),
+    }
   out = {}
   for ours, hf in _MLP_NAMES.items():
     shape = (d, f) if ours == "wo" else (f, d)
@@ -667,8 +871,10 @@ def _read_experts(store: TensorStore, cfg: MoEConfig, prefix: str) -> dict[str, 
       names = names[::-1]
     stacked = []
     for j in range(e):
-      key = next((f"{prefix}.{j}.{n}.weight" for n in names
-                  if f"{prefix}.{j}.{n}.weight" in store), f"{prefix}.{j}.{names[0]}.weight")
+      key = next(
+          (f"{prefix}.{j}.{n}.weight" for n in names if f"{prefix}.{j}.{n}.weight" in store),
+          f"{prefix}.{j}.{names[0]}.weight",
+      )
       stacked.append(store.get(key, shape, f" for expert {j} of {e}"))
     out[ours] = np.swapaxes(np.stack(stacked), 1, 2)
   return out
@@ -701,14 +907,18 @@ def params_from_hf(store: TensorStore, cfg: MoEConfig) -> PyTree:
     shape = (cfg.vocab_size, cfg.hidden_size)
     head = store.get("lm_head.weight", shape)
     if not np.array_equal(head, store.get("model.embed_tokens.weight", shape)):
-      raise CheckpointError(f"{store.locations['lm_head.weight']}: tie_word_embeddings is true "
-                            "but 'lm_head.weight' differs from 'model.embed_tokens.weight'.")
+      raise CheckpointError(
+          f"{store.locations['lm_head.weight']}: tie_word_embeddings is true "
+          "but 'lm_head.weight' differs from 'model.embed_tokens.weight'."
+      )
   extra = store.unused()
   if extra:
     files = sorted({store.locations[k] for k in extra})
-    raise CheckpointError(f"{len(extra)} unexpected tensor(s) in {', '.join(files)} (not used "
-                          f"by a {cfg.family} model with this config): {extra[:20]}"
-                          + (" ..." if len(extra) > 20 else ""))
+    raise CheckpointError(
+        f"{len(extra)} unexpected tensor(s) in {', '.join(files)} (not used "
+        f"by a {cfg.family} model with this config): {extra[:20]}"
+        + (" ..." if len(extra) > 20 else "")
+    )
   return params
 
 
@@ -717,16 +927,19 @@ def params_to_hf(params: PyTree, cfg: MoEConfig) -> dict[str, np.ndarray]:
   expected = _expected_params(cfg)
   got = jax.tree_util.tree_structure(params)
   if got != jax.tree_util.tree_structure(expected):
-    raise CheckpointError(f"params do not match MoEConfig (family {cfg.family}): expected the "
-                          f"tree {jax.tree_util.tree_structure(expected)}, got {got}.")
+    raise CheckpointError(
+        f"params do not match MoEConfig (family {cfg.family}): expected the "
+        f"tree {jax.tree_util.tree_structure(expected)}, got {got}."
+    )
   tensors: dict[str, np.ndarray] = {}
   for path, value in jax.tree_util.tree_leaves_with_path(params):
     keys = _path_keys(path)
     spec = _get(expected, keys)
     value = np.asarray(value)
     if value.shape != spec.shape:
-      raise CheckpointError(f"parameter {'/'.join(keys)} has shape {value.shape}, expected "
-                            f"{spec.shape}.")
+      raise CheckpointError(
+          f"parameter {'/'.join(keys)} has shape {value.shape}, expected " f"{spec.shape}."
+      )
     if "experts" in keys:
       i, _ = _layer(keys)
       ours = keys[keys.index("experts") + 1]
@@ -799,8 +1012,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
   return raw
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, seed: int = 0,
-                    **overrides: Any) -> MoEModel:
+def load_pretrained(
+    path: str | os.PathLike, dtype: str = "float32", *, seed: int = 0, **overrides: Any
+) -> MoEModel:
   """Loads a local Hugging Face checkpoint directory as a :class:`MoEModel`.
 
   Args:
@@ -823,11 +1037,14 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", *, seed: in
   directory = pathlib.Path(path)
   if read_config(directory).get("model_type") == "switch_transformers":
     from fedalign.models.hf_switch import load_switch_pretrained
+
     return load_switch_pretrained(directory, **overrides)
   bad = sorted(set(overrides) - set(OVERRIDABLE))
   if bad:
-    raise CheckpointError(f"load_pretrained overrides {bad} are not allowed: expected fields "
-                          f"among {OVERRIDABLE} (the rest comes from config.json).")
+    raise CheckpointError(
+        f"load_pretrained overrides {bad} are not allowed: expected fields "
+        f"among {OVERRIDABLE} (the rest comes from config.json)."
+    )
   raw = read_config(directory)
   cfg = config_from_hf(raw, dtype, source=str(directory / CONFIG_NAME))
   store = TensorStore.open(directory)
@@ -868,8 +1085,9 @@ def _add_lora(params: PyTree, cfg: MoEConfig, seed: int) -> PyTree:
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def save_pretrained(model: MoEModel, path: str | os.PathLike,
-                    extra_config: Mapping[str, Any] | None = None) -> pathlib.Path:
+def save_pretrained(
+    model: MoEModel, path: str | os.PathLike, extra_config: Mapping[str, Any] | None = None
+) -> pathlib.Path:
   """Writes ``config.json`` and ``model.safetensors`` (per-expert layout) to ``path``.
 
   LoRA adapters, if any, are merged into the base weights; the written config has no LoRA.
@@ -887,18 +1105,20 @@ def save_pretrained(model: MoEModel, path: str | os.PathLike,
   cfg = model.config
   if type(cfg).__name__ == "SwitchConfig":
     from fedalign.models.hf_switch import save_switch_pretrained
+
     return save_switch_pretrained(model, path)
   if not isinstance(cfg, MoEConfig):
-    raise CheckpointError(f"save_pretrained needs a MoEConfig model, got "
-                          f"{type(cfg).__name__}.")
+    raise CheckpointError(f"save_pretrained needs a MoEConfig model, got " f"{type(cfg).__name__}.")
   params = merge_lora(model.params, cfg)
   cfg = cfg.replace(lora_rank=0)
   hf_config = config_to_hf(cfg)
   hf_config.update({k: None for k in TOKEN_ID_FIELDS})
   clash = sorted(set(extra_config or {}) & (set(hf_config) - set(TOKEN_ID_FIELDS)))
   if clash:
-    raise CheckpointError(f"extra_config fields {clash} describe the architecture, which "
-                          "comes from model.config: expected other fields (e.g. token ids).")
+    raise CheckpointError(
+        f"extra_config fields {clash} describe the architecture, which "
+        "comes from model.config: expected other fields (e.g. token ids)."
+    )
   hf_config.update(extra_config or {})
   tensors = params_to_hf(params, cfg)
   directory = pathlib.Path(path)
@@ -908,6 +1128,20 @@ def save_pretrained(model: MoEModel, path: str | os.PathLike,
   return directory
 
 
-__all__ = ["CheckpointError", "HF_DEFAULTS", "MODEL_TYPES", "OVERRIDABLE", "TOKEN_ID_FIELDS",
-           "TensorStore", "config_from_hf", "config_to_hf", "hf_name", "load_pretrained", "merge_lora",
-           "params_from_hf", "params_to_hf", "read_config", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "HF_DEFAULTS",
+    "MODEL_TYPES",
+    "OVERRIDABLE",
+    "TOKEN_ID_FIELDS",
+    "TensorStore",
+    "config_from_hf",
+    "config_to_hf",
+    "hf_name",
+    "load_pretrained",
+    "merge_lora",
+    "params_from_hf",
+    "params_to_hf",
+    "read_config",
+    "save_pretrained",
+]

@@ -32,6 +32,7 @@ Example:
   >>> load_switch_pretrained('/tmp/switch_tiny_ckpt').config == model.config
   True
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,25 +51,59 @@ from fedalign.models.switch import SwitchConfig
 PathLike = str | pathlib.Path
 PyTree = Any
 MODEL_TYPE = "switch_transformers"
-UNLIMITED_CAPACITY = 1 << 20   # expert_capacity written for a dropless config
+UNLIMITED_CAPACITY = 1 << 20  # expert_capacity written for a dropless config
 
 # Config fields copied one to one between config.json and SwitchConfig.
-_SAME_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers",
-                "num_experts", "router_bias", "router_jitter_noise",
-                "router_ignore_padding_tokens", "relative_attention_num_buckets",
-                "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon",
-                "dense_act_fn", "tie_word_embeddings", "pad_token_id", "eos_token_id",
-                "decoder_start_token_id", "router_aux_loss_coef", "router_z_loss_coef",
-                "initializer_factor")
-_HF_DEFAULTS = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_heads=12,
-                    num_layers=12, num_experts=8, expert_capacity=64,
-                    num_sparse_encoder_layers=3, num_sparse_decoder_layers=3,
-                    router_bias=False, router_jitter_noise=0.01,
-                    router_ignore_padding_tokens=False, relative_attention_num_buckets=32,
-                    relative_attention_max_distance=128, dropout_rate=0.1,
-                    layer_norm_epsilon=1e-6, dense_act_fn="relu", tie_word_embeddings=True,
-                    pad_token_id=0, eos_token_id=1, router_aux_loss_coef=0.001,
-                    router_z_loss_coef=0.001, initializer_factor=1.0)
+_SAME_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_heads",
+    "num_layers",
+    "num_experts",
+    "router_bias",
+    "router_jitter_noise",
+    "router_ignore_padding_tokens",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+    "dropout_rate",
+    "layer_norm_epsilon",
+    "dense_act_fn",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "initializer_factor",
+)
+_HF_DEFAULTS = dict(
+    vocab_size=32128,
+    d_model=768,
+    d_kv=64,
+    d_ff=2048,
+    num_heads=12,
+    num_layers=12,
+    num_experts=8,
+    expert_capacity=64,
+    num_sparse_encoder_layers=3,
+    num_sparse_decoder_layers=3,
+    router_bias=False,
+    router_jitter_noise=0.01,
+    router_ignore_padding_tokens=False,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    layer_norm_epsilon=1e-6,
+    dense_act_fn="relu",
+    tie_word_embeddings=True,
+    pad_token_id=0,
+    eos_token_id=1,
+    router_aux_loss_coef=0.001,
+    router_z_loss_coef=0.001,
+    initializer_factor=1.0,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,8 +122,9 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> SwitchConfig:
   (1, 3)
   """
   if hf.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-    raise ValueError(f"config.json model_type={hf.get('model_type')!r}: expected "
-                     f"{MODEL_TYPE!r}.")
+    raise ValueError(
+        f"config.json model_type={hf.get('model_type')!r}: expected " f"{MODEL_TYPE!r}."
+    )
   get = lambda k: hf[k] if hf.get(k) is not None else _HF_DEFAULTS.get(k)
   fields = {k: get(k) for k in _SAME_FIELDS}
   if fields["decoder_start_token_id"] is None:
@@ -97,8 +133,10 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> SwitchConfig:
     fields["eos_token_id"] = fields["eos_token_id"][0]
   act = fields["dense_act_fn"]
   if act.startswith("gated-"):
-    raise ValueError(f"config.json dense_act_fn={act!r}: gated feed-forward layers are not "
-                     "supported by SwitchTransformers in transformers 5.x nor by fedalign.")
+    raise ValueError(
+        f"config.json dense_act_fn={act!r}: gated feed-forward layers are not "
+        "supported by SwitchTransformers in transformers 5.x nor by fedalign."
+    )
   n_enc = fields["num_layers"]
   n_dec = hf.get("num_decoder_layers") or n_enc
   fields["num_decoder_layers"] = n_dec
@@ -115,27 +153,35 @@ def _num_sparse_for(num_layers: int, layers: tuple[int, ...]) -> int:
   for n in range(0, num_layers + 1):
     if SwitchConfig.sparse_layers(num_layers, _hf_step(num_layers, n)) == layers:
       return n
-  raise ValueError(f"sparse layers {layers} of a {num_layers}-layer stack cannot be expressed "
-                   "by SwitchTransformersConfig (step = num_layers // num_sparse_layers, layer "
-                   "i sparse iff i % step == 1); change encoder/decoder_sparse_step.")
+  raise ValueError(
+      f"sparse layers {layers} of a {num_layers}-layer stack cannot be expressed "
+      "by SwitchTransformersConfig (step = num_layers // num_sparse_layers, layer "
+      "i sparse iff i % step == 1); change encoder/decoder_sparse_step."
+  )
 
 
 def config_to_hf(cfg: SwitchConfig) -> dict[str, Any]:
   """The config.json dict of a SwitchConfig (raises if HF cannot express the layout)."""
   cfg = cfg.validate()
-  out: dict[str, Any] = {"architectures": ["SwitchTransformersForConditionalGeneration"],
-                         "model_type": MODEL_TYPE, "is_encoder_decoder": True,
-                         "router_dtype": "float32", "dtype": cfg.param_dtype}
+  out: dict[str, Any] = {
+      "architectures": ["SwitchTransformersForConditionalGeneration"],
+      "model_type": MODEL_TYPE,
+      "is_encoder_decoder": True,
+      "router_dtype": "float32",
+      "dtype": cfg.param_dtype,
+  }
   for k in _SAME_FIELDS:
     out[k] = getattr(cfg, k)
   out["d_kv"] = cfg.resolved_d_kv
   out["num_decoder_layers"] = cfg.resolved_num_decoder_layers
   out["num_sparse_encoder_layers"] = _num_sparse_for(cfg.num_layers, cfg.encoder_sparse_layers)
-  out["num_sparse_decoder_layers"] = _num_sparse_for(cfg.resolved_num_decoder_layers,
-                                                     cfg.decoder_sparse_layers)
+  out["num_sparse_decoder_layers"] = _num_sparse_for(
+      cfg.resolved_num_decoder_layers, cfg.decoder_sparse_layers
+  )
   out["encoder_sparse_step"] = _hf_step(cfg.num_layers, out["num_sparse_encoder_layers"])
-  out["decoder_sparse_step"] = _hf_step(cfg.resolved_num_decoder_layers,
-                                        out["num_sparse_decoder_layers"])
+  out["decoder_sparse_step"] = _hf_step(
+      cfg.resolved_num_decoder_layers, out["num_sparse_decoder_layers"]
+  )
   if cfg.expert_capacity is not None:
     out["expert_capacity"] = cfg.expert_capacity
   else:
@@ -152,61 +198,114 @@ def config_to_hf(cfg: SwitchConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-  path: tuple[str, ...]          # flax param path
-  kind: str                      # 'copy' | 'linear' (transpose) | 'experts' (stack transposed)
-  names: tuple[str, ...]         # HF tensor name(s)
-  why: str                       # what in the config implies this tensor
+  path: tuple[str, ...]  # flax param path
+  kind: str  # 'copy' | 'linear' (transpose) | 'experts' (stack transposed)
+  names: tuple[str, ...]  # HF tensor name(s)
+  why: str  # what in the config implies this tensor
 
 
 def _mapping(cfg: SwitchConfig) -> list[_Entry]:
   entries = [_Entry(("shared", "embedding"), "copy", ("shared.weight",), "vocab_size/d_model")]
   if not cfg.tie_word_embeddings:
-    entries.append(_Entry(("lm_head", "kernel"), "linear", ("lm_head.weight",),
-                          "tie_word_embeddings=False"))
+    entries.append(
+        _Entry(("lm_head", "kernel"), "linear", ("lm_head.weight",), "tie_word_embeddings=False")
+    )
   for stack, num_layers, sparse, step_field in (
       ("encoder", cfg.num_layers, cfg.encoder_sparse_layers, "encoder"),
-      ("decoder", cfg.resolved_num_decoder_layers, cfg.decoder_sparse_layers, "decoder")):
+      ("decoder", cfg.resolved_num_decoder_layers, cfg.decoder_sparse_layers, "decoder"),
+  ):
     is_dec = stack == "decoder"
     for i in range(num_layers):
       p, blk = f"{stack}.block.{i}.layer", (stack, f"block_{i}")
       for n in "qkvo":
-        entries.append(_Entry(blk + ("self_attn", n, "kernel"), "linear",
-                              (f"{p}.0.SelfAttention.{n}.weight",), "attention"))
+        entries.append(
+            _Entry(
+                blk + ("self_attn", n, "kernel"),
+                "linear",
+                (f"{p}.0.SelfAttention.{n}.weight",),
+                "attention",
+            )
+        )
       if i == 0:
-        entries.append(_Entry(blk + ("self_attn", "relative_attention_bias"), "copy",
-                              (f"{p}.0.SelfAttention.relative_attention_bias.weight",),
-                              "relative attention bias of the first layer"))
-      entries.append(_Entry(blk + ("self_attn_norm", "scale"), "copy",
-                            (f"{p}.0.layer_norm.weight",), "layer norm"))
+        entries.append(
+            _Entry(
+                blk + ("self_attn", "relative_attention_bias"),
+                "copy",
+                (f"{p}.0.SelfAttention.relative_attention_bias.weight",),
+                "relative attention bias of the first layer",
+            )
+        )
+      entries.append(
+          _Entry(
+              blk + ("self_attn_norm", "scale"), "copy", (f"{p}.0.layer_norm.weight",), "layer norm"
+          )
+      )
       ff = 1
       if is_dec:
         for n in "qkvo":
-          entries.append(_Entry(blk + ("cross_attn", n, "kernel"), "linear",
-                                (f"{p}.1.EncDecAttention.{n}.weight",), "cross-attention"))
-        entries.append(_Entry(blk + ("cross_attn_norm", "scale"), "copy",
-                              (f"{p}.1.layer_norm.weight",), "layer norm"))
+          entries.append(
+              _Entry(
+                  blk + ("cross_attn", n, "kernel"),
+                  "linear",
+                  (f"{p}.1.EncDecAttention.{n}.weight",),
+                  "cross-attention",
+              )
+          )
+        entries.append(
+            _Entry(
+                blk + ("cross_attn_norm", "scale"),
+                "copy",
+                (f"{p}.1.layer_norm.weight",),
+                "layer norm",
+            )
+        )
         ff = 2
-      entries.append(_Entry(blk + ("mlp_norm", "scale"), "copy",
-                            (f"{p}.{ff}.layer_norm.weight",), "layer norm"))
+      entries.append(
+          _Entry(
+              blk + ("mlp_norm", "scale"), "copy", (f"{p}.{ff}.layer_norm.weight",), "layer norm"
+          )
+      )
       m = f"{p}.{ff}.mlp"
       if i in sparse:
-        why = (f"config.json makes {stack} layer {i} sparse ({step_field} sparse layers "
-               f"{sparse}, num_experts={cfg.num_experts})")
-        entries.append(_Entry(blk + ("mlp", "router", "kernel"), "linear",
-                              (f"{m}.router.classifier.weight",), why))
+        why = (
+            f"config.json makes {stack} layer {i} sparse ({step_field} sparse layers "
+            f"{sparse}, num_experts={cfg.num_experts})"
+        )
+        entries.append(
+            _Entry(
+                blk + ("mlp", "router", "kernel"), "linear", (f"{m}.router.classifier.weight",), why
+            )
+        )
         if cfg.router_bias:
-          entries.append(_Entry(blk + ("mlp", "router", "bias"), "copy",
-                                (f"{m}.router.classifier.bias",), why + ", router_bias=True"))
+          entries.append(
+              _Entry(
+                  blk + ("mlp", "router", "bias"),
+                  "copy",
+                  (f"{m}.router.classifier.bias",),
+                  why + ", router_bias=True",
+              )
+          )
         for w in ("wi", "wo"):
-          entries.append(_Entry(blk + ("mlp", "experts", w), "experts",
-                                tuple(f"{m}.experts.expert_{e}.{w}.weight"
-                                      for e in range(cfg.num_experts)), why))
+          entries.append(
+              _Entry(
+                  blk + ("mlp", "experts", w),
+                  "experts",
+                  tuple(f"{m}.experts.expert_{e}.{w}.weight" for e in range(cfg.num_experts)),
+                  why,
+              )
+          )
       else:
         why = f"config.json makes {stack} layer {i} dense ({step_field} sparse layers {sparse})"
         for w in ("wi", "wo"):
           entries.append(_Entry(blk + ("mlp", w, "kernel"), "linear", (f"{m}.{w}.weight",), why))
-    entries.append(_Entry((stack, "final_norm", "scale"), "copy",
-                          (f"{stack}.final_layer_norm.weight",), "final layer norm"))
+    entries.append(
+        _Entry(
+            (stack, "final_norm", "scale"),
+            "copy",
+            (f"{stack}.final_layer_norm.weight",),
+            "final layer norm",
+        )
+    )
   return entries
 
 
@@ -231,8 +330,10 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def _leaf_paths(tree: PyTree) -> list[tuple[str, ...]]:
-  return [tuple(str(getattr(k, "key", k)) for k in p)
-          for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  return [
+      tuple(str(getattr(k, "key", k)) for k in p)
+      for p, _ in jax.tree_util.tree_leaves_with_path(tree)
+  ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +344,7 @@ class _Reader:
 
   def __init__(self, path: pathlib.Path):
     from safetensors import safe_open
+
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
@@ -251,8 +353,10 @@ class _Reader:
     elif single.is_file():
       files, weight_map = ["model.safetensors"], None
     else:
-      raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                              "(only safetensors checkpoints are supported, offline).")
+      raise FileNotFoundError(
+          f"{path}: no model.safetensors or model.safetensors.index.json "
+          "(only safetensors checkpoints are supported, offline)."
+      )
     self._handles = {f: safe_open(str(path / f), framework="flax") for f in files}
     self.file_of: dict[str, str] = {}
     for f, h in self._handles.items():
@@ -261,8 +365,10 @@ class _Reader:
     if weight_map is not None:
       missing = sorted(set(weight_map) - set(self.file_of))
       if missing:
-        raise ValueError(f"{index}: tensor {missing[0]!r} is listed but absent from "
-                         f"{weight_map[missing[0]]}.")
+        raise ValueError(
+            f"{index}: tensor {missing[0]!r} is listed but absent from "
+            f"{weight_map[missing[0]]}."
+        )
 
   def names(self) -> set[str]:
     return set(self.file_of)
@@ -277,16 +383,23 @@ class _Reader:
 _IGNORABLE = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
-def params_from_hf(cfg: SwitchConfig, names: set[str], shape: Callable[[str], tuple],
-                   get: Callable[[str], np.ndarray], where: str = "checkpoint",
-                   lora_seed: int = 0) -> PyTree:
+def params_from_hf(
+    cfg: SwitchConfig,
+    names: set[str],
+    shape: Callable[[str], tuple],
+    get: Callable[[str], np.ndarray],
+    where: str = "checkpoint",
+    lora_seed: int = 0,
+) -> PyTree:
   """Params (nested dict of numpy arrays in cfg.param_dtype) from HF tensors.
 
   Raises ValueError naming the tensor when a tensor is missing, unexpected or mis-shaped.
   """
   from fedalign.models.api import build_module
+
   shapes = jax.eval_shape(
-      lambda: build_module(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+      lambda: build_module(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  )["params"]
   pdtype = dtype_of(cfg.param_dtype)
   names = set(names)
   if "shared.weight" not in names and "encoder.embed_tokens.weight" in names:
@@ -306,8 +419,10 @@ def params_from_hf(cfg: SwitchConfig, names: set[str], shape: Callable[[str], tu
         raise ValueError(f"{where}: missing tensor {name!r} ({entry.why}).")
       got = shape(name)
       if tuple(got) != hf_want:
-        raise ValueError(f"{where}: tensor {name!r} has shape {tuple(got)}, expected {hf_want} "
-                         f"from config.json ({entry.why}).")
+        raise ValueError(
+            f"{where}: tensor {name!r} has shape {tuple(got)}, expected {hf_want} "
+            f"from config.json ({entry.why})."
+        )
       used.add(name)
     if entry.kind == "experts":
       value = np.stack([get(n).T for n in entry.names])
@@ -322,9 +437,12 @@ def params_from_hf(cfg: SwitchConfig, names: set[str], shape: Callable[[str], tu
   for name in _IGNORABLE:
     if name in names and name not in used:
       if tuple(shape(name)) != tuple(params["shared"]["embedding"].shape) or not np.array_equal(
-          get(name).astype(pdtype), params["shared"]["embedding"]):
-        raise ValueError(f"{where}: tensor {name!r} differs from 'shared.weight'; fedalign "
-                         "uses one input embedding for the encoder and the decoder.")
+          get(name).astype(pdtype), params["shared"]["embedding"]
+      ):
+        raise ValueError(
+            f"{where}: tensor {name!r} differs from 'shared.weight'; fedalign "
+            "uses one input embedding for the encoder and the decoder."
+        )
   ignorable = set(_IGNORABLE) | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
   extra = sorted(names - used - ignorable)
   if extra:
@@ -333,15 +451,20 @@ def params_from_hf(cfg: SwitchConfig, names: set[str], shape: Callable[[str], tu
     if ".experts.expert_" in name:
       hint = f" (config.json says num_experts={cfg.num_experts} or makes this layer dense)"
     elif ".mlp.router." in name:
-      hint = (" (config.json makes this layer dense: encoder sparse layers "
-              f"{cfg.encoder_sparse_layers}, decoder sparse layers {cfg.decoder_sparse_layers})")
+      hint = (
+          " (config.json makes this layer dense: encoder sparse layers "
+          f"{cfg.encoder_sparse_layers}, decoder sparse layers {cfg.decoder_sparse_layers})"
+      )
     elif ".mlp.wi." in name or ".mlp.wo." in name:
       hint = " (config.json makes this layer sparse)"
     elif ".block." in name:
-      hint = (f" (config.json has num_layers={cfg.num_layers}, num_decoder_layers="
-              f"{cfg.resolved_num_decoder_layers})")
-    raise ValueError(f"{where}: unexpected tensor {name!r}{hint}; {len(extra)} unexpected "
-                     "tensor(s) in all.")
+      hint = (
+          f" (config.json has num_layers={cfg.num_layers}, num_decoder_layers="
+          f"{cfg.resolved_num_decoder_layers})"
+      )
+    raise ValueError(
+        f"{where}: unexpected tensor {name!r}{hint}; {len(extra)} unexpected " "tensor(s) in all."
+    )
   # LoRA adapters (fedalign-only leaves) get the usual fresh initialisation: A ~ N(0, 1/d_in)
   # (d_in = the second-to-last axis), B = 0, so the loaded model's function is unchanged.
   rng = np.random.default_rng(lora_seed)
@@ -379,8 +502,9 @@ def load_switch_pretrained(path: PathLike, **overrides: Any) -> MoEModel:
     raise FileNotFoundError(f"{cfg_file} not found.")
   hf = json.loads(cfg_file.read_text())
   if hf.get("fedalign_capacity_factor") is not None and "capacity_factor" not in overrides:
-    overrides = dict(overrides, capacity_factor=hf["fedalign_capacity_factor"],
-                     expert_capacity=None)
+    overrides = dict(
+        overrides, capacity_factor=hf["fedalign_capacity_factor"], expert_capacity=None
+    )
   cfg = config_from_hf(hf, **overrides)
   reader = _Reader(path)
   params = params_from_hf(cfg, reader.names(), reader.shape, reader.get, where=str(path))
@@ -391,8 +515,10 @@ def params_to_hf(cfg: SwitchConfig, params: PyTree) -> dict[str, np.ndarray]:
   """HF tensors (torch layout, numpy) from Switch params. LoRA adapters must be merged first."""
   lora = [p for p in _leaf_paths(params) if "lora" in p[-1]]
   if lora:
-    raise ValueError(f"params have LoRA leaves (e.g. {'/'.join(lora[0])}): merge the adapters "
-                     "into the base weights before saving an HF checkpoint.")
+    raise ValueError(
+        f"params have LoRA leaves (e.g. {'/'.join(lora[0])}): merge the adapters "
+        "into the base weights before saving an HF checkpoint."
+    )
   tensors: dict[str, np.ndarray] = {}
   for entry in _mapping(cfg):
     value = np.asarray(_get(params, entry.path))
@@ -414,14 +540,19 @@ def save_switch_pretrained(model: MoEModel, path: PathLike) -> None:
   """Writes config.json + model.safetensors that ``transformers`` loads as
   SwitchTransformersForConditionalGeneration (tied embeddings stored once as shared.weight)."""
   from safetensors.flax import save_file
+
   cfg = model.config
   if not isinstance(cfg, SwitchConfig):
-    raise TypeError(f"save_switch_pretrained needs a SwitchConfig model, got "
-                    f"{type(cfg).__name__}.")
+    raise TypeError(
+        f"save_switch_pretrained needs a SwitchConfig model, got " f"{type(cfg).__name__}."
+    )
   hf = config_to_hf(cfg)
   tensors = params_to_hf(cfg, model.params)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path / "model.safetensors"),
-            metadata={"format": "pt"})
+  save_file(
+      {k: jnp.asarray(v) for k, v in tensors.items()},
+      str(path / "model.safetensors"),
+      metadata={"format": "pt"},
+  )
   (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

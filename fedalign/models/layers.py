@@ -1,4 +1,5 @@
 """Building blocks shared by the MoE models: RMSNorm, LoRA-capable dense, RoPE, attention."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,20 +49,28 @@ class LoRADense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d_in = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.normal(self.init_std),
-                        (d_in, self.features), self.param_dtype)
+    kernel = self.param(
+        "kernel", nn.initializers.normal(self.init_std), (d_in, self.features), self.param_dtype
+    )
     x = x.astype(self.dtype)
     y = x @ kernel.astype(self.dtype)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,),
-                         self.param_dtype).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
+          self.dtype
+      )
     if self.lora_rank > 0:
-      a = self.param("lora_a", nn.initializers.normal(1.0 / d_in ** 0.5),
-                     (d_in, self.lora_rank), self.param_dtype)
-      b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, self.features),
-                     self.param_dtype)
-      y = y + (self.lora_alpha / self.lora_rank) * ((x @ a.astype(self.dtype))
-                                                   @ b.astype(self.dtype))
+      a = self.param(
+          "lora_a",
+          nn.initializers.normal(1.0 / d_in**0.5),
+          (d_in, self.lora_rank),
+          self.param_dtype,
+      )
+      b = self.param(
+          "lora_b", nn.initializers.zeros, (self.lora_rank, self.features), self.param_dtype
+      )
+      y = y + (self.lora_alpha / self.lora_rank) * (
+          (x @ a.astype(self.dtype)) @ b.astype(self.dtype)
+      )
     return y
 
 

@@ -15,6 +15,7 @@ Example:
   >>> combine(trainable, frozen)['q_proj']['lora_a'].shape
   (2, 1)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,8 +51,9 @@ def trainable_mask(params: PyTree, mode: str = "full", train_router: bool = True
     raise ValueError(f"trainable mode={mode!r} is invalid: expected one of {MODES}.")
   has_lora = any(is_lora_path(_keys(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params))
   if mode == "lora" and not has_lora:
-    raise ValueError("trainable mode='lora' but the params have no LoRA leaves: set "
-                     "model.lora_rank > 0.")
+    raise ValueError(
+        "trainable mode='lora' but the params have no LoRA leaves: set " "model.lora_rank > 0."
+    )
 
   def pick(path, _):
     keys = _keys(path)
@@ -73,5 +75,6 @@ def partition(params: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
 
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
   """Inverse of :func:`partition`."""
-  return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+      lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None
+  )

@@ -11,6 +11,7 @@ Parameter layout (MaxText / vmoe / flaxformer convention, see docs/architecture.
 Every leaf under ``experts`` has the expert axis first, so permuting that axis together with
 the router kernel's last axis leaves the block's function unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,12 +41,15 @@ class Router(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
-    kernel = self.param("kernel", nn.initializers.normal(self.init_std),
-                        (x.shape[-1], self.num_experts), jnp.float32)
+    kernel = self.param(
+        "kernel",
+        nn.initializers.normal(self.init_std),
+        (x.shape[-1], self.num_experts),
+        jnp.float32,
+    )
     logits = x.astype(jnp.float32) @ kernel
     if self.use_bias:
-      logits = logits + self.param("bias", nn.initializers.zeros, (self.num_experts,),
-                                   jnp.float32)
+      logits = logits + self.param("bias", nn.initializers.zeros, (self.num_experts,), jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     top_w, top_idx = jax.lax.top_k(probs, self.top_k)
     if self.norm_topk_prob:
@@ -73,15 +77,21 @@ class Experts(nn.Module):
   def setup_params(self, d_model: int) -> dict[str, Array]:
     e, r = self.num_experts, self.lora_rank
     shapes = self.weight_shapes(d_model)
-    w = {name: self.param(name, nn.initializers.normal(self.init_std), shape,
-                          self.param_dtype) for name, shape in shapes.items()}
+    w = {
+        name: self.param(name, nn.initializers.normal(self.init_std), shape, self.param_dtype)
+        for name, shape in shapes.items()
+    }
     if r > 0:
       for name, (_, d_in, d_out) in shapes.items():
-        w[f"{name}_lora_a"] = self.param(f"{name}_lora_a",
-                                         nn.initializers.normal(1.0 / d_in ** 0.5),
-                                         (e, d_in, r), self.param_dtype)
-        w[f"{name}_lora_b"] = self.param(f"{name}_lora_b", nn.initializers.zeros,
-                                         (e, r, d_out), self.param_dtype)
+        w[f"{name}_lora_a"] = self.param(
+            f"{name}_lora_a",
+            nn.initializers.normal(1.0 / d_in**0.5),
+            (e, d_in, r),
+            self.param_dtype,
+        )
+        w[f"{name}_lora_b"] = self.param(
+            f"{name}_lora_b", nn.initializers.zeros, (e, r, d_out), self.param_dtype
+        )
     return jax.tree.map(lambda a: a.astype(self.dtype), w)
 
   def _proj(self, w: dict[str, Array], name: str, x: Array, spec: str) -> Array:
@@ -97,19 +107,18 @@ class Experts(nn.Module):
       y = y + (self.lora_alpha / self.lora_rank) * jnp.einsum(b_spec, xa, w[f"{name}_lora_b"])
     return y
 
-  def _ragged_proj(self, w: dict[str, Array], name: str, x: Array, group_sizes: Array
-                   ) -> Array:
+  def _ragged_proj(self, w: dict[str, Array], name: str, x: Array, group_sizes: Array) -> Array:
     """Grouped matmul of expert-sorted tokens (+ LoRA): ``jax.lax.ragged_dot``."""
     y = jax.lax.ragged_dot(x, w[name], group_sizes)
     if self.lora_rank > 0:
       xa = jax.lax.ragged_dot(x, w[f"{name}_lora_a"], group_sizes)
       y = y + (self.lora_alpha / self.lora_rank) * jax.lax.ragged_dot(
-          xa, w[f"{name}_lora_b"], group_sizes)
+          xa, w[f"{name}_lora_b"], group_sizes
+      )
     return y
 
   @nn.compact
-  def __call__(self, x: Array, mode: str = "dense", group_sizes: Array | None = None
-               ) -> Array:
+  def __call__(self, x: Array, mode: str = "dense", group_sizes: Array | None = None) -> Array:
     """Applies the experts.
 
     Modes:
@@ -145,21 +154,26 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kw = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=self.dtype,
-              param_dtype=self.param_dtype, init_std=self.init_std)
+    kw = dict(
+        lora_rank=self.lora_rank,
+        lora_alpha=self.lora_alpha,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        init_std=self.init_std,
+    )
     gate = LoRADense(self.intermediate_size, name="wi_0", **kw)(x)
     up = LoRADense(self.intermediate_size, name="wi_1", **kw)(x)
     return LoRADense(x.shape[-1], name="wo", **kw)(nn.silu(gate) * up)
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
-                    capacity_factor: float) -> int:
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
   """ceil(capacity_factor * tokens * k / E), at least 1."""
   return max(1, int(math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def capacity_slots(top_idx: Array, valid: Array, num_experts: int, capacity: int
-                   ) -> tuple[Array, Array]:
+def capacity_slots(
+    top_idx: Array, valid: Array, num_experts: int, capacity: int
+) -> tuple[Array, Array]:
   """Switch/GShard capacity positions: each (token, choice)'s slot in its expert's buffer.
 
   Slots are filled in priority order: every token's first choice before any second choice,
@@ -175,30 +189,37 @@ def capacity_slots(top_idx: Array, valid: Array, num_experts: int, capacity: int
   """
   t, k = top_idx.shape
   onehot = jax.nn.one_hot(top_idx, num_experts, dtype=jnp.int32) * (
-      valid[:, None, None] > 0).astype(jnp.int32)
+      valid[:, None, None] > 0
+  ).astype(jnp.int32)
   flat = jnp.swapaxes(onehot, 0, 1).reshape(k * t, num_experts)  # choice-major order
   position = jnp.sum((jnp.cumsum(flat, axis=0) - 1) * flat, axis=-1)
   keep = (jnp.sum(flat, axis=-1) > 0) & (position < capacity)
   slot = jnp.where(keep, position, capacity)
-  return (jnp.swapaxes(slot.reshape(k, t), 0, 1).astype(jnp.int32),
-          jnp.swapaxes(keep.reshape(k, t), 0, 1))
+  return (
+      jnp.swapaxes(slot.reshape(k, t), 0, 1).astype(jnp.int32),
+      jnp.swapaxes(keep.reshape(k, t), 0, 1),
+  )
 
 
-def capacity_dispatch(top_idx: Array, top_w: Array, valid: Array, num_experts: int,
-                      capacity: int) -> tuple[Array, Array]:
+def capacity_dispatch(
+    top_idx: Array, top_w: Array, valid: Array, num_experts: int, capacity: int
+) -> tuple[Array, Array]:
   """The one-hot form of :func:`capacity_slots` (what the Switch model uses per batch row).
 
   Returns:
     dispatch (T, E, C) 0/1 and combine (T, E, C) = dispatch * top-k weight.
   """
   slot, _ = capacity_slots(top_idx, valid, num_experts, capacity)
-  slots = (jax.nn.one_hot(top_idx, num_experts, dtype=jnp.float32)[..., None]
-           * jax.nn.one_hot(slot, capacity, dtype=jnp.float32)[..., None, :])  # (T, k, E, C)
+  slots = (
+      jax.nn.one_hot(top_idx, num_experts, dtype=jnp.float32)[..., None]
+      * jax.nn.one_hot(slot, capacity, dtype=jnp.float32)[..., None, :]
+  )  # (T, k, E, C)
   return jnp.sum(slots, axis=1), jnp.sum(slots * top_w[:, :, None, None], axis=1)
 
 
-def scatter_to_experts(tokens: Array, top_idx: Array, slot: Array, num_experts: int,
-                       capacity: int) -> Array:
+def scatter_to_experts(
+    tokens: Array, top_idx: Array, slot: Array, num_experts: int, capacity: int
+) -> Array:
   """(T, D) tokens -> (E, C, D) expert buffers (dropped choices, slot == C, are skipped)."""
   t, k = top_idx.shape
   upd = jnp.broadcast_to(tokens[:, None, :], (t, k, tokens.shape[-1]))
@@ -206,8 +227,7 @@ def scatter_to_experts(tokens: Array, top_idx: Array, slot: Array, num_experts: 
   return buf.at[top_idx, slot].set(upd, mode="drop")
 
 
-def gather_from_experts(expert_out: Array, top_idx: Array, slot: Array, weight: Array
-                        ) -> Array:
+def gather_from_experts(expert_out: Array, top_idx: Array, slot: Array, weight: Array) -> Array:
   """(E, C, D) expert outputs -> (T, D): the weighted sum over each token's kept choices."""
   y = expert_out.at[top_idx, slot].get(mode="fill", fill_value=0)  # (T, k, D)
   return jnp.einsum("tkd,tk->td", y, weight.astype(y.dtype))
@@ -219,20 +239,36 @@ class MoEBlock(nn.Module):
   config: MoEConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None = None
-               ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+  def __call__(
+      self, x: Array, mask: Array | None = None
+  ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     b, t, d = x.shape
     tokens = x.reshape(b * t, d)
-    valid = (jnp.ones((b * t,), jnp.float32) if mask is None
-             else mask.reshape(b * t).astype(jnp.float32))
+    valid = (
+        jnp.ones((b * t,), jnp.float32) if mask is None else mask.reshape(b * t).astype(jnp.float32)
+    )
     logits, probs, top_w, top_idx = Router(
-        cfg.num_experts, cfg.top_k, cfg.router_bias, cfg.norm_topk_prob,
-        cfg.routed_scaling_factor, cfg.initializer_range, name="router")(tokens)
+        cfg.num_experts,
+        cfg.top_k,
+        cfg.router_bias,
+        cfg.norm_topk_prob,
+        cfg.routed_scaling_factor,
+        cfg.initializer_range,
+        name="router",
+    )(tokens)
     lora_r = cfg.lora_rank if "experts" in cfg.lora_targets else 0
-    experts = Experts(cfg.num_experts, cfg.moe_intermediate_size, lora_r, cfg.lora_alpha,
-                      dtype, pdtype, cfg.initializer_range, name="experts")
+    experts = Experts(
+        cfg.num_experts,
+        cfg.moe_intermediate_size,
+        lora_r,
+        cfg.lora_alpha,
+        dtype,
+        pdtype,
+        cfg.initializer_range,
+        name="experts",
+    )
     e = cfg.num_experts
     if cfg.capacity_factor is not None:
       # Scatter into (E, C, D) buffers, grouped matmuls, gather back: linear in the tokens
@@ -251,18 +287,31 @@ class MoEBlock(nn.Module):
       w_sorted = top_w.reshape(-1)[order].astype(y_sorted.dtype)
       out = jnp.zeros((b * t, d), y_sorted.dtype).at[token_of].add(y_sorted * w_sorted[:, None])
     else:
-      combine = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=jnp.float32) * top_w[..., None],
-                        axis=-2)  # (T, E)
+      combine = jnp.sum(
+          jax.nn.one_hot(top_idx, e, dtype=jnp.float32) * top_w[..., None], axis=-2
+      )  # (T, E)
       expert_out = experts(tokens)  # (T, E, D)
       out = jnp.einsum("te,ted->td", combine.astype(expert_out.dtype), expert_out)
 
     if cfg.shared_expert_intermediate_size > 0:
       shared_r = cfg.lora_rank if "shared_expert" in cfg.lora_targets else 0
-      shared = MLP(cfg.shared_expert_intermediate_size, shared_r, cfg.lora_alpha, dtype,
-                   pdtype, cfg.initializer_range, name="shared_expert")(tokens)
+      shared = MLP(
+          cfg.shared_expert_intermediate_size,
+          shared_r,
+          cfg.lora_alpha,
+          dtype,
+          pdtype,
+          cfg.initializer_range,
+          name="shared_expert",
+      )(tokens)
       if cfg.shared_expert_gate:
-        gate = LoRADense(1, dtype=dtype, param_dtype=pdtype, init_std=cfg.initializer_range,
-                         name="shared_expert_gate")(tokens)
+        gate = LoRADense(
+            1,
+            dtype=dtype,
+            param_dtype=pdtype,
+            init_std=cfg.initializer_range,
+            name="shared_expert_gate",
+        )(tokens)
         shared = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(shared.dtype) * shared
       out = out + shared
 

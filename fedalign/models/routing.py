@@ -17,6 +17,7 @@ gate_sum       (E,)    sum over tokens with e in K(x) of g_e(x)
 centroid_sum   (E, D)  sum over tokens with e in K(x) of g_e(x) * x (x = block input)
 ============== ======= =====================================================================
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -24,16 +25,16 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-STAT_NAMES = ("token_count", "prob_sum", "select_count", "margin_sum", "gate_sum",
-              "centroid_sum")
+STAT_NAMES = ("token_count", "prob_sum", "select_count", "margin_sum", "gate_sum", "centroid_sum")
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def routing_stats(probs: jax.Array, top_idx: jax.Array, x: jax.Array,
-                  mask: jax.Array | None = None) -> dict[str, jax.Array]:
+def routing_stats(
+    probs: jax.Array, top_idx: jax.Array, x: jax.Array, mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
   """Sufficient routing statistics of one MoE block for a batch of tokens.
 
   Args:

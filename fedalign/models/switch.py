@@ -50,6 +50,7 @@ Example:
   >>> logits.shape, sorted(aux['routing'])
   ((2, 3, 128), ['decoder/block_1/mlp', 'encoder/block_1/mlp'])
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,21 +98,21 @@ class SwitchConfig:
 
   vocab_size: int = 32128
   d_model: int = 768
-  d_kv: int | None = 64                 # None = d_model // num_heads
+  d_kv: int | None = 64  # None = d_model // num_heads
   d_ff: int = 2048
   num_heads: int = 12
-  num_layers: int = 12                  # encoder layers
+  num_layers: int = 12  # encoder layers
   num_decoder_layers: int | None = None  # None = num_layers
   # Mixture of experts.
   num_experts: int = 8
-  encoder_sparse_step: int = 2          # layer i sparse iff step == 1 or i % step == 1; 0 = none
+  encoder_sparse_step: int = 2  # layer i sparse iff step == 1 or i % step == 1; 0 = none
   decoder_sparse_step: int = 2
-  expert_capacity: int | None = 64      # tokens per expert and batch row (HF semantics)
+  expert_capacity: int | None = 64  # tokens per expert and batch row (HF semantics)
   capacity_factor: float | None = None  # alternative: ceil(cf * T / E) per row
   router_bias: bool = False
   router_jitter_noise: float = 0.01
   router_ignore_padding_tokens: bool = False  # True: padded tokens take no expert capacity
-  moe_impl: str = "dense"               # dropless only: 'dense' (all experts) | 'ragged'
+  moe_impl: str = "dense"  # dropless only: 'dense' (all experts) | 'ragged'
   # T5 attention.
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
@@ -131,7 +132,7 @@ class SwitchConfig:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("attention", "experts")
   # Numerics.
-  dtype: str = "float32"                # compute dtype (router always float32)
+  dtype: str = "float32"  # compute dtype (router always float32)
   param_dtype: str = "float32"
 
   # Aliases shared with MoEConfig, so generic code can read them.
@@ -169,8 +170,9 @@ class SwitchConfig:
   @property
   def moe_block_paths(self) -> tuple[str, ...]:
     """The keys of ``aux['routing']``, encoder first."""
-    return (tuple(f"encoder/block_{i}/mlp" for i in self.encoder_sparse_layers)
-            + tuple(f"decoder/block_{i}/mlp" for i in self.decoder_sparse_layers))
+    return tuple(f"encoder/block_{i}/mlp" for i in self.encoder_sparse_layers) + tuple(
+        f"decoder/block_{i}/mlp" for i in self.decoder_sparse_layers
+    )
 
   def row_capacity(self, seq_len: int) -> int | None:
     """Expert capacity per batch row for sequences of ``seq_len`` tokens (None = dropless)."""
@@ -193,7 +195,8 @@ class SwitchConfig:
 
     def bad(field: str, expected: str):
       raise ValueError(
-          f"SwitchConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}.")
+          f"SwitchConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}."
+      )
 
     for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers"):
       if int(getattr(self, name)) < 1:
@@ -207,11 +210,16 @@ class SwitchConfig:
     if self.num_experts < 1:
       bad("num_experts", "an integer >= 1")
     if not 0 <= self.encoder_sparse_step <= self.num_layers:
-      bad("encoder_sparse_step", f"an integer in [0, num_layers={self.num_layers}] "
-          "(0 = no MoE layer)")
+      bad(
+          "encoder_sparse_step",
+          f"an integer in [0, num_layers={self.num_layers}] " "(0 = no MoE layer)",
+      )
     if not 0 <= self.decoder_sparse_step <= self.resolved_num_decoder_layers:
-      bad("decoder_sparse_step", "an integer in [0, num_decoder_layers="
-          f"{self.resolved_num_decoder_layers}] (0 = no MoE layer)")
+      bad(
+          "decoder_sparse_step",
+          "an integer in [0, num_decoder_layers="
+          f"{self.resolved_num_decoder_layers}] (0 = no MoE layer)",
+      )
     if self.expert_capacity is not None and self.expert_capacity < 1:
       bad("expert_capacity", "None or a positive integer (tokens per expert and batch row)")
     if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -225,9 +233,11 @@ class SwitchConfig:
     if self.relative_attention_num_buckets < 4:
       bad("relative_attention_num_buckets", "an integer >= 4")
     if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
-      bad("relative_attention_max_distance",
+      bad(
+          "relative_attention_max_distance",
           f"an integer > relative_attention_num_buckets // 2 = "
-          f"{self.relative_attention_num_buckets // 2}")
+          f"{self.relative_attention_num_buckets // 2}",
+      )
     if not 0.0 <= self.dropout_rate < 1.0:
       bad("dropout_rate", "a float in [0, 1)")
     if self.layer_norm_epsilon <= 0:
@@ -255,10 +265,22 @@ def switch_tiny(**overrides: Any) -> SwitchConfig:
   >>> switch_tiny().moe_block_paths
   ('encoder/block_1/mlp', 'decoder/block_1/mlp')
   """
-  fields = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
-                num_decoder_layers=2, num_experts=4, encoder_sparse_step=2,
-                decoder_sparse_step=2, expert_capacity=16, relative_attention_num_buckets=8,
-                relative_attention_max_distance=20, dropout_rate=0.0)
+  fields = dict(
+      vocab_size=128,
+      d_model=32,
+      d_kv=8,
+      d_ff=64,
+      num_heads=4,
+      num_layers=2,
+      num_decoder_layers=2,
+      num_experts=4,
+      encoder_sparse_step=2,
+      decoder_sparse_step=2,
+      expert_capacity=16,
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=20,
+      dropout_rate=0.0,
+  )
   fields.update(overrides)
   return SwitchConfig(**fields).validate()
 
@@ -270,14 +292,32 @@ def switch_base_16(**overrides: Any) -> SwitchConfig:
   >>> len(switch_base_16().moe_block_paths)
   12
   """
-  fields = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_heads=12,
-                num_layers=12, num_decoder_layers=12, num_experts=16, encoder_sparse_step=2,
-                decoder_sparse_step=2, expert_capacity=64, router_bias=False,
-                router_jitter_noise=0.01, relative_attention_num_buckets=32,
-                relative_attention_max_distance=128, dropout_rate=0.1,
-                layer_norm_epsilon=1e-6, dense_act_fn="relu", tie_word_embeddings=True,
-                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                router_aux_loss_coef=0.001, router_z_loss_coef=0.001)
+  fields = dict(
+      vocab_size=32128,
+      d_model=768,
+      d_kv=64,
+      d_ff=3072,
+      num_heads=12,
+      num_layers=12,
+      num_decoder_layers=12,
+      num_experts=16,
+      encoder_sparse_step=2,
+      decoder_sparse_step=2,
+      expert_capacity=64,
+      router_bias=False,
+      router_jitter_noise=0.01,
+      relative_attention_num_buckets=32,
+      relative_attention_max_distance=128,
+      dropout_rate=0.1,
+      layer_norm_epsilon=1e-6,
+      dense_act_fn="relu",
+      tie_word_embeddings=True,
+      pad_token_id=0,
+      eos_token_id=1,
+      decoder_start_token_id=0,
+      router_aux_loss_coef=0.001,
+      router_z_loss_coef=0.001,
+  )
   fields.update(overrides)
   return SwitchConfig(**fields).validate()
 
@@ -285,8 +325,12 @@ def switch_base_16(**overrides: Any) -> SwitchConfig:
 # --------------------------------------------------------------------------------------------
 # T5 relative position buckets
 # --------------------------------------------------------------------------------------------
-def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool = True,
-                             num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+def relative_position_bucket(
+    relative_position: np.ndarray,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> np.ndarray:
   """T5's bucketing of ``memory_position - query_position`` (numpy, float32 like HF).
 
   Half of the buckets are exact small distances, the other half logarithmic up to
@@ -306,8 +350,11 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool 
   max_exact = num_buckets // 2
   is_small = rp < max_exact
   safe = np.maximum(rp, 1).astype(np.float32)
-  large = (np.log(safe / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
-           * np.float32(num_buckets - max_exact)).astype(np.float32)
+  large = (
+      np.log(safe / np.float32(max_exact))
+      / np.float32(math.log(max_distance / max_exact))
+      * np.float32(num_buckets - max_exact)
+  ).astype(np.float32)
   large = max_exact + large.astype(np.int64)
   large = np.minimum(large, num_buckets - 1)
   return buckets + np.where(is_small, rp, large)
@@ -330,27 +377,39 @@ class SwitchAttention(nn.Module):
   bidirectional: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, kv: Array, mask: Array, position_bias: Array | None,
-               deterministic: bool = True) -> tuple[Array, Array | None]:
+  def __call__(
+      self,
+      x: Array,
+      kv: Array,
+      mask: Array,
+      position_bias: Array | None,
+      deterministic: bool = True,
+  ) -> tuple[Array, Array | None]:
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     h, dk, d, f = cfg.num_heads, cfg.resolved_d_kv, cfg.d_model, cfg.initializer_factor
     r = cfg.lora_rank if "attention" in cfg.lora_targets else 0
     kw = dict(lora_rank=r, lora_alpha=cfg.lora_alpha, dtype=dtype, param_dtype=pdtype)
     q = LoRADense(h * dk, init_std=f * (d * dk) ** -0.5, name="q", **kw)(x)
-    k = LoRADense(h * dk, init_std=f * d ** -0.5, name="k", **kw)(kv)
-    v = LoRADense(h * dk, init_std=f * d ** -0.5, name="v", **kw)(kv)
+    k = LoRADense(h * dk, init_std=f * d**-0.5, name="k", **kw)(kv)
+    v = LoRADense(h * dk, init_std=f * d**-0.5, name="v", **kw)(kv)
     b, t, s = x.shape[0], x.shape[1], kv.shape[1]
     q, k, v = q.reshape(b, t, h, dk), k.reshape(b, s, h, dk), v.reshape(b, s, h, dk)
     logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32)
     if self.has_relative_bias:
-      table = self.param("relative_attention_bias",
-                         nn.initializers.normal(f * d ** -0.5),
-                         (cfg.relative_attention_num_buckets, h), pdtype)
+      table = self.param(
+          "relative_attention_bias",
+          nn.initializers.normal(f * d**-0.5),
+          (cfg.relative_attention_num_buckets, h),
+          pdtype,
+      )
       rel = np.arange(s)[None, :] - np.arange(t)[:, None]
-      bucket = relative_position_bucket(rel, self.bidirectional,
-                                        cfg.relative_attention_num_buckets,
-                                        cfg.relative_attention_max_distance)
+      bucket = relative_position_bucket(
+          rel,
+          self.bidirectional,
+          cfg.relative_attention_num_buckets,
+          cfg.relative_attention_max_distance,
+      )
       position_bias = jnp.transpose(table.astype(jnp.float32)[bucket], (2, 0, 1))[None]
     if position_bias is not None:
       logits = logits + position_bias
@@ -371,12 +430,16 @@ class DenseActDense(nn.Module):
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     cfg = self.config
     r = cfg.lora_rank if "dense_mlp" in cfg.lora_targets else 0
-    kw = dict(lora_rank=r, lora_alpha=cfg.lora_alpha, dtype=dtype_of(cfg.dtype),
-              param_dtype=dtype_of(cfg.param_dtype))
+    kw = dict(
+        lora_rank=r,
+        lora_alpha=cfg.lora_alpha,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+    )
     f = cfg.initializer_factor
-    hid = LoRADense(cfg.d_ff, init_std=f * cfg.d_model ** -0.5, name="wi", **kw)(x)
+    hid = LoRADense(cfg.d_ff, init_std=f * cfg.d_model**-0.5, name="wi", **kw)(x)
     hid = _dropout(cfg.dropout_rate, ACTIVATIONS[cfg.dense_act_fn](hid), deterministic)
-    return LoRADense(cfg.d_model, init_std=f * cfg.d_ff ** -0.5, name="wo", **kw)(hid)
+    return LoRADense(cfg.d_model, init_std=f * cfg.d_ff**-0.5, name="wo", **kw)(hid)
 
 
 class SwitchExperts(Experts):
@@ -394,8 +457,13 @@ class SwitchExperts(Experts):
     return {"wi": (e, d_model, f), "wo": (e, f, d_model)}
 
   @nn.compact
-  def __call__(self, x: Array, mode: str = "grouped", group_sizes: Array | None = None,
-               deterministic: bool = True) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      mode: str = "grouped",
+      group_sizes: Array | None = None,
+      deterministic: bool = True,
+  ) -> Array:
     """Modes: 'grouped' (E, C, D) -> (E, C, D); 'dense' (T, D) -> (T, E, D);
     'ragged' tokens sorted by expert (N, D) + group_sizes (E,) -> (N, D)."""
     w = self.setup_params(x.shape[-1])
@@ -425,8 +493,9 @@ class SwitchSparseMLP(nn.Module):
   config: SwitchConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None = None, deterministic: bool = True
-               ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+  def __call__(
+      self, x: Array, mask: Array | None = None, deterministic: bool = True
+  ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     b, t, d = x.shape
@@ -435,24 +504,37 @@ class SwitchSparseMLP(nn.Module):
     router_in = x.astype(jnp.float32)
     if not deterministic and cfg.router_jitter_noise > 0:
       eps = cfg.router_jitter_noise
-      router_in = router_in * jax.random.uniform(self.make_rng("dropout"), router_in.shape,
-                                                 jnp.float32, 1.0 - eps, 1.0 + eps)
+      router_in = router_in * jax.random.uniform(
+          self.make_rng("dropout"), router_in.shape, jnp.float32, 1.0 - eps, 1.0 + eps
+      )
     logits, probs, top_w, top_idx = Router(
-        e, 1, cfg.router_bias, norm_topk_prob=False, init_std=cfg.initializer_factor,
-        name="router")(router_in)                                   # (B, T, E), (B, T, 1)
+        e, 1, cfg.router_bias, norm_topk_prob=False, init_std=cfg.initializer_factor, name="router"
+    )(
+        router_in
+    )  # (B, T, E), (B, T, 1)
     lora_r = cfg.lora_rank if "experts" in cfg.lora_targets else 0
-    experts = SwitchExperts(e, cfg.d_ff, lora_r, cfg.lora_alpha, dtype, pdtype,
-                            cfg.initializer_factor * cfg.d_model ** -0.5,
-                            activation=cfg.dense_act_fn, dropout_rate=cfg.dropout_rate,
-                            name="experts")
+    experts = SwitchExperts(
+        e,
+        cfg.d_ff,
+        lora_r,
+        cfg.lora_alpha,
+        dtype,
+        pdtype,
+        cfg.initializer_factor * cfg.d_model**-0.5,
+        activation=cfg.dense_act_fn,
+        dropout_rate=cfg.dropout_rate,
+        name="experts",
+    )
     cap = cfg.row_capacity(t)
     if cap is not None:
       room = valid if cfg.router_ignore_padding_tokens else jnp.ones_like(valid)
       dispatch, combine = jax.vmap(capacity_dispatch, in_axes=(0, 0, 0, None, None))(
-          top_idx, top_w, room, e, cap)                             # (B, T, E, C)
+          top_idx, top_w, room, e, cap
+      )  # (B, T, E, C)
       expert_in = jnp.einsum("btec,btd->ebcd", dispatch.astype(dtype), x.astype(dtype))
-      expert_out = experts(expert_in.reshape(e, b * cap, d), mode="grouped",
-                           deterministic=deterministic).reshape(e, b, cap, d)
+      expert_out = experts(
+          expert_in.reshape(e, b * cap, d), mode="grouped", deterministic=deterministic
+      ).reshape(e, b, cap, d)
       out = jnp.einsum("btec,ebcd->btd", combine.astype(expert_out.dtype), expert_out)
       kept = jnp.sum(dispatch, axis=(-2, -1)) > 0
     else:
@@ -461,8 +543,9 @@ class SwitchSparseMLP(nn.Module):
         flat_idx = top_idx.reshape(-1)
         order = jnp.argsort(flat_idx, stable=True)
         group_sizes = jnp.bincount(flat_idx, length=e).astype(jnp.int32)
-        y_sorted = experts(tokens[order], mode="ragged", group_sizes=group_sizes,
-                           deterministic=deterministic)
+        y_sorted = experts(
+            tokens[order], mode="ragged", group_sizes=group_sizes, deterministic=deterministic
+        )
         w_sorted = top_w.reshape(-1)[order].astype(y_sorted.dtype)
         out = jnp.zeros((b * t, d), y_sorted.dtype).at[order].add(y_sorted * w_sorted[:, None])
       else:
@@ -489,20 +572,29 @@ class SwitchBlock(nn.Module):
   is_sparse: bool
 
   @nn.compact
-  def __call__(self, x, self_mask, position_bias, token_mask, enc_hidden=None, cross_mask=None,
-               deterministic: bool = True):
+  def __call__(
+      self,
+      x,
+      self_mask,
+      position_bias,
+      token_mask,
+      enc_hidden=None,
+      cross_mask=None,
+      deterministic: bool = True,
+  ):
     cfg = self.config
     pdtype = dtype_of(cfg.param_dtype)
     eps, rate = cfg.layer_norm_epsilon, cfg.dropout_rate
     h = RMSNorm(eps, pdtype, name="self_attn_norm")(x)
-    y, position_bias = SwitchAttention(cfg, self.layer_id == 0, not self.is_decoder,
-                                       name="self_attn")(h, h, self_mask, position_bias,
-                                                         deterministic)
+    y, position_bias = SwitchAttention(
+        cfg, self.layer_id == 0, not self.is_decoder, name="self_attn"
+    )(h, h, self_mask, position_bias, deterministic)
     x = x + _dropout(rate, y, deterministic)
     if self.is_decoder:
       h = RMSNorm(eps, pdtype, name="cross_attn_norm")(x)
-      y, _ = SwitchAttention(cfg, False, name="cross_attn")(h, enc_hidden, cross_mask, None,
-                                                           deterministic)
+      y, _ = SwitchAttention(cfg, False, name="cross_attn")(
+          h, enc_hidden, cross_mask, None, deterministic
+      )
       x = x + _dropout(rate, y, deterministic)
     h = RMSNorm(eps, pdtype, name="mlp_norm")(x)
     stats = losses = None
@@ -524,15 +616,24 @@ class SwitchStack(nn.Module):
   is_decoder: bool
 
   @nn.compact
-  def __call__(self, x: Array, token_mask: Array | None, enc_hidden: Array | None = None,
-               enc_mask: Array | None = None, deterministic: bool = True):
+  def __call__(
+      self,
+      x: Array,
+      token_mask: Array | None,
+      enc_hidden: Array | None = None,
+      enc_mask: Array | None = None,
+      deterministic: bool = True,
+  ):
     cfg = self.config
     b, t, _ = x.shape
     if self.is_decoder:
       num_layers, sparse = cfg.resolved_num_decoder_layers, cfg.decoder_sparse_layers
       self_mask = attention_mask(token_mask, t, causal=True)
-      cross_mask = (jnp.ones((1, 1, 1, enc_hidden.shape[1]), bool) if enc_mask is None
-                    else enc_mask.astype(bool)[:, None, None, :])
+      cross_mask = (
+          jnp.ones((1, 1, 1, enc_hidden.shape[1]), bool)
+          if enc_mask is None
+          else enc_mask.astype(bool)[:, None, None, :]
+      )
     else:
       num_layers, sparse = cfg.num_layers, cfg.encoder_sparse_layers
       self_mask = attention_mask(token_mask, t, causal=False)
@@ -542,8 +643,8 @@ class SwitchStack(nn.Module):
     routing, losses = {}, {}
     for i in range(num_layers):
       x, position_bias, stats, block_losses = SwitchBlock(
-          cfg, i, self.is_decoder, i in sparse, name=f"block_{i}")(
-              x, self_mask, position_bias, token_mask, enc_hidden, cross_mask, deterministic)
+          cfg, i, self.is_decoder, i in sparse, name=f"block_{i}"
+      )(x, self_mask, position_bias, token_mask, enc_hidden, cross_mask, deterministic)
       if stats is not None:
         routing[f"block_{i}/mlp"] = stats
         losses[f"block_{i}/mlp"] = block_losses
@@ -556,9 +657,11 @@ def _aux(routing: dict, losses: dict) -> dict[str, Any]:
   zero = jnp.zeros((), jnp.float32)
   lb = [v["load_balance_loss"] for v in losses.values()]
   z = [v["router_z_loss"] for v in losses.values()]
-  return {"routing": routing,
-          "load_balance_loss": jnp.mean(jnp.stack(lb)) if lb else zero,
-          "router_z_loss": jnp.mean(jnp.stack(z)) if z else zero}
+  return {
+      "routing": routing,
+      "load_balance_loss": jnp.mean(jnp.stack(lb)) if lb else zero,
+      "router_z_loss": jnp.mean(jnp.stack(z)) if z else zero,
+  }
 
 
 class SwitchTransformer(nn.Module):
@@ -576,53 +679,73 @@ class SwitchTransformer(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
-                           embedding_init=nn.initializers.normal(cfg.initializer_factor))
+    self.shared = nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        dtype=dtype,
+        param_dtype=pdtype,
+        embedding_init=nn.initializers.normal(cfg.initializer_factor),
+    )
     self.encoder = SwitchStack(cfg, is_decoder=False)
     self.decoder = SwitchStack(cfg, is_decoder=True)
     if not cfg.tie_word_embeddings:
-      self.lm_head = LoRADense(cfg.vocab_size, dtype=dtype, param_dtype=pdtype,
-                               init_std=cfg.initializer_factor)
+      self.lm_head = LoRADense(
+          cfg.vocab_size, dtype=dtype, param_dtype=pdtype, init_std=cfg.initializer_factor
+      )
 
   def _losses(self, losses: dict, prefix: str) -> dict:
     return {f"{prefix}/{k}": v for k, v in losses.items()}
 
-  def encode(self, input_ids: Array, attention_mask: Array | None = None,
-             deterministic: bool = True) -> tuple[Array, dict[str, Any]]:
+  def encode(
+      self, input_ids: Array, attention_mask: Array | None = None, deterministic: bool = True
+  ) -> tuple[Array, dict[str, Any]]:
     """Encoder hidden states (B, T, D) and the encoder's aux (routing keyed 'encoder/...')."""
     mask = None if attention_mask is None else attention_mask.astype(bool)
-    hidden, routing, losses = self.encoder(self.shared(input_ids), mask,
-                                           deterministic=deterministic)
-    return hidden, _aux({f"encoder/{k}": v for k, v in routing.items()},
-                        self._losses(losses, "encoder"))
+    hidden, routing, losses = self.encoder(
+        self.shared(input_ids), mask, deterministic=deterministic
+    )
+    return hidden, _aux(
+        {f"encoder/{k}": v for k, v in routing.items()}, self._losses(losses, "encoder")
+    )
 
-  def decode(self, decoder_input_ids: Array, encoder_hidden: Array,
-             attention_mask: Array | None = None, decoder_attention_mask: Array | None = None,
-             deterministic: bool = True) -> tuple[Array, dict[str, Any]]:
+  def decode(
+      self,
+      decoder_input_ids: Array,
+      encoder_hidden: Array,
+      attention_mask: Array | None = None,
+      decoder_attention_mask: Array | None = None,
+      deterministic: bool = True,
+  ) -> tuple[Array, dict[str, Any]]:
     """Logits (B, T_dec, V) given encoder states; aux routing keyed 'decoder/...'."""
     cfg = self.config
     dec_mask = None if decoder_attention_mask is None else decoder_attention_mask.astype(bool)
     enc_mask = None if attention_mask is None else attention_mask.astype(bool)
-    hidden, routing, losses = self.decoder(self.shared(decoder_input_ids), dec_mask,
-                                           encoder_hidden, enc_mask, deterministic)
+    hidden, routing, losses = self.decoder(
+        self.shared(decoder_input_ids), dec_mask, encoder_hidden, enc_mask, deterministic
+    )
     if cfg.tie_word_embeddings:
-      logits = self.shared.attend(hidden * (cfg.d_model ** -0.5))
+      logits = self.shared.attend(hidden * (cfg.d_model**-0.5))
     else:
       logits = self.lm_head(hidden)
     return logits.astype(jnp.float32), _aux(
-        {f"decoder/{k}": v for k, v in routing.items()}, self._losses(losses, "decoder"))
+        {f"decoder/{k}": v for k, v in routing.items()}, self._losses(losses, "decoder")
+    )
 
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               decoder_input_ids: Array | None = None,
-               decoder_attention_mask: Array | None = None,
-               deterministic: bool = True) -> tuple[Array, dict[str, Any]]:
+  def __call__(
+      self,
+      input_ids: Array,
+      attention_mask: Array | None = None,
+      decoder_input_ids: Array | None = None,
+      decoder_attention_mask: Array | None = None,
+      deterministic: bool = True,
+  ) -> tuple[Array, dict[str, Any]]:
     cfg = self.config
     if decoder_input_ids is None:
-      decoder_input_ids = jnp.full((input_ids.shape[0], 1), cfg.decoder_start_token_id,
-                                   jnp.int32)
+      decoder_input_ids = jnp.full((input_ids.shape[0], 1), cfg.decoder_start_token_id, jnp.int32)
     enc, enc_aux = self.encode(input_ids, attention_mask, deterministic)
-    logits, dec_aux = self.decode(decoder_input_ids, enc, attention_mask,
-                                  decoder_attention_mask, deterministic)
+    logits, dec_aux = self.decode(
+        decoder_input_ids, enc, attention_mask, decoder_attention_mask, deterministic
+    )
     n_enc, n_dec = len(cfg.encoder_sparse_layers), len(cfg.decoder_sparse_layers)
     total = max(n_enc + n_dec, 1)
     aux = {"routing": {**enc_aux["routing"], **dec_aux["routing"]}}
@@ -646,8 +769,9 @@ def shift_right(labels: Array, decoder_start_token_id: int, pad_token_id: int = 
   return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
-def pack_targets(sequences: Sequence[Sequence[int]], pad_id: int = 0,
-                 eos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pack_targets(
+    sequences: Sequence[Sequence[int]], pad_id: int = 0, eos_id: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Pads token sequences (never truncates) into (ids (K, L) int32, mask (K, L) bool).
 
   With ``eos_id`` each sequence gets an end-of-sequence token, as T5 targets do.
@@ -663,8 +787,8 @@ def pack_targets(sequences: Sequence[Sequence[int]], pad_id: int = 0,
   ids = np.full((len(seqs), length), pad_id, np.int32)
   mask = np.zeros((len(seqs), length), bool)
   for i, s in enumerate(seqs):
-    ids[i, :len(s)] = s
-    mask[i, :len(s)] = True
+    ids[i, : len(s)] = s
+    mask[i, : len(s)] = True
   return ids, mask
 
 
@@ -675,8 +799,14 @@ def target_logprobs(logits: Array, target_ids: Array, target_mask: Array) -> Arr
   return jnp.where(target_mask.astype(bool), tok, 0.0)
 
 
-def score_targets(params: PyTree, config: SwitchConfig, enc_ids: Array, enc_mask: Array | None,
-                  target_ids: Array, target_mask: Array) -> Array:
+def score_targets(
+    params: PyTree,
+    config: SwitchConfig,
+    enc_ids: Array,
+    enc_mask: Array | None,
+    target_ids: Array,
+    target_mask: Array,
+) -> Array:
   """Summed log-likelihood (B,) of each target sequence given its encoder input.
 
   ``jax.jit(score_targets, static_argnums=1)``. Targets are teacher-forced
@@ -693,9 +823,15 @@ def score_targets(params: PyTree, config: SwitchConfig, enc_ids: Array, enc_mask
   return jnp.sum(target_logprobs(logits, tgt, target_mask), axis=-1)
 
 
-def score_choices(params: PyTree, config: SwitchConfig, enc_ids: Array, enc_mask: Array | None,
-                  choice_ids: Array, choice_mask: Array, normalize: bool | Array = False
-                  ) -> Array:
+def score_choices(
+    params: PyTree,
+    config: SwitchConfig,
+    enc_ids: Array,
+    enc_mask: Array | None,
+    choice_ids: Array,
+    choice_mask: Array,
+    normalize: bool | Array = False,
+) -> Array:
   """Log-likelihood (B, K) of K candidate targets per example; encodes each input once.
 
   ``choice_ids``/``choice_mask``: (B, K, L) per-example options (multiple choice) or (K, L)
@@ -721,9 +857,15 @@ def score_choices(params: PyTree, config: SwitchConfig, enc_ids: Array, enc_mask
   return total.reshape(b, k)
 
 
-def classify(params: PyTree, config: SwitchConfig, enc_ids: Array, enc_mask: Array | None,
-             label_ids: Array, label_mask: Array, normalize: bool | Array = False
-             ) -> tuple[Array, Array]:
+def classify(
+    params: PyTree,
+    config: SwitchConfig,
+    enc_ids: Array,
+    enc_mask: Array | None,
+    label_ids: Array,
+    label_mask: Array,
+    normalize: bool | Array = False,
+) -> tuple[Array, Array]:
   """Rank classification: scores (B, K) of every label word sequence and argmax (B,).
 
   Label words that tokenize to several tokens are scored as whole sequences (build the
