@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import statistics
@@ -10,6 +9,9 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+
+from fedalign import reports
+from fedalign.reports import fmt, markdown_table  # noqa: F401 (re-exported)
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -56,27 +58,6 @@ def median(xs: Sequence[float]) -> float:
   return float(statistics.median(xs))
 
 
-def fmt(x: Any, digits: int = 3) -> str:
-  if isinstance(x, float):
-    if x != x:
-      return "-"
-    if abs(x) >= 100:
-      return f"{x:.0f}"
-    if abs(x) >= 1:
-      return f"{x:.{max(digits - 1, 1)}f}"
-    return f"{x:.{digits}g}"
-  return str(x)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-  for r in rows:
-    lines.append("| " + " | ".join(fmt(v) for v in r) + " |")
-  return "\n".join(lines)
-
-
 def write_json(name: str, payload: dict[str, Any]) -> pathlib.Path:
-  RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-  path = RESULTS_DIR / name
-  path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-  return path
+  """benchmarks/results/NAME (the JSON every table of benchmarks/ is rendered from)."""
+  return reports.write_json(RESULTS_DIR / name, payload)
