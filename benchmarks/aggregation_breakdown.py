@@ -4,12 +4,14 @@ Command (2-core CPU: about a minute)::
 
     python benchmarks/aggregation_breakdown.py [--clients 100] [--experts 64]
 
-Times the jitted helpers of fedalign/aggregation/fedalign.py on random arrays of the sizes
-that one MoE layer with D = F = 64 gives (x: (C, E, P), P = 3 * D * F, the concatenated
-expert deltas): the per-expert weighted sum ``_esum`` (an einsum at HIGHEST precision) next to
-the same sum written as a broadcast multiply + sum, the per-client sum ``_csum`` (FedAvg's),
-the concatenation of the expert leaves, the O(N) cosine ``_cos_last``, the pairwise cosine
-``_pairwise_cos`` and the pairwise gate ``_pairwise_gate`` (all at once and chunked).
+Times the jitted building blocks of fedalign/algorithms/fedalign.py and
+fedalign/aggregation/moe_blocks.py on random arrays of the sizes that one MoE layer with
+D = F = 64 gives (x: (C, E, P), P = 3 * D * F, the concatenated expert deltas, and its 3
+leaves): the per-expert weighted sum ``expert_sum`` (a fused multiply-reduce) next to the same
+sum as a highest-precision einsum, the per-client sum ``client_sum`` (FedAvg's), the
+concatenation of the expert leaves (which the aggregator no longer does), the O(N) and pairwise
+cosines accumulated leaf by leaf, and the pairwise gate ``pairwise_gate`` (all at once and
+chunked).
 Median of --reps calls after a warm-up. Results: markdown table and
 benchmarks/results/aggregation_breakdown.json.
 """
@@ -29,12 +31,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import block, machine, markdown_table, median, time_calls, write_json  # noqa: E402
-from fedalign.aggregation.fedalign import (
-    _cos_last,
-    _csum,
-    _esum,
-    _pairwise_cos,  # noqa: E402
-    _pairwise_gate,
+from fedalign.aggregation.moe_blocks import client_sum, expert_sum  # noqa: E402
+from fedalign.algorithms.fedalign import (  # noqa: E402
+    consensus_expert_cosine,
+    cosine_last,
+    pairwise_expert_cosine,
+    pairwise_gate,
 )
 
 D = F = 64
@@ -56,21 +58,28 @@ def main() -> None:
   kernels = jax.random.normal(k[3], (c, D, e))
   biases = jax.random.normal(k[4], (c, e))
   cases = {
-      "_esum(w, x): einsum 'ce,ce...->e...' (HIGHEST)": (_esum, (w, x)),
-      "same sum as jnp.sum(w[..., None] * x, 0)": (
-          lambda w, x: jnp.sum(w[..., None] * x, 0),
+      "expert_sum(w, x): sum_c w[c, e] x[c, e] (fused multiply-reduce)": (expert_sum, (w, x)),
+      "same sum as an einsum 'ce,ce...->e...' (HIGHEST)": (
+          lambda w, x: jnp.einsum("ce,cep->ep", w, x, precision=jax.lax.Precision.HIGHEST),
           (w, x),
       ),
-      "_csum(w, x): FedAvg's weighted sum over clients": (_csum, (w[:, 0], x)),
+      "client_sum(w, x): FedAvg's weighted sum over clients": (client_sum, (w[:, 0], x)),
       "concatenate the 3 expert leaves into x": (lambda ps: jnp.concatenate(ps, -1), (parts,)),
-      "_cos_last(x, x_bar): O(N) cosine": (lambda x, y: _cos_last(x, y[None]), (x, x[0])),
-      "_pairwise_cos(x): (C, C, E) cosine": (_pairwise_cos, (x,)),
-      "_pairwise_gate: all at once, (C, C, E, E) logits": (
-          lambda m, kk, b: _pairwise_gate(m, kk, b),
+      "cosine_last(x, x_bar): cosine of concatenated leaves": (
+          lambda x, y: cosine_last(x, y[None]),
+          (x, x[0]),
+      ),
+      "consensus_expert_cosine(3 leaves, w): O(N) cosine, leaf by leaf": (
+          lambda ps, w: consensus_expert_cosine(ps, w),
+          (parts, w),
+      ),
+      "pairwise_expert_cosine(3 leaves): (C, C, E) cosine": (pairwise_expert_cosine, (parts,)),
+      "pairwise_gate: all at once, (C, C, E, E) logits": (
+          lambda m, kk, b: pairwise_gate(m, kk, b),
           (mu, kernels, biases),
       ),
-      f"_pairwise_gate: chunks of {args.chunk} clients": (
-          lambda m, kk, b: _pairwise_gate(m, kk, b, args.chunk),
+      f"pairwise_gate: chunks of {args.chunk} clients": (
+          lambda m, kk, b: pairwise_gate(m, kk, b, args.chunk),
           (mu, kernels, biases),
       ),
   }

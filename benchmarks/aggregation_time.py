@@ -50,8 +50,8 @@ from _common import (
     median,  # noqa: E402
     write_json,
 )
-from fedalign.aggregation.fedalign import FedAlignConfig, fedalign_aggregator  # noqa: E402
-from fedalign.aggregation.fedavg import fedavg_aggregator  # noqa: E402
+from fedalign.algorithms.fedalign import FedAlignConfig, fedalign_aggregator  # noqa: E402
+from fedalign.algorithms.fedavg import fedavg_aggregator  # noqa: E402
 from fedalign.models.routing import routing_stats  # noqa: E402
 
 D = F = 64

@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import block, machine, markdown_table, median, time_calls, write_json  # noqa: E402
 from fedalign.config_files import load_config  # noqa: E402
-from fedalign.federated.algorithms import make_algorithm  # noqa: E402
+from fedalign.algorithms import make_algorithm  # noqa: E402
 from fedalign.federated.client import make_client_update  # noqa: E402
 from fedalign.federated.round import (
     CLIENT_AXIS,

@@ -534,7 +534,7 @@ def make_fedalign_round(config: ml_collections.ConfigDict, data: Any) -> Any:
   sync)."""
   import jax
   import jax.numpy as jnp
-  from fedalign.federated.algorithms import make_algorithm
+  from fedalign.algorithms import make_algorithm
   from fedalign.federated.client import make_client_update
   from fedalign.federated.round import init_server_state, make_round_fn
   from fedalign.federated.server import client_optimizer, load_model, sample_clients

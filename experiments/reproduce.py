@@ -824,7 +824,7 @@ def _define_flags():
 def main(argv: list[str]) -> None:
   from absl import app, flags
   from ml_collections import config_flags
-  from fedalign.federated.algorithms import METHODS
+  from fedalign.algorithms import METHODS
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -7,6 +7,7 @@ and compares at 1e-6. A change that moves these numbers is a behaviour change an
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -143,18 +144,15 @@ def build_round_v1(config, task, params, mask, optimizer, num_clients):
   return rf, init_server_state(params, alg, mask, num_clients)
 
 
+@functools.lru_cache(maxsize=None)
 def aggregator_inputs(lora: bool):
   """Client-stacked deltas and the model's real routing statistics of each client's batch."""
   cfg, params, batches = model_and_batches(lora)
   mask = trainable_mask(params, "lora" if lora else "full")
   trainable, _ = partition(params, mask)
   module = build_module(cfg)
-  stats = []
-  for c in range(NUM_CLIENTS):
-    tok = jnp.asarray(batches["tokens"][c, 0])
-    msk = jnp.asarray(batches["mask"][c, 0])
-    stats.append(module.apply({"params": params}, tok, msk)[1]["routing"])
-  stats = jax.tree.map(lambda *x: jnp.stack(x), *stats)
+  routing = jax.jit(jax.vmap(lambda t, m: module.apply({"params": params}, t, m)[1]["routing"]))
+  stats = routing(jnp.asarray(batches["tokens"][:, 0]), jnp.asarray(batches["mask"][:, 0]))
   keys = iter(jax.random.split(jax.random.key(7), 1000))
   deltas = jax.tree.map(
       lambda x: None
@@ -197,6 +195,33 @@ def aggregate_rounds_v1(config, params, mask, trainable, deltas, stats, weights)
 
 
 ENGINE_CASES = ("fedavg", "scaffold", "fedmoe_lora_adam", "fedalign_perm")
+
+
+def build_round(config, task, params, mask, optimizer, num_clients):
+  """The engine API since issue 11."""
+  from fedalign.algorithms import make_algorithm
+  from fedalign.federated.client import make_client_update
+  from fedalign.federated.round import init_server_state, make_round_fn
+
+  alg = make_algorithm(config, partition(params, mask)[0], num_clients)
+  cu = make_client_update(task, alg, optimizer)
+  rf = jax.jit(make_round_fn(cu, alg, mask, seed=0))
+  return rf, init_server_state(params, alg, mask, num_clients)
+
+
+def aggregate_rounds(config, params, mask, trainable, deltas, stats, weights):
+  """The aggregator API since issue 11 (client-state changes as an explicit argument)."""
+  from fedalign.algorithms import make_algorithm
+
+  alg = make_algorithm(config, trainable, NUM_CLIENTS)
+  state = alg.aggregator.init(params)
+  cs_deltas = None
+  if alg.init_client_state is not None:
+    cs_deltas = jax.tree.map(lambda d: 3.0 * d, deltas)
+  agg = jax.jit(alg.aggregator.aggregate)
+  for w in weights:
+    params, state, _ = agg(state, params, deltas, stats, w, cs_deltas)
+  return params
 
 
 if __name__ == "__main__":

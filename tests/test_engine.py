@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedalign.federated.algorithms import make_algorithm
+from fedalign.algorithms import make_algorithm
 from fedalign.federated.client import make_client_update
 from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_fn
 from fedalign.models.lora import partition
@@ -37,6 +37,7 @@ def make_config(method, **server):
   )
   c.server.update(server)
   c.fedprox = ml_collections.ConfigDict(dict(mu=0.5))
+  c.train = ml_collections.ConfigDict(dict(learning_rate=LR))
   return c
 
 
@@ -62,7 +63,7 @@ def run_round(
   mask = {"w": True}
   c = len(weights)
   alg = make_algorithm(make_config(method, **server), partition(params, mask)[0], num_clients or c)
-  cu = make_client_update(LinearTask(), alg, optax.sgd(LR), load_balance_coef=0.0, learning_rate=LR)
+  cu = make_client_update(LinearTask(), alg, optax.sgd(LR), load_balance_coef=0.0)
   rf = jax.jit(make_round_fn(cu, alg, mask, seed=0, chunk_size=chunk, mesh=mesh))
   state = init_server_state(params, alg, mask, num_clients or c)
   outs = []

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedalign.aggregation.fedalign import (
+from fedalign.algorithms.fedalign import (
     FedAlignConfig,
-    _pairwise_gate,
     as_fedalign_config,
     fedalign_aggregator,
+    pairwise_gate,
 )
 from fedalign.models.routing import routing_stats
 
@@ -58,11 +58,11 @@ def test_pairwise_gate_chunks_equal_all_at_once():
   mu = jnp.asarray(rng.normal(size=(7, E, D)), jnp.float32)
   kernels = jnp.asarray(rng.normal(size=(7, D, E)), jnp.float32)
   biases = jnp.asarray(rng.normal(size=(7, E)), jnp.float32)
-  full = _pairwise_gate(mu, kernels, biases)
+  full = pairwise_gate(mu, kernels, biases)
   assert full.shape == (7, 7, E)
   for chunk in (1, 2, 3, 7, 100):
     np.testing.assert_allclose(
-        _pairwise_gate(mu, kernels, biases, chunk), full, rtol=1e-6, atol=1e-7
+        pairwise_gate(mu, kernels, biases, chunk), full, rtol=1e-6, atol=1e-7
     )
 
 
@@ -85,10 +85,14 @@ def test_chunk_size_is_ignored_by_other_variants():
     jax.tree.map(np.testing.assert_array_equal, a[0], b[0])
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5])
+@pytest.mark.parametrize("bad", [-1, 2.5])
 def test_bad_chunk_size_raises(bad):
   with pytest.raises(ValueError, match="pairwise_chunk_size"):
     FedAlignConfig(pairwise_chunk_size=bad)
+
+
+def test_chunk_size_zero_means_all_at_once():
+  assert FedAlignConfig(pairwise_chunk_size=0).pairwise_chunk_size is None
 
 
 def test_chunk_size_from_mapping():

@@ -96,7 +96,7 @@ def test_fedalign_round_with_lora_updates_only_adapters_and_routers():
   import numpy as np
   import optax
 
-  from fedalign.federated.algorithms import make_algorithm
+  from fedalign.algorithms import make_algorithm
   from fedalign.federated.client import make_client_update
   from fedalign.federated.round import init_server_state, make_round_fn
   from fedalign.federated.task import CausalLMTask

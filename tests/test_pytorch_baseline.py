@@ -16,8 +16,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from experiments import pytorch_baseline as pb  # noqa: E402
-from fedalign.aggregation.fedavg import fedavg_aggregator  # noqa: E402
-from fedalign.federated.algorithms import make_algorithm  # noqa: E402
+from fedalign.algorithms.fedavg import fedavg_aggregator  # noqa: E402
+from fedalign.algorithms import make_algorithm  # noqa: E402
 from fedalign.federated.client import make_client_update  # noqa: E402
 from fedalign.federated.round import init_server_state, make_round_fn  # noqa: E402
 from fedalign.federated.server import FederatedData, client_optimizer  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 
 from fedalign.data.formatting import (format_seq2seq_classification, seq2seq_label_candidates)
 from fedalign.data.tokenize import ByteTokenizer, train_bpe
-from fedalign.federated.algorithms import make_algorithm
+from fedalign.algorithms import make_algorithm
 from fedalign.federated.client import make_client_update
 from fedalign.federated.round import init_server_state, make_round_fn
 from fedalign.federated.server import FederatedData, load_model, run_experiment

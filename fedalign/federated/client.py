@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedalign.federated.algorithms import Algorithm
+from fedalign.algorithms.base import Algorithm
 from fedalign.models.lora import combine
 
 PyTree = Any
@@ -37,7 +37,6 @@ def make_client_update(
     *,
     load_balance_coef: float = 0.01,
     z_loss_coef: float = 0.0,
-    learning_rate: float = 1.0,
 ) -> Callable[..., tuple]:
   """Builds the pure client update for a task, an algorithm and an optax client optimizer.
 
@@ -47,7 +46,6 @@ def make_client_update(
     algorithm: the hooks of the federated method.
     optimizer: the local optimizer (optax).
     load_balance_coef / z_loss_coef: weights of the router auxiliary losses.
-    learning_rate: the local learning rate (SCAFFOLD's control-variate update needs it).
   """
 
   def total_loss(trainable, frozen, global_trainable, batch, broadcast, rng):
@@ -102,9 +100,7 @@ def make_client_update(
     metrics = {"train_loss": loss_sum / jnp.maximum(num_steps, 1.0), "num_steps": num_steps}
     new_state = client_state
     if algorithm.update_client_state is not None:
-      new_state = algorithm.update_client_state(
-          client_state, broadcast, delta, num_steps, learning_rate
-      )
+      new_state = algorithm.update_client_state(client_state, broadcast, delta, num_steps)
     return delta, stats, metrics, new_state
 
   return client_update

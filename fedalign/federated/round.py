@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fedalign.aggregation.scaffold import CLIENT_STATE_DELTA
-from fedalign.federated.algorithms import Algorithm
+from fedalign.aggregation.moe_blocks import client_ok, mask_clients
+from fedalign.algorithms.base import Algorithm
 from fedalign.models.lora import partition
 
 PyTree = Any
@@ -32,11 +32,6 @@ def client_rngs(seed: int | jax.Array, round_idx: jax.Array, client_ids: jax.Arr
   """Per-client keys derived from (seed, round, client) only."""
   base = jax.random.fold_in(jax.random.key(seed), round_idx)
   return jax.vmap(lambda c: jax.random.fold_in(base, c))(client_ids)
-
-
-def _finite(tree: PyTree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_round_fn(
@@ -98,44 +93,36 @@ def make_round_fn(
     deltas, stats, metrics, new_cstates = run_clients(
         trainable, frozen, batches, broadcast, cstates, rngs
     )
-    ok = jax.vmap(lambda d, s, m: _finite((d, s, m)))(deltas, stats, metrics["train_loss"])
+    # A client with a non-finite delta, statistic or loss gets weight 0; weight-0 clients
+    # (these and the padding) are then ignored by the aggregator (moe_blocks.prepare).
+    ok = client_ok(deltas, stats, metrics["train_loss"])
     weights = jnp.where(ok, jnp.asarray(weights, jnp.float32), 0.0)
-    zero_bad = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-    deltas = jax.tree.map(zero_bad, deltas)
-    stats = jax.tree.map(zero_bad, stats)
-    agg_stats = dict(stats)
+    part = weights > 0
     new_state = dict(server_state)
+    cs_deltas = None
     if has_cstate:
-      new_cstates = jax.tree.map(
-          lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
-          new_cstates,
-          cstates,
-      )
-      agg_stats[CLIENT_STATE_DELTA] = jax.tree.map(
-          lambda new, old: zero_bad(new - old), new_cstates, cstates
-      )
-      participating = weights > 0
+      cs_deltas = jax.tree.map(lambda new, old: new - old, new_cstates, cstates)
+      # Only participating clients store their new state. Padding rows repeat a real client's
+      # id: they are dropped from the scatter (index out of range) instead of racing with it.
+      num_all = jax.tree.leaves(server_state["client_states"])[0].shape[0]
+      idx = jnp.where(part, client_ids, num_all)
       new_state["client_states"] = jax.tree.map(
-          lambda all_, new, old: all_.at[client_ids].set(
-              jnp.where(participating.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-          ),
+          lambda all_, new: all_.at[idx].set(new, mode="drop"),
           server_state["client_states"],
           new_cstates,
-          cstates,
       )
     new_params, agg_state, diagnostics = algorithm.aggregator.aggregate(
-        server_state["agg"], params, deltas, agg_stats, weights
+        server_state["agg"], params, deltas, stats, weights, cs_deltas
     )
     new_state["params"] = new_params
     new_state["agg"] = agg_state
-    real = weights > 0
-    losses = jnp.where(real, metrics["train_loss"], 0.0)
+    losses = jnp.where(part, metrics["train_loss"], 0.0)
     out = {
         "train_loss": jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1e-12),
         "client_train_loss": metrics["train_loss"],
         "client_steps": metrics["num_steps"],
         "excluded": ~ok,
-        "routing_stats": stats,
+        "routing_stats": mask_clients(part, stats),
         "diagnostics": diagnostics,
     }
     return new_state, out

@@ -44,7 +44,7 @@ import optax
 from tqdm import tqdm
 
 from fedalign.checkpoint import Checkpointer
-from fedalign.federated.algorithms import METHODS, make_algorithm
+from fedalign.algorithms import METHODS, make_algorithm
 from fedalign.federated.client import make_client_update
 from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_fn
 from fedalign.federated.task import CausalLMTask, Seq2SeqTask
@@ -540,7 +540,6 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       client_optimizer(config),
       load_balance_coef=config.train.load_balance_coef,
       z_loss_coef=config.train.z_loss_coef,
-      learning_rate=config.train.learning_rate,
   )
   mesh = None
   if config.train.use_mesh:

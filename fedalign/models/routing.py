@@ -28,8 +28,14 @@ import jax.numpy as jnp
 STAT_NAMES = ("token_count", "prob_sum", "select_count", "margin_sum", "gate_sum", "centroid_sum")
 
 
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+def safe_div(num: jax.Array, den: jax.Array, fallback: Any = 0.0) -> jax.Array:
+  """num / den where den > 0, else ``fallback`` (broadcast); never NaN, finite gradients.
+
+  >>> safe_div(jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0]), fallback=-1.0).tolist()
+  [0.5, -1.0]
+  """
+  ok = den > 0
+  return jnp.where(ok, num / jnp.where(ok, den, 1.0), fallback)
 
 
 def routing_stats(
@@ -91,13 +97,13 @@ def finalize_stats(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   prob_sum = stats["prob_sum"]
   num_experts = prob_sum.shape[-1]
   count = stats["token_count"][..., None]
-  p = jnp.where(count > 0, prob_sum / jnp.where(count > 0, count, 1.0), 1.0 / num_experts)
+  p = safe_div(prob_sum, count, 1.0 / num_experts)
   c = stats["select_count"]
   return {
       "p": p,
       "c": c,
-      "m": _safe_div(stats["margin_sum"], c),
-      "mu": _safe_div(stats["centroid_sum"], stats["gate_sum"][..., None]),
+      "m": safe_div(stats["margin_sum"], c),
+      "mu": safe_div(stats["centroid_sum"], stats["gate_sum"][..., None]),
   }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedalign.aggregation.modular import modular_aggregator
+from fedalign.algorithms.fedmoe import modular_aggregator
 
 
 def _toy():
@@ -68,7 +68,7 @@ def test_modular_excluded_clients_and_server_optimizer():
   for leaf in jax.tree.leaves(deltas):
     leaf[2] = np.nan  # excluded client with a failed update
   weights = jnp.array([10.0, 20.0, 0.0])
-  agg = modular_aggregator(optax.sgd(1.0))
+  agg = modular_aggregator(optimizer=optax.sgd(1.0))
   new, _, _ = agg.aggregate(
       agg.init(_f32(params)), _f32(params), _f32(deltas), _f32(stats), weights
   )

@@ -24,33 +24,34 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
-from flax import traverse_util
 
+from fedalign.aggregation import moe_blocks as mb
 from fedalign.aggregation.base import Aggregator
+from fedalign.aggregation.moe_blocks import HIGHEST, client_sum, expert_sum, normalize
 from fedalign.aggregation.permutation import (
     expert_similarity,
-    find_moe_blocks,
     linear_sum_assignment,
     permute_moe_block,
     permute_routing_stats,
 )
+from fedalign.algorithms.base import Algorithm, server_optimizer_from_config
+from fedalign.algorithms.fedavg import fedavg_deltas
 from fedalign.metrics.routing_metrics import expert_role_preservation, routing_divergence
-from fedalign.models.routing import STAT_NAMES, finalize_stats
+from fedalign.models.routing import finalize_stats, safe_div
 
 PyTree = Any
-Path = tuple[str, ...]
 
 _EPS = 1e-12
-_HI = jax.lax.Precision.HIGHEST
-_EMPTY = traverse_util.empty_node
 
 ROUTER_WEIGHTINGS = ("consistency", "uniform", "overlap", "margin")
 SEMANTIC_SIMILARITIES = ("gate", "centroid_cosine")
+ALIGNMENT_SIMILARITIES = ("centroid", "weight")
 
 
 # ============================================================================================
@@ -73,7 +74,7 @@ class FedAlignConfig:
     pairwise_chunk_size: pairwise with the 'gate' similarity only: compute gamma[i, j, e]
       for chunks of this many clients i at a time under :func:`jax.lax.map`, so that the
       router logits take O(chunk * C * E^2) memory instead of O(C^2 * E^2) (4e9 floats at
-      1000 clients x 64 experts). Same result up to float rounding; None = all at once
+      1000 clients x 64 experts). Same result up to float rounding; 0 or None = all at once
       [ours, memory].
     weight_by_n: multiply s_i(e) by n_i (4.1) [ours, off].
     router_weighting: 'consistency' (s = o * m) [paper], 'uniform' (FedAvg router, n_i),
@@ -81,7 +82,8 @@ class FedAlignConfig:
     adaptive_alpha: alpha(e) = exp(-CV(e)) (3.2) [paper: adaptive; ours: form]; False = 1.
     semantic_selection: selective expert aggregation (4.2-4.3); False = experts FedAvg by n_i.
     permutation_alignment: align client experts to the global indices first (4.5) [ours].
-    centroid_clip: clip each mu_i(e) to this L2 norm (3.1 privacy option) [ours]; None = off.
+    centroid_clip: clip each mu_i(e) to this L2 norm (3.1 privacy option) [ours]; 0 or None =
+      off. Applied by the server to what it received: it is not a privacy protection.
     centroid_noise_std: std of Gaussian noise added to each mu_i(e) (after clipping) [ours].
     server_optimizer: optax transformation applied to the aggregated delta (used as the
       negated gradient); None = plain averaging (= SGD with lr 1).
@@ -89,6 +91,13 @@ class FedAlignConfig:
       scores are never split by float rounding [ours, numerical].
     identity_bonus: added to the diagonal of the permutation-alignment similarity so that
       exact ties keep the client's own index (4.5) [ours, numerical].
+    alignment_similarity: what permutation alignment matches experts by (4.5) [ours]:
+      'centroid' (default; function space: cosine of the client's routed-token centroid
+      mu_i(e') and the global expert's centroid of the previous round, falling back to the
+      weight-space score for every pair where the client expert got no token this round or the
+      global expert has no centroid yet, so that alignment does not depend on how a client
+      labels its unused experts) or 'weight' (cosine of the flattened expert weights and router
+      column, always).
     seed: seed of the aggregator's rng (centroid noise).
     detailed_diagnostics: also return per-block arrays 'omega' (C, E), 'S' (C, E), 'tau'
       (E,), 'A' (C, E) 0/1 and 'w' (C, E) (the expert weights) in the diagnostics.
@@ -109,30 +118,37 @@ class FedAlignConfig:
   server_optimizer: optax.GradientTransformation | None = None
   selection_tol: float = 1e-6
   identity_bonus: float = 1e-6
+  alignment_similarity: str = "centroid"
   seed: int = 0
   detailed_diagnostics: bool = False
 
   def __post_init__(self):
+    # 0 means 'off' for these two (the ml_collections configs cannot hold None and a float).
+    if self.centroid_clip == 0:
+      object.__setattr__(self, "centroid_clip", None)
+    if self.pairwise_chunk_size == 0:
+      object.__setattr__(self, "pairwise_chunk_size", None)
+
+    def bad(field, expected):
+      raise ValueError(
+          f"config.fedalign.{field}={getattr(self, field)!r} is invalid: expected {expected}."
+      )
+
     if self.router_weighting not in ROUTER_WEIGHTINGS:
-      raise ValueError(
-          f"router_weighting must be one of {ROUTER_WEIGHTINGS}, " f"got {self.router_weighting!r}"
-      )
+      bad("router_weighting", f"one of {ROUTER_WEIGHTINGS}")
     if self.semantic_similarity not in SEMANTIC_SIMILARITIES:
-      raise ValueError(
-          f"semantic_similarity must be one of {SEMANTIC_SIMILARITIES}, "
-          f"got {self.semantic_similarity!r}"
-      )
+      bad("semantic_similarity", f"one of {SEMANTIC_SIMILARITIES}")
+    if self.alignment_similarity not in ALIGNMENT_SIMILARITIES:
+      bad("alignment_similarity", f"one of {ALIGNMENT_SIMILARITIES}")
+    for field in ("lambda_reg", "beta", "selection_tol", "identity_bonus", "centroid_noise_std"):
+      if not getattr(self, field) >= 0:
+        bad(field, "a float >= 0")
     if self.centroid_clip is not None and not self.centroid_clip > 0:
-      raise ValueError(f"centroid_clip must be > 0 or None, got {self.centroid_clip}")
+      bad("centroid_clip", "a float > 0, or 0 / None for no clipping")
     if self.pairwise_chunk_size is not None and not (
         isinstance(self.pairwise_chunk_size, int) and self.pairwise_chunk_size >= 1
     ):
-      raise ValueError(
-          f"pairwise_chunk_size must be a positive int or None, "
-          f"got {self.pairwise_chunk_size!r}"
-      )
-    if not self.centroid_noise_std >= 0:
-      raise ValueError(f"centroid_noise_std must be >= 0, got {self.centroid_noise_std}")
+      bad("pairwise_chunk_size", "a positive int, or 0 / None for all clients at once")
 
 
 _IGNORED_CONFIG_KEYS = ("name",)
@@ -232,255 +248,6 @@ def gating_regularizer(
   return total
 
 
-# ============================================================================================
-# Shared helpers (also used by the modular aggregator).
-# ============================================================================================
-
-
-def _path_str(key: Path) -> str:
-  return "/".join(str(k) for k in key)
-
-
-def _block_prefix(path: str) -> Path:
-  return tuple(k for k in path.split("/") if k)
-
-
-class _Prepared(NamedTuple):
-  flat_params: dict
-  flat_deltas: dict  # key -> (C, ...) float32 delta, zeroed for excluded clients, or None
-  part: jax.Array  # (C,) bool, client takes part (weight > 0)
-  w_eff: jax.Array  # (C,) n_i, 0 for excluded
-  nw: jax.Array  # (C,) n_i / sum n over participants; all 0 when nobody takes part
-  any_part: jax.Array  # () bool
-
-
-def _lookup_delta(flat_d: dict, key: Path) -> Any:
-  if key in flat_d:
-    return flat_d[key]
-  for i in range(len(key) - 1, 0, -1):  # a None (or absent) subtree above the leaf
-    if key[:i] in flat_d:
-      return None
-  return None
-
-
-def _prepare(global_params: PyTree, deltas: PyTree, weights: jax.Array) -> _Prepared:
-  """Flattens params/deltas, validates delta shapes, zeroes excluded clients' deltas."""
-  weights = jnp.asarray(weights, jnp.float32)
-  if weights.ndim != 1:
-    raise ValueError(f"weights must have shape (C,), got {weights.shape}")
-  num_clients = weights.shape[0]
-  part = weights > 0  # False for NaN as well
-  w_eff = jnp.where(part, weights, 0.0)
-  total = jnp.sum(w_eff)
-  any_part = total > 0
-  nw = w_eff / jnp.where(any_part, total, 1.0)
-  flat_p = traverse_util.flatten_dict(global_params, keep_empty_nodes=True)
-  flat_d_raw = {} if deltas is None else traverse_util.flatten_dict(deltas, keep_empty_nodes=True)
-  for key, value in flat_d_raw.items():
-    if value is None or value is _EMPTY:
-      continue
-    if key not in flat_p:
-      raise ValueError(f"delta for {_path_str(key)!r}, which is not a parameter leaf")
-  flat_d = {}
-  for key, p in flat_p.items():
-    if p is _EMPTY:
-      continue
-    d = _lookup_delta(flat_d_raw, key)
-    if d is None or d is _EMPTY:
-      flat_d[key] = None
-      continue
-    expected = (num_clients,) + tuple(jnp.shape(p))
-    if tuple(jnp.shape(d)) != expected:
-      raise ValueError(
-          f"delta of {_path_str(key)!r} has shape {tuple(jnp.shape(d))}, "
-          f"expected {expected} (clients first)"
-      )
-    d = jnp.asarray(d, jnp.float32)
-    mask = part.reshape((num_clients,) + (1,) * (d.ndim - 1))
-    flat_d[key] = jnp.where(mask, d, 0.0)
-  return _Prepared(flat_p, flat_d, part, w_eff, nw, any_part)
-
-
-def _csum(w: jax.Array, x: jax.Array) -> jax.Array:
-  """sum_c w[c] x[c] for w (C,), x (C, ...)."""
-  return jnp.einsum("c,c...->...", w, x, precision=_HI)
-
-
-def _esum(w: jax.Array, x: jax.Array) -> jax.Array:
-  """sum_c w[c, e] x[c, e] for w (C, E), x (C, E, ...).
-
-  Written as a fused multiply-and-reduce rather than an einsum: exact float32 everywhere and,
-  on CPU, about 5x faster than a highest-precision einsum (benchmarks/aggregation_breakdown.py).
-  """
-  w = w.astype(x.dtype).reshape(w.shape + (1,) * (x.ndim - 2))
-  return jnp.sum(w * x, axis=0)
-
-
-def _fedavg_deltas(prep: _Prepared) -> dict:
-  """FedAvg (weights n_i) of every trained leaf: {key: aggregated delta or None}."""
-  return {k: None if d is None else _csum(prep.nw, d) for k, d in prep.flat_deltas.items()}
-
-
-def _moe_blocks(global_params: PyTree, who: str) -> list[str]:
-  blocks = find_moe_blocks(global_params)
-  if not blocks:
-    raise ValueError(
-        f"{who}: params contain no MoE block (a subtree with both 'router' and "
-        "'experts' keys, router kernel (D, E), experts (E, ...))"
-    )
-  return blocks
-
-
-class _Block(NamedTuple):
-  path: str
-  kernel_key: Path
-  bias_key: Path | None
-  expert_keys: list  # every leaf under 'experts'
-  num_experts: int
-  dim: int
-
-
-def _block_layout(flat_p: dict, path: str) -> _Block:
-  prefix = _block_prefix(path)
-  n = len(prefix)
-  kernel_key = prefix + ("router", "kernel")
-  if kernel_key not in flat_p:
-    raise ValueError(f"MoE block {path!r}: missing router kernel 'router/kernel' (D, E)")
-  kshape = tuple(jnp.shape(flat_p[kernel_key]))
-  if len(kshape) != 2:
-    raise ValueError(f"MoE block {path!r}: router kernel has shape {kshape}, expected (D, E)")
-  dim, num_experts = kshape
-  bias_key = prefix + ("router", "bias")
-  if bias_key in flat_p:
-    bshape = tuple(jnp.shape(flat_p[bias_key]))
-    if bshape != (num_experts,):
-      raise ValueError(
-          f"MoE block {path!r}: router bias has shape {bshape}, " f"expected ({num_experts},)"
-      )
-  else:
-    bias_key = None
-  expert_keys = sorted(
-      k for k, v in flat_p.items() if k[: n + 1] == prefix + ("experts",) and v is not _EMPTY
-  )
-  if not expert_keys:
-    raise ValueError(f"MoE block {path!r}: 'experts' holds no parameter")
-  for k in expert_keys:
-    shape = tuple(jnp.shape(flat_p[k]))
-    if not shape or shape[0] != num_experts:
-      raise ValueError(
-          f"MoE block {path!r}: expert leaf {_path_str(k)!r} has shape {shape}, "
-          f"expected the expert axis ({num_experts}, ...) first"
-      )
-  return _Block(path, kernel_key, bias_key, expert_keys, num_experts, dim)
-
-
-def _check_stats(
-    stats: Mapping[str, Any], block: _Block, num_clients: int, fields: tuple[str, ...] = STAT_NAMES
-) -> dict[str, jax.Array]:
-  """Validates one block's client-stacked stats; returns float32 arrays."""
-  if block.path not in stats:
-    raise ValueError(
-        f"no routing stats for MoE block {block.path!r}; " f"got blocks {sorted(stats)}"
-    )
-  s = stats[block.path]
-  c, e, d = num_clients, block.num_experts, block.dim
-  expected = {
-      "token_count": (c,),
-      "prob_sum": (c, e),
-      "select_count": (c, e),
-      "margin_sum": (c, e),
-      "gate_sum": (c, e),
-      "centroid_sum": (c, e, d),
-  }
-  out = {}
-  for field in fields:
-    if field not in s:
-      raise ValueError(
-          f"routing stats of MoE block {block.path!r} lack {field!r} "
-          f"(expected shape {expected[field]})"
-      )
-    shape = tuple(jnp.shape(s[field]))
-    if shape != expected[field]:
-      raise ValueError(
-          f"routing stats of MoE block {block.path!r}: {field!r} has shape "
-          f"{shape}, expected {expected[field]} (C={c} clients, E={e} experts, "
-          f"D={d})"
-      )
-    out[field] = jnp.asarray(s[field], jnp.float32)
-  return out
-
-
-def _sanitize_stats(s: dict[str, jax.Array], part: jax.Array) -> dict[str, jax.Array]:
-  """Zeroes excluded clients' statistics (they may hold NaN)."""
-  out = {}
-  for k, v in s.items():
-    mask = part.reshape(part.shape + (1,) * (v.ndim - 1))
-    out[k] = jnp.where(mask, v, 0.0)
-  return out
-
-
-def _init_server_opt(
-    opt: optax.GradientTransformation | None, params: PyTree, trainable: PyTree | None
-) -> dict:
-  """{'keys': {path: True}, 'state': opt state over the trainable leaves} (or {})."""
-  if opt is None:
-    return {}
-  flat_p = traverse_util.flatten_dict(params)
-  flat_t = None if trainable is None else traverse_util.flatten_dict(trainable)
-  sub = {}
-  for key, p in flat_p.items():
-    if flat_t is not None:
-      t = _lookup_delta(flat_t, key)
-      if t is None or t is False or t is _EMPTY:
-        continue
-    sub[_path_str(key)] = jnp.asarray(p)
-  return {"keys": {k: jnp.array(True) for k in sub}, "state": opt.init(sub)}
-
-
-def _finish(
-    flat_p: dict,
-    agg: dict,
-    any_part: jax.Array,
-    opt: optax.GradientTransformation | None,
-    opt_state: dict,
-) -> tuple[PyTree, dict]:
-  """Applies the aggregated delta (through the server optimizer) and unflattens.
-
-  When no client took part, params and optimizer state are returned unchanged.
-  """
-  new_flat = dict(flat_p)
-  if opt is None:
-    for k, d in agg.items():
-      if d is not None:
-        p = flat_p[k]
-        new_flat[k] = jnp.where(any_part, p + d.astype(p.dtype), p)
-    return traverse_util.unflatten_dict(new_flat), opt_state
-  keys = opt_state["keys"]
-  by_str = {_path_str(k): k for k in flat_p if flat_p[k] is not _EMPTY}
-  for k, d in agg.items():
-    if d is not None and _path_str(k) not in keys:
-      raise ValueError(
-          f"delta for {_path_str(k)!r}, but the server optimizer was "
-          "initialised without it (pass trainable= to init)"
-      )
-  grads = {}
-  sub = {}
-  for s in keys:
-    p = flat_p[by_str[s]]
-    d = agg.get(by_str[s])
-    sub[s] = p
-    grads[s] = -(jnp.zeros(jnp.shape(p), jnp.float32) if d is None else d)
-  updates, new_state = opt.update(grads, opt_state["state"], sub)
-  for s in keys:
-    k = by_str[s]
-    p = flat_p[k]
-    new_flat[k] = jnp.where(any_part, p + updates[s].astype(p.dtype), p)
-  new_state = jax.tree.map(
-      lambda new, old: jnp.where(any_part, new, old), new_state, opt_state["state"]
-  )
-  return traverse_util.unflatten_dict(new_flat), {"keys": keys, "state": new_state}
-
-
 def _masked_stats(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(mean, min, max) of x over mask; zeros when the mask is empty."""
   n = jnp.sum(mask)
@@ -495,32 +262,60 @@ def _masked_stats(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, 
 # ============================================================================================
 
 
-def _cos_last(a: jax.Array, b: jax.Array) -> jax.Array:
+def cosine_last(a: jax.Array, b: jax.Array) -> jax.Array:
   """Cosine along the last axis (broadcasting), 0 where either vector is 0, clipped to [-1, 1]."""
   num = jnp.sum(a * b, axis=-1)
   den = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
-  return jnp.clip(jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0), -1.0, 1.0)
+  return jnp.clip(safe_div(num, den), -1.0, 1.0)
 
 
-def _pairwise_cos(x: jax.Array) -> jax.Array:
-  """(C, E, P) -> (C, C, E) cosine of x[i, e] and x[j, e] (0 for zero vectors)."""
-  gram = jnp.einsum("iep,jep->ije", x, x, precision=_HI)
-  norm = jnp.linalg.norm(x, axis=-1)  # (C, E)
-  den = norm[:, None, :] * norm[None, :, :]
-  return jnp.clip(jnp.where(den > 0, gram / jnp.where(den > 0, den, 1.0), 0.0), -1.0, 1.0)
+def _per_expert(x: jax.Array) -> jax.Array:
+  """(C, E, ...) -> (C, E, P): a free reshape of one expert leaf."""
+  return x.reshape(x.shape[:2] + (-1,))
 
 
-def _diag_gate(mu: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def pairwise_expert_cosine(leaves: list[jax.Array]) -> jax.Array:
+  """D_ij(e): cosine of client i's and client j's update of expert e, (C, C, E).
+
+  The update of an expert is all its trained leaves (each (C, E, ...)); dot products and norms
+  are accumulated leaf by leaf, so the leaves are never concatenated. 0 for zero vectors.
+
+  >>> x = jnp.array([[[1.0, 0.0]], [[1.0, 1.0]]])  # 2 clients, 1 expert, 2 parameters
+  >>> round(float(pairwise_expert_cosine([x[..., :1], x[..., 1:]])[0, 1, 0]), 4)
+  0.7071
+  """
+  gram = sum(
+      jnp.einsum("iep,jep->ije", _per_expert(x), _per_expert(x), precision=HIGHEST) for x in leaves
+  )
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(_per_expert(x)), axis=-1) for x in leaves))  # (C, E)
+  return jnp.clip(safe_div(gram, norm[:, None, :] * norm[None, :, :]), -1.0, 1.0)
+
+
+def consensus_expert_cosine(leaves: list[jax.Array], v: jax.Array) -> jax.Array:
+  """cos(Delta_i(e), sum_j v_j(e) Delta_j(e)) for every client and expert, (C, E), leaf by leaf."""
+  dot = jnp.zeros(v.shape, jnp.float32)
+  sq_i = jnp.zeros(v.shape, jnp.float32)
+  sq_bar = jnp.zeros(v.shape[1:], jnp.float32)
+  for x in leaves:
+    x = _per_expert(x)
+    x_bar = expert_sum(v, x)  # (E, P)
+    dot = dot + jnp.sum(x * x_bar[None], axis=-1)
+    sq_i = sq_i + jnp.sum(jnp.square(x), axis=-1)
+    sq_bar = sq_bar + jnp.sum(jnp.square(x_bar), axis=-1)
+  return jnp.clip(safe_div(dot, jnp.sqrt(sq_i) * jnp.sqrt(sq_bar)[None]), -1.0, 1.0)
+
+
+def diag_gate(mu: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """gamma[..., e] = softmax(mu[..., e, :] @ kernel + bias)_e.
 
   mu (..., E, D), kernel (..., D, E), bias (..., E) broadcast against each other's leading axes.
   """
-  logits = jnp.einsum("...ed,...df->...ef", mu, kernel, precision=_HI) + bias[..., None, :]
+  logits = jnp.einsum("...ed,...df->...ef", mu, kernel, precision=HIGHEST) + bias[..., None, :]
   logp = jax.nn.log_softmax(logits, axis=-1)
   return jnp.exp(jnp.diagonal(logp, axis1=-2, axis2=-1))
 
 
-def _pairwise_gate(
+def pairwise_gate(
     mu: jax.Array, kernels: jax.Array, biases: jax.Array, chunk_size: int | None = None
 ) -> jax.Array:
   """gamma[i, j, e] = softmax(W_j^T mu_i(e) + b_j)_e for every pair of clients: (C, C, E).
@@ -531,16 +326,16 @@ def _pairwise_gate(
   logits at (chunk_size, C, E, E).
 
   >>> mu = jnp.ones((3, 2, 4)); k = jnp.zeros((3, 4, 2)); b = jnp.zeros((3, 2))
-  >>> _pairwise_gate(mu, k, b, chunk_size=2).shape, float(_pairwise_gate(mu, k, b)[0, 1, 0])
+  >>> pairwise_gate(mu, k, b, chunk_size=2).shape, float(pairwise_gate(mu, k, b)[0, 1, 0])
   ((3, 3, 2), 0.5)
   """
   num_clients = mu.shape[0]
   if chunk_size is None or chunk_size >= num_clients:
-    return _diag_gate(mu[:, None], kernels[None], biases[None])
+    return diag_gate(mu[:, None], kernels[None], biases[None])
   pad = (-num_clients) % chunk_size
   mu_p = jnp.pad(mu, ((0, pad),) + ((0, 0),) * (mu.ndim - 1))
   chunks = mu_p.reshape(((num_clients + pad) // chunk_size, chunk_size) + mu.shape[1:])
-  out = jax.lax.map(lambda m: _diag_gate(m[:, None], kernels[None], biases[None]), chunks)
+  out = jax.lax.map(lambda m: diag_gate(m[:, None], kernels[None], biases[None]), chunks)
   return out.reshape((num_clients + pad,) + out.shape[2:])[:num_clients]
 
 
@@ -556,16 +351,16 @@ def _privatize(mu: jax.Array, cfg: FedAlignConfig, key: jax.Array) -> jax.Array:
 
 def _align_block(
     cfg: FedAlignConfig,
-    blk: _Block,
-    flat_p: dict,
+    blk: mb.MoEBlock,
+    prep: mb.Prepared,
     flat_d: dict,
     raw: dict,
     mu: jax.Array,
-    part: jax.Array,
     prev_centroids: jax.Array,
     has_centroids: jax.Array,
 ):
   """Permutation alignment of one block (4.5). Returns (new flat_d entries, raw, mu, diag)."""
+  flat_p, part = prep.flat_params, prep.part
   kernel_d = flat_d[blk.kernel_key]
   bias_d = None if blk.bias_key is None else flat_d[blk.bias_key]
   frozen = [k for k in blk.expert_keys if flat_d[k] is None]
@@ -576,7 +371,6 @@ def _align_block(
         "client cannot have changed; the block is not permuted."
     )
     return {}, raw, mu, {}
-  num_clients = part.shape[0]
   e = blk.num_experts
 
   def core(router_kernel, router_bias, experts):
@@ -588,16 +382,26 @@ def _align_block(
   g_core = core(
       flat_p[blk.kernel_key],
       None if blk.bias_key is None else flat_p[blk.bias_key],
-      {_path_str(k): flat_p[k] for k in blk.expert_keys},
+      {mb.path_str(k): flat_p[k] for k in blk.expert_keys},
   )
   g_core = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g_core)
-  d_core = core(kernel_d, bias_d, {_path_str(k): flat_d[k] for k in blk.expert_keys})
+  d_core = core(kernel_d, bias_d, {mb.path_str(k): flat_d[k] for k in blk.expert_keys})
   c_core = jax.tree.map(lambda g, d: g[None] + d, g_core, d_core)  # client params (C, ...)
 
-  weight_score = jax.vmap(lambda cc: expert_similarity(g_core, cc, kind="weight_cosine"))(c_core)
-  cent_score = jax.vmap(lambda m: expert_similarity(prev_centroids, m, kind="centroid_cosine"))(mu)
-  use_centroids = jnp.all(has_centroids)
-  score = jnp.where(use_centroids, cent_score, weight_score)
+  # score[i, g, j]: similarity of global expert g and client i's expert j.
+  score = jax.vmap(lambda cc: expert_similarity(g_core, cc, kind="weight_cosine"))(c_core)
+  diag = {}
+  if cfg.alignment_similarity == "centroid":
+    cent_score = jax.vmap(lambda m: expert_similarity(prev_centroids, m, kind="centroid_cosine"))(
+        mu
+    )
+    # Function space only where both sides have a centroid: the client expert got tokens this
+    # round and the global expert has one. A client's unused experts are matched in weight
+    # space, so relabelling a client's experts permutes its columns and nothing else.
+    use = has_centroids[None, :, None] & (raw["select_count"] > 0)[:, None, :]
+    score = jnp.where(use, cent_score, score)
+    used = jnp.mean(use.astype(jnp.float32), axis=(1, 2))
+    diag["perm_centroid_frac"] = safe_div(jnp.sum(jnp.where(part, used, 0.0)), jnp.sum(part))
   score = score + cfg.identity_bonus * jnp.eye(e, dtype=score.dtype)
   _, perm = linear_sum_assignment(score, maximize=True)  # (C, E)
   ident = jnp.broadcast_to(jnp.arange(e, dtype=perm.dtype), perm.shape)
@@ -612,40 +416,37 @@ def _align_block(
   if blk.bias_key is not None:
     new_d[blk.bias_key] = new_core["router"]["bias"]
   for k in blk.expert_keys:
-    new_d[k] = new_core["experts"][_path_str(k)]
+    new_d[k] = new_core["experts"][mb.path_str(k)]
   raw = jax.vmap(permute_routing_stats)(raw, perm)
   mu = jnp.take_along_axis(mu, perm[:, :, None], axis=1)
   moved = jnp.mean((perm != ident).astype(jnp.float32), axis=1)
-  n_part = jnp.maximum(jnp.sum(part), 1)
-  diag = {
-      "perm_moved_frac": jnp.sum(jnp.where(part, moved, 0.0)) / n_part,
-      "perm_used_centroids": use_centroids.astype(jnp.float32),
-  }
-  del num_clients
+  diag["perm_moved_frac"] = safe_div(jnp.sum(jnp.where(part, moved, 0.0)), jnp.sum(part))
   return new_d, raw, mu, diag
 
 
 def _block_update(
     cfg: FedAlignConfig,
-    blk: _Block,
-    flat_p: dict,
+    blk: mb.MoEBlock,
+    prep: mb.Prepared,
     flat_d: dict,
     raw: dict,
     mu: jax.Array,
-    prep: _Prepared,
     p_g: jax.Array,
     alpha: jax.Array,
     centroids: jax.Array,
     has_centroids: jax.Array,
 ):
-  """4.1-4.3 for one MoE block. Returns (agg updates, p_g, alpha, centroids, has, diag)."""
-  part, w_eff, nw = prep.part, prep.w_eff, prep.nw
+  """4.1-4.3 for one MoE block.
+
+  Returns (agg updates, keep masks, p_g, alpha, centroids, has_centroids, diag).
+  """
+  flat_p, part, w_eff, nw = prep.flat_params, prep.part, prep.weights, prep.nw
   partf = part.astype(jnp.float32)
   fin = finalize_stats(raw)
   p = jnp.where(part[:, None], fin["p"], 0.0)  # (C, E)
   c = fin["c"] * partf[:, None]
   m = fin["m"] * partf[:, None]
-  agg = {}
+  agg, keep = {}, {}
 
   # ---- 4.1 routing-consistency weights omega and router merge ------------------------------
   if cfg.router_weighting == "uniform":
@@ -656,17 +457,14 @@ def _block_update(
     s = s * partf[:, None]
     if cfg.weight_by_n:
       s = s * w_eff[:, None]
-    s_sum = jnp.sum(s, axis=0)
-    omega = jnp.where(s_sum[None] > 0, s / jnp.where(s_sum > 0, s_sum, 1.0)[None], nw[:, None])
+    omega = normalize(s, axis=0, fallback=nw[:, None])
   kernel_d = flat_d[blk.kernel_key]
   bias_d = None if blk.bias_key is None else flat_d[blk.bias_key]
   if kernel_d is not None:
-    agg[blk.kernel_key] = jnp.einsum("ce,cde->de", omega, kernel_d, precision=_HI)
+    agg[blk.kernel_key] = jnp.einsum("ce,cde->de", omega, kernel_d, precision=HIGHEST)
   if bias_d is not None:
     agg[blk.bias_key] = jnp.sum(omega * bias_d, axis=0)
-  pg_raw = jnp.sum(omega * p, axis=0)
-  pg_tot = jnp.sum(pg_raw)
-  new_pg = jnp.where(pg_tot > 0, pg_raw / jnp.where(pg_tot > 0, pg_tot, 1.0), p_g)
+  new_pg = normalize(jnp.sum(omega * p, axis=0), fallback=p_g)
 
   # ---- alpha(e) = exp(-CV(e)) of p_i(e) over the participating clients ----------------------
   n_part = jnp.sum(partf)
@@ -681,21 +479,19 @@ def _block_update(
   # ---- global centroids (pooled, gate-weighted) for the next round's alignment ------------
   gs = raw["gate_sum"] * partf[:, None]
   gs_tot = jnp.sum(gs, axis=0)
-  pooled = _esum(gs, mu) / jnp.where(gs_tot > 0, gs_tot, 1.0)[:, None]
+  pooled = safe_div(expert_sum(gs, mu), gs_tot[:, None])
   new_centroids = jnp.where(gs_tot[:, None] > 0, pooled, centroids)
   new_has = has_centroids | (gs_tot > 0)
 
   # ---- 4.2-4.3 semantic consistency and selective expert aggregation -----------------------
   trained = [k for k in blk.expert_keys if flat_d[k] is not None]
+  leaves = [flat_d[k] for k in trained]
   diag = {}
   e = blk.num_experts
   if cfg.semantic_selection and trained:
     sel = c > 0  # P(e) membership (C, E)
     self_f = sel.astype(jnp.float32)
     n_sel = jnp.sum(self_f, axis=0)  # |P(e)|
-    x = jnp.concatenate(
-        [flat_d[k].reshape(flat_d[k].shape[:2] + (-1,)) for k in trained], axis=-1
-    )  # (C, E, P)
     kernel_g = jnp.asarray(flat_p[blk.kernel_key], jnp.float32)
     bias_g = (
         jnp.zeros((e,), jnp.float32)
@@ -709,30 +505,28 @@ def _block_update(
         kernels = jnp.broadcast_to(kernels, (part.shape[0],) + kernel_g.shape)
         biases = jnp.broadcast_to(biases, (part.shape[0], e))
         # gamma[i, j, e] = softmax(W_j^T mu_i(e) + b_j)_e
-        gamma = _pairwise_gate(mu, kernels, biases, cfg.pairwise_chunk_size)  # (C, C, E)
+        gamma = pairwise_gate(mu, kernels, biases, cfg.pairwise_chunk_size)  # (C, C, E)
         gbar = (gamma + jnp.swapaxes(gamma, 0, 1)) / 2
       else:
         unit = mu / jnp.maximum(jnp.linalg.norm(mu, axis=-1, keepdims=True), _EPS)
-        cos_mu = jnp.clip(jnp.einsum("ied,jed->ije", unit, unit, precision=_HI), -1.0, 1.0)
+        cos_mu = jnp.clip(jnp.einsum("ied,jed->ije", unit, unit, precision=HIGHEST), -1.0, 1.0)
         gbar = (1.0 + cos_mu) / 2
-      dcos = _pairwise_cos(x)  # D_ij(e)
+      dcos = pairwise_expert_cosine(leaves)  # D_ij(e)
       cij = gbar * (1.0 + dcos) / 2
       off = 1.0 - jnp.eye(part.shape[0], dtype=jnp.float32)
-      num = jnp.einsum("je,ije->ie", c, cij * off[:, :, None], precision=_HI)
+      num = jnp.einsum("je,ije->ie", c, cij * off[:, :, None], precision=HIGHEST)
       den = jnp.sum(c, axis=0)[None, :] - c  # sum_{j != i} c_j(e)
-      s_multi = num / jnp.where(den > 0, den, 1.0)
+      s_multi = safe_div(num, den)
     else:
-      c_tot = jnp.sum(c, axis=0)
-      v = c / jnp.where(c_tot > 0, c_tot, 1.0)[None]  # count-weighted consensus weights
-      x_bar = _esum(v, x)  # (E, P)
-      dcos = _cos_last(x, x_bar[None])  # (C, E)
+      v = normalize(c, axis=0)  # count-weighted consensus weights
+      dcos = consensus_expert_cosine(leaves, v)  # (C, E)
       if cfg.semantic_similarity == "gate":
         kernel_new = kernel_g + agg.get(blk.kernel_key, 0.0)
         bias_new = bias_g + agg.get(blk.bias_key, 0.0) if blk.bias_key is not None else bias_g
-        gbar = _diag_gate(mu, kernel_new[None], bias_new[None])  # (C, E)
+        gbar = diag_gate(mu, kernel_new[None], bias_new[None])  # (C, E)
       else:
-        mu_bar = _esum(v, mu)  # (E, D)
-        gbar = (1.0 + _cos_last(mu, mu_bar[None])) / 2
+        mu_bar = expert_sum(v, mu)  # (E, D)
+        gbar = (1.0 + cosine_last(mu, mu_bar[None])) / 2
       s_multi = gbar * (1.0 + dcos) / 2
     score = jnp.where(sel, jnp.where(n_sel[None] >= 2, s_multi, 1.0), 0.0)  # S_i(e)
 
@@ -741,22 +535,16 @@ def _block_update(
     tau = mean_s - cfg.beta * jnp.sqrt(var_s)
     in_a = sel & (score >= tau[None] - cfg.selection_tol)  # A(e)
     a_f = in_a.astype(jnp.float32)
-    cs = c * score * a_f
-    cs_tot = jnp.sum(cs, axis=0)
     ca = c * a_f
-    ca_tot = jnp.sum(ca, axis=0)
     # w_i(e) = c S / sum_A c S; all-zero scores in A fall back to counts [ours].
-    w = jnp.where(
-        cs_tot[None] > 0,
-        cs / jnp.where(cs_tot > 0, cs_tot, 1.0)[None],
-        ca / jnp.where(ca_tot > 0, ca_tot, 1.0)[None],
-    )
+    w = normalize(c * score * a_f, axis=0, fallback=normalize(ca, axis=0))
+    kept = jnp.sum(ca, axis=0) <= 0  # A(e) empty: the expert keeps theta_e (and its opt state)
     for k in trained:
-      agg[k] = _esum(w, flat_d[k])
-    kept = ca_tot <= 0
+      agg[k] = expert_sum(w, flat_d[k])
+      keep[k] = kept.reshape((e,) + (1,) * (flat_d[k].ndim - 2))
     has_p = n_sel > 0
-    diag["S_mean"] = jnp.sum(score * self_f) / jnp.maximum(jnp.sum(self_f), 1.0)
-    diag["tau_mean"] = jnp.sum(jnp.where(has_p, tau, 0.0)) / jnp.maximum(jnp.sum(has_p), 1)
+    diag["S_mean"] = safe_div(jnp.sum(score * self_f), jnp.sum(self_f))
+    diag["tau_mean"] = safe_div(jnp.sum(jnp.where(has_p, tau, 0.0)), jnp.sum(has_p))
     diag["A_size_mean"] = jnp.mean(jnp.sum(a_f, axis=0))
     diag["P_size_mean"] = jnp.mean(n_sel)
     diag["kept_frac"] = jnp.mean(kept.astype(jnp.float32))
@@ -764,7 +552,7 @@ def _block_update(
       diag.update({"S": score, "tau": tau, "A": a_f, "w": w})
   elif trained:
     for k in trained:
-      agg[k] = _csum(nw, flat_d[k])
+      agg[k] = client_sum(nw, flat_d[k])
     diag["kept_frac"] = jnp.where(prep.any_part, 0.0, 1.0)
   else:
     diag["kept_frac"] = jnp.ones(())
@@ -782,17 +570,7 @@ def _block_update(
           "expert_role_preservation": expert_role_preservation(mu, c),
       }
   )
-  return agg, new_pg, new_alpha, new_centroids, new_has, diag
-
-
-class FedAlignAggregator(Aggregator):
-  """An :class:`Aggregator` with :meth:`broadcast` (what clients need for the regularizer)."""
-
-  __slots__ = ()
-
-  @staticmethod
-  def broadcast(state: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
-    return broadcast(state)
+  return agg, keep, new_pg, new_alpha, new_centroids, new_has, diag
 
 
 def broadcast(state: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
@@ -807,19 +585,20 @@ def broadcast(state: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
   return {"p_g": dict(state["p_g"]), "alpha": dict(state["alpha"])}
 
 
-def fedalign_aggregator(config: Any = None) -> FedAlignAggregator:
+def fedalign_aggregator(config: Any = None, trainable: PyTree | None = None) -> Aggregator:
   """The FedAlign-MoE server (spec 4.1-4.5) as an :class:`Aggregator`.
 
   Args:
     config: :class:`FedAlignConfig`, an ``ml_collections.ConfigDict`` / mapping with its field
       names, or None (defaults).
+    trainable: the trainable partition of the params (``None`` at frozen leaves, e.g. LoRA
+      base weights), sizing the server optimizer state; None = every leaf trains.
 
   Returns:
-    ``FedAlignAggregator(init, aggregate)`` with ``broadcast(state)``:
+    ``Aggregator(init, aggregate)``:
 
-    * ``init(params, trainable=None) -> state``: p_g uniform, alpha ones, zero centroids, rng,
-      server optimizer state (over the leaves of ``trainable`` that are not None, e.g. a
-      template of the deltas without the client axis; default every leaf).
+    * ``init(params) -> state``: p_g uniform, alpha ones, zero centroids, rng, server
+      optimizer state;
     * ``aggregate(state, global_params, deltas, stats, weights) -> (params, state, diag)``.
 
   Example (two clients with the same update give that update, as FedAvg does):
@@ -840,22 +619,19 @@ def fedalign_aggregator(config: Any = None) -> FedAlignAggregator:
   cfg = as_fedalign_config(config)
   opt = cfg.server_optimizer
 
-  def init(params: PyTree, trainable: PyTree | None = None) -> dict:
-    flat_p = traverse_util.flatten_dict(params, keep_empty_nodes=True)
-    blocks = _moe_blocks(params, "fedalign_aggregator.init")
+  def init(params: PyTree) -> dict:
     p_g, alpha, cents, has = {}, {}, {}, {}
-    for path in blocks:
-      blk = _block_layout(flat_p, path)
-      p_g[path] = jnp.full((blk.num_experts,), 1.0 / blk.num_experts, jnp.float32)
-      alpha[path] = jnp.ones((blk.num_experts,), jnp.float32)
-      cents[path] = jnp.zeros((blk.num_experts, blk.dim), jnp.float32)
-      has[path] = jnp.zeros((blk.num_experts,), bool)
+    for blk in mb.moe_blocks(params, "fedalign_aggregator.init"):
+      p_g[blk.path] = jnp.full((blk.num_experts,), 1.0 / blk.num_experts, jnp.float32)
+      alpha[blk.path] = jnp.ones((blk.num_experts,), jnp.float32)
+      cents[blk.path] = jnp.zeros((blk.num_experts, blk.dim), jnp.float32)
+      has[blk.path] = jnp.zeros((blk.num_experts,), bool)
     return {
         "p_g": p_g,
         "alpha": alpha,
         "centroids": cents,
         "has_centroids": has,
-        "server_opt": _init_server_opt(opt, params, trainable),
+        "opt": mb.init_server_optimizer(opt, params, trainable),
         "rng": jax.random.PRNGKey(cfg.seed),
         "round": jnp.zeros((), jnp.int32),
     }
@@ -866,33 +642,34 @@ def fedalign_aggregator(config: Any = None) -> FedAlignAggregator:
       deltas: PyTree,
       stats: Mapping[str, Any],
       weights: jax.Array,
+      client_state_deltas: PyTree = None,
   ) -> tuple[PyTree, dict, dict[str, jax.Array]]:
-    blocks = _moe_blocks(global_params, "fedalign_aggregator.aggregate")
-    prep = _prepare(global_params, deltas, weights)
-    num_clients = prep.part.shape[0]
-    extra = sorted(set(stats) - set(blocks))
+    del client_state_deltas
+    blocks = mb.moe_blocks(global_params, "fedalign_aggregator.aggregate")
+    paths = [b.path for b in blocks]
+    prep = mb.prepare(global_params, deltas, weights)
+    extra = sorted(set(stats) - set(paths))
     if extra:
       raise ValueError(
-          f"routing stats for {extra}, which are not MoE blocks of the params "
-          f"(blocks: {blocks})"
+          f"routing stats for {extra}, which are not MoE blocks of the params (blocks: {paths})"
       )
-    missing = sorted(set(blocks) - set(state["p_g"]))
+    missing = sorted(set(paths) - set(state["p_g"]))
     if missing:
       raise ValueError(
           f"aggregator state has no entry for MoE blocks {missing}; "
           "was init called with these params?"
       )
     rng, noise_key = jax.random.split(state["rng"])
-    flat_p = prep.flat_params
     flat_d = dict(prep.flat_deltas)
-    agg = _fedavg_deltas(prep)  # every trained leaf FedAvg by n_i; MoE parts replaced below
+    agg = fedavg_deltas(prep)  # every trained leaf FedAvg by n_i; MoE parts replaced below
+    keep: dict = {}
     new_state = {k: dict(state[k]) for k in ("p_g", "alpha", "centroids", "has_centroids")}
     diag: dict[str, jax.Array] = {}
     divs, roles = [], []
-    keep = prep.any_part
-    for b_idx, path in enumerate(blocks):
-      blk = _block_layout(flat_p, path)
-      raw = _sanitize_stats(_check_stats(stats, blk, num_clients), prep.part)
+    any_part = prep.any_part
+    for b_idx, blk in enumerate(blocks):
+      path = blk.path
+      raw = mb.block_stats(stats, blk, prep)
       mu = finalize_stats(raw)["mu"]
       mu = _privatize(mu, cfg, jax.random.fold_in(noise_key, b_idx))
       mu = jnp.where(raw["select_count"][..., None] > 0, mu, 0.0)
@@ -900,44 +677,67 @@ def fedalign_aggregator(config: Any = None) -> FedAlignAggregator:
         new_d, raw, mu, pdiag = _align_block(
             cfg,
             blk,
-            flat_p,
+            prep,
             flat_d,
             raw,
             mu,
-            prep.part,
             state["centroids"][path],
             state["has_centroids"][path],
         )
         flat_d.update(new_d)
-        for k in new_d:  # leaves of this block outside the routed experts/router keep FedAvg
-          agg[k] = _csum(prep.nw, new_d[k])
         diag.update({f"{path}/{k}": v for k, v in pdiag.items()})
-      bagg, pg, al, cent, has, bdiag = _block_update(
+      bagg, bkeep, pg, al, cent, has, bdiag = _block_update(
           cfg,
           blk,
-          flat_p,
+          prep,
           flat_d,
           raw,
           mu,
-          prep,
           state["p_g"][path],
           state["alpha"][path],
           state["centroids"][path],
           state["has_centroids"][path],
       )
       agg.update(bagg)
-      new_state["p_g"][path] = jnp.where(keep, pg, state["p_g"][path])
-      new_state["alpha"][path] = jnp.where(keep, al, state["alpha"][path])
-      new_state["centroids"][path] = jnp.where(keep, cent, state["centroids"][path])
-      new_state["has_centroids"][path] = jnp.where(keep, has, state["has_centroids"][path])
+      keep.update(bkeep)
+      for name, value in (("p_g", pg), ("alpha", al), ("centroids", cent), ("has_centroids", has)):
+        new_state[name][path] = jnp.where(any_part, value, state[name][path])
       diag.update({f"{path}/{k}": v for k, v in bdiag.items()})
       divs.append(bdiag["routing_divergence"])
       roles.append(bdiag["expert_role_preservation"])
-    new_params, server_opt = _finish(flat_p, agg, keep, opt, state["server_opt"])
+    new_params, opt_state = mb.finish(prep, agg, opt, state["opt"], keep)
     diag["routing_divergence"] = jnp.mean(jnp.stack(divs))
     diag["expert_role_preservation"] = jnp.mean(jnp.stack(roles))
     diag["num_participating"] = jnp.sum(prep.part.astype(jnp.float32))
-    new_state.update({"server_opt": server_opt, "rng": rng, "round": state["round"] + 1})
+    new_state.update({"opt": opt_state, "rng": rng, "round": state["round"] + 1})
     return new_params, new_state, diag
 
-  return FedAlignAggregator(init, aggregate)
+  return Aggregator(init, aggregate)
+
+
+def make_fedalign(
+    config: ml_collections.ConfigDict, trainable: PyTree, num_clients: int
+) -> Algorithm:
+  """FedAlign-MoE from ``config.fedalign`` (every :class:`FedAlignConfig` field) and
+  ``config.server`` (a server optimizer on the aggregated delta)."""
+  del num_clients
+  fields = dict(config.fedalign.to_dict())
+  cfg = as_fedalign_config(
+      dict(
+          fields,
+          server_optimizer=server_optimizer_from_config(config),
+          seed=int(config.get("seed", 0)),
+      )
+  )
+  lam = cfg.lambda_reg
+
+  def regularizer(params, global_params, bcast, aux):
+    del params, global_params
+    return lam * gating_regularizer(aux["routing"], bcast["p_g"], bcast["alpha"])
+
+  return Algorithm(
+      config.method,
+      fedalign_aggregator(cfg, trainable),
+      broadcast=broadcast,
+      client_loss=regularizer,
+  )
