@@ -24,6 +24,11 @@ Commands::
     python -m experiments.reproduce --config=configs/cpu_analog.py --workdir=/tmp/analog_grid \\
         --ablation --docs_out=docs/results.md
 
+Measured (docs/results.md, the grid command above with ``--config.pretrain.dir`` set, seeds
+0-2, 2 CPU cores, ~4 s per round): FedAlign-MoE at alpha = 0.1 (this config as is) 0.341 ±
+0.054 test accuracy over the last 5 rounds, 0.355 ± 0.050 final (FedAvg 0.365 / 0.381); at
+alpha = 1.0 0.546 / 0.557 (FedAvg 0.528 / 0.531).
+
 ``pretrain.data_dir`` defaults to ``../shared/data`` next to the repository (the folder with
 ``dolly/``, ``mmlu/`` and ``hellaswag/``); ``:runlocal`` is a tiny variant for tests.
 """
@@ -32,31 +37,33 @@ import pathlib
 
 import ml_collections
 
-from fedalign.config_files import load_config
+from fedalign.config_files import load_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _default(arg: str | None = None) -> ml_collections.ConfigDict:
-  return load_config(REPO / "configs" / "default.py", arg)
+def _common():
+  return load_module(REPO / "configs" / "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The analog; ``configs/cpu_analog.py:runlocal`` is a tiny variant (seconds)."""
-  c = _default()
+  common = _common()
+  c = common.default_config()
   c.method = "fedalign"
   c.data.validation_examples = 1000
   c.data.seq_len = 32
   c.data.vocab_size = 512
 
-  c.model.hidden_size = 32
-  c.model.intermediate_size = 64
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.num_experts = 8
-  c.model.top_k = 2
-  c.model.moe_intermediate_size = 16
+  common.tiny_model(
+      c,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      num_experts=8,
+      top_k=2,
+      moe_intermediate_size=16,
+  )
 
   c.train.rounds = 25
   c.train.local_steps = 0  # whole local epochs, as in the paper
@@ -83,11 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2
 
   if arg == "runlocal":
-    c.data.max_train_examples = 600
-    c.data.max_test_examples = 200
+    common.small_data(c, max_train_examples=600, max_test_examples=200, vocab_size=300, seq_len=24)
     c.data.validation_examples = 200
-    c.data.vocab_size = 300
-    c.data.seq_len = 24
     c.model.num_experts = 4
     c.train.rounds = 2
     c.train.chunk_size = 5

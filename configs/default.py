@@ -12,12 +12,22 @@ Mixtral-style MoE (8 experts, top-2, hidden 64) trained from scratch with label-
 (``<bos><text>\nTopic: <label>``, 48 tokens), all 10 clients per round, 20 rounds of 10 local
 AdamW steps (batch 32, lr 1e-3). The paper's protocol (1 local epoch per round) is
 ``--config.train.local_steps=0 --config.train.local_epochs=1`` (about 3x more compute).
-Expected: see docs/results.md for what this exact command measured; from scratch at
-alpha = 0.1 the global model stays close to chance for many rounds (every client sees mostly
-one class), which is the regime FedAlign-MoE targets.
+Measured (README.md): about 5 minutes on 2 CPU cores, 0.44 final / 0.47 best global test
+accuracy (chance 0.25). From scratch at alpha = 0.1 the global model stays close to chance for
+many rounds (every client sees mostly one class), which is the regime FedAlign-MoE targets.
+``:runlocal`` (2,000 / 400 examples, width 32, 4 experts, 3 rounds) is for tests; its accuracy
+is not measured.
 """
 
+import pathlib
+
 import ml_collections
+
+from fedalign.config_files import load_module
+
+
+def _common():
+  return load_module(pathlib.Path(__file__).resolve().parent / "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -117,13 +127,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
 
   if arg == "runlocal":
-    c.data.max_train_examples = 2000
-    c.data.max_test_examples = 400
-    c.data.vocab_size = 512
-    c.data.seq_len = 48
+    common = _common()
+    common.small_data(c, max_train_examples=2000, max_test_examples=400, vocab_size=512, seq_len=48)
+    common.tiny_model(c, moe_intermediate_size=32, num_experts=4)
     c.train.rounds = 3
-    c.model.hidden_size = 32
-    c.model.intermediate_size = 64
-    c.model.moe_intermediate_size = 32
-    c.model.num_experts = 4
   return c

@@ -57,6 +57,7 @@ import numpy as np
 from experiments import plots as plots_lib
 from fedalign import config_files
 from fedalign.federated.server import run_experiment
+from fedalign.reports import markdown_table, write_json
 
 log = logging.getLogger("experiments.reproduce")
 
@@ -141,16 +142,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     node[leaf] = value
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def ablation_overrides(
     ablation_file: str | pathlib.Path = REPO / "configs" / "ablation.py",
 ) -> dict[str, dict[str, Any]]:
@@ -161,8 +152,8 @@ def ablation_overrides(
   True
   """
   mod = config_files.load_module(ablation_file)
-  default = _flat(json.loads(mod._default().to_json()))
-  rows = {row: _flat(json.loads(mod.get_config(row).to_json())) for row in mod.ROWS}
+  default = config_files.flatten_config(mod._default())
+  rows = {row: config_files.flatten_config(mod.get_config(row)) for row in mod.ROWS}
   keys = {"method"} | {k for flat in rows.values() for k in flat if flat[k] != default.get(k)}
   return {row: {k: flat[k] for k in sorted(keys)} for row, flat in rows.items()}
 
@@ -416,7 +407,7 @@ def _write_plan(
       "target_accuracy": target_accuracy,
       "base_config": json.loads(base.to_json()),
   }
-  (workdir / "grid.json").write_text(json.dumps(data, indent=2, default=str))
+  write_json(workdir / "grid.json", data)
 
 
 # ----------------------------------------------------------------------------- results
@@ -549,10 +540,9 @@ def collect_results(
   }
 
 
-def _table_head(alphas: Sequence[float], columns: Sequence[str]) -> list[str]:
-  """Markdown header of a method x alpha table: one group of ``columns`` per alpha."""
-  head = ["method"] + [f"α={a} {c}" for a in alphas for c in columns]
-  return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _alpha_header(alphas: Sequence[float], columns: Sequence[str]) -> list[str]:
+  """Header of a method x alpha table: one group of ``columns`` per alpha."""
+  return ["method"] + [f"α={a} {c}" for a in alphas for c in columns]
 
 
 def fmt_ms(d: dict[str, float] | None, digits: int = 3) -> str:
@@ -571,12 +561,9 @@ def fmt_ms(d: dict[str, float] | None, digits: int = 3) -> str:
 
 
 def _cell_error(agg: dict[str, Any]) -> str:
+  """The failed seeds' errors (raw text: ``markdown_table`` escapes the cell)."""
   errs = "; ".join(f"s{f['seed']}: {f['error']}" for f in agg["failed"])
-  return _md(errs[:300])
-
-
-def _md(s: str) -> str:
-  return s.replace("|", "\\|").replace("\n", " ")
+  return errs[:300]
 
 
 def _label(m: str) -> str:
@@ -657,7 +644,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         "*gain* = relative gain of the last-5 mean over FedAvg at the same alpha.",
         "",
     ]
-    lines += _table_head(res["alphas"], ("last-5", "final", "gain"))
+    table = []
     for m in res["methods"]:
       row = [_label(m)]
       for a in res["alphas"]:
@@ -674,8 +661,8 @@ def render_markdown(res: dict[str, Any]) -> str:
             fmt_ms(agg["final"]),
             "-" if gain is None or m == "fedavg" else f"{100 * gain:+.1f}%",
         ]
-      lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+      table.append(row)
+    lines += [markdown_table(_alpha_header(res["alphas"], ("last-5", "final", "gain")), table), ""]
 
   # (b) the ablation
   if res["rows"]:
@@ -685,28 +672,32 @@ def render_markdown(res: dict[str, Any]) -> str:
         "Rows of `configs/ablation.py` applied to the same base config; Δ = difference "
         "of the last-5 means.",
         "",
-        "| row | adds | last-5 | final | Δ vs previous row | Δ vs direct averaging |",
-        "|---|---|---|---|---|---|",
     ]
+    table = []
     first = prev = None
     for r in res["rows"]:
       agg = res["ablation"][r]
       desc = ABLATION_DESCRIPTIONS.get(r, "")
       if not agg["n_ok"]:
-        lines.append(f"| {r} | {desc} | failed: {_cell_error(agg)} | - | - | - |")
+        table.append([r, desc, f"failed: {_cell_error(agg)}", "-", "-", "-"])
         prev = None
         continue
       mean = agg["last5"]["mean"]
       first = mean if first is None and r == res["rows"][0] else first
       note = f" (n={agg['n_ok']}; failed: {_cell_error(agg)})" if agg["failed"] else ""
-      lines.append(
-          f"| {r} | {desc} | {fmt_ms(agg['last5'])}{note} | {fmt_ms(agg['final'])} | "
-          f"{'-' if prev is None else f'{mean - prev:+.3f}'} | "
-          f"{'-' if first is None or r == res['rows'][0] else f'{mean - first:+.3f}'}"
-          " |"
+      table.append(
+          [
+              r,
+              desc,
+              fmt_ms(agg["last5"]) + note,
+              fmt_ms(agg["final"]),
+              "-" if prev is None else f"{mean - prev:+.3f}",
+              "-" if first is None or r == res["rows"][0] else f"{mean - first:+.3f}",
+          ]
       )
       prev = mean
-    lines.append("")
+    header = ["row", "adds", "last-5", "final", "Δ vs previous row", "Δ vs direct averaging"]
+    lines += [markdown_table(header, table), ""]
 
   # (c) convergence
   if res["methods"]:
@@ -719,7 +710,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         "(local training + aggregation).",
         "",
     ]
-    lines += _table_head(res["alphas"], (f"rounds to {target}", "stability", "s/round"))
+    table = []
     for m in res["methods"]:
       row = [_label(m)]
       for a in res["alphas"]:
@@ -735,8 +726,9 @@ def render_markdown(res: dict[str, Any]) -> str:
           if rt["reached"] < rt["n"]:
             cell += f" ({rt['reached']}/{rt['n']} seeds; others not reached)"
         row += [cell, f"{agg['stability']['mean']:.4f}", f"{agg['mean_round_time_s']:.2f}"]
-      lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+      table.append(row)
+    columns = (f"rounds to {target}", "stability", "s/round")
+    lines += [markdown_table(_alpha_header(res["alphas"], columns), table), ""]
   return "\n".join(lines)
 
 
@@ -768,7 +760,7 @@ def write_report(
     return "\n".join(out) + "\n"
 
   (workdir / "results.md").write_text(md + plot_section("plots/"))
-  (workdir / "results.json").write_text(json.dumps(res, indent=2, default=str))
+  write_json(workdir / "results.json", res)
   if docs_out:
     docs_out = pathlib.Path(docs_out)
     docs_out.parent.mkdir(parents=True, exist_ok=True)

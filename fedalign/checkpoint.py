@@ -1,10 +1,19 @@
 """Orbax checkpoints of the whole federated run: server state, aggregator and client states.
 
-The state is saved as its flat list of leaves (plus JSON metadata: round, config
-fingerprint); it is restored into the structure of a freshly initialised state of the same
-config, so ``None`` placeholders and empty optimizer states need no special handling.
-A step whose files cannot be read back (a half-written or corrupted latest checkpoint) is
-skipped with a warning and the previous one is used.
+The state is saved as the named pytree it is (``{'params': ..., 'agg': ..., 'client_states':
+...}``, jax arrays written where they live, sharded arrays by every host for its shards) with
+``ocp.args.StandardSave``, plus JSON metadata (round, history). It is restored with
+``ocp.args.StandardRestore`` against an abstract copy of a freshly initialised state of the same
+config: every ``jax.Array`` leaf becomes a ``jax.ShapeDtypeStruct`` with the template's sharding,
+so a sharded state comes back sharded the same way; ``None`` placeholders, empty tuples and
+optimizer-state namedtuples take the template's structure.
+
+A checkpoint whose tree differs from the template (another config) raises a ``ValueError``
+naming the first differing path and shape. Checkpoints of fedalign < 0.2 (its flat leaf layout:
+arrays named ``00000``, ``00001``... in leaf order) are restored by leaf order when the count and
+shapes match, with a logged note. A step whose files cannot be read back (a half-written or
+corrupted latest checkpoint) is skipped by :meth:`Checkpointer.restore_latest` with a warning and
+the previous one is used.
 
 Example:
   >>> import tempfile, jax.numpy as jnp
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -28,66 +38,192 @@ import orbax.checkpoint as ocp
 PyTree = Any
 log = logging.getLogger(__name__)
 
+_OLD_LEAF_NAME = re.compile(r"^\d{5}$")
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint whose tree differs from the run's state (another config or version).
+
+  :meth:`Checkpointer.restore_latest` raises it instead of falling back: older steps of the same
+  workdir would not match either, and starting over silently would overwrite them.
+  """
+
+
+def _key_name(k: Any) -> str:
+  """One path entry as text: dict keys, namedtuple fields and sequence indices alike."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _named_leaves(tree: PyTree, is_leaf=None) -> list[tuple[str, tuple[int, ...]]]:
+  """``[('agg/opt/0/mu/w', shape), ...]`` in leaf order (``None`` and empty nodes have none).
+
+  Orbax stores a namedtuple as a dict of its fields and a tuple as a list; the names used here
+  are the same for both forms, so a template and a checkpoint's metadata compare directly.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return [("/".join(_key_name(k) for k in path), tuple(np.shape(x))) for path, x in flat]
+
+
+def _abstract(x: Any) -> Any:
+  """The restore target of one template leaf: shape, dtype and (for jax arrays) sharding."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  x = np.asarray(x)
+  return np.zeros(x.shape, x.dtype)  # restored as a numpy array
+
+
+def _is_array_metadata(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _first_difference(
+    saved: list[tuple[str, tuple[int, ...]]], wanted: list[tuple[str, tuple[int, ...]]]
+) -> str | None:
+  """Describes the first entry where two named-leaf lists differ; None when they agree."""
+  for i in range(max(len(saved), len(wanted))):
+    s = saved[i] if i < len(saved) else None
+    w = wanted[i] if i < len(wanted) else None
+    if s == w:
+      continue
+    if s is None:
+      return f"the run's state has {w[0]!r} {w[1]}, which the checkpoint lacks"
+    if w is None:
+      return f"the checkpoint has {s[0]!r} {s[1]}, which the run's state lacks"
+    if s[0] != w[0]:
+      return f"the checkpoint has {s[0]!r} {s[1]} where the run's state has {w[0]!r} {w[1]}"
+    return f"{s[0]!r} has shape {s[1]} in the checkpoint, {w[1]} in the run's state"
+  return None
+
 
 class Checkpointer:
-  """Keeps the last ``keep`` checkpoints of a run under ``directory``."""
+  """Keeps the last ``keep`` checkpoints of a run under ``directory``.
+
+  Args:
+    directory: the folder of the run's checkpoints (created if missing).
+    keep: how many of the newest steps are kept on disk.
+  """
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3):
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
 
   def save(self, step: int, state: PyTree, metadata: dict[str, Any]) -> None:
-    leaves = {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
+    """Writes ``state`` (a pytree of arrays) and JSON ``metadata`` as checkpoint ``step``."""
     self.manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(metadata)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata)
         ),
     )
     self.manager.wait_until_finished()
 
   def steps(self) -> list[int]:
+    """The steps on disk, oldest first."""
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
+  def _saved_tree(self, step: int) -> PyTree:
+    meta = self.manager.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta)
+    if tree is None:
+      raise ValueError(f"checkpoint step {step} in {self.directory} has no readable state")
+    return tree
+
   def restore(self, step: int, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
-    """Restores ``step`` into the structure of ``template`` (raises if unreadable)."""
+    """Restores ``step`` into the structure, dtypes and shardings of ``template``.
+
+    Args:
+      step: a step of :meth:`steps`.
+      template: a state of the run's config (e.g. freshly initialised); only its structure,
+        shapes, dtypes and shardings are used.
+
+    Returns:
+      ``(state, metadata)``.
+
+    Raises:
+      CheckpointMismatchError: (a ValueError) the checkpoint's tree differs from the template's
+        (another config).
+      Exception: whatever orbax raises for unreadable files.
+    """
+    saved_tree = self._saved_tree(step)
+    saved = _named_leaves(saved_tree, is_leaf=_is_array_metadata)
+    wanted = _named_leaves(template)
+    if (
+        saved
+        and all(_OLD_LEAF_NAME.match(name) for name, _ in saved)
+        and not all(_OLD_LEAF_NAME.match(name) for name, _ in wanted)
+    ):
+      return self._restore_flat_layout(step, template, saved)
+    diff = _first_difference(saved, wanted)
+    if diff is not None:
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} in {self.directory} does not match the run's state: {diff}. "
+          "It was written by a different config; use a new workdir (or the old config)."
+      )
+    out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(jax.tree.map(_abstract, template)),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    return out["state"], dict(out["meta"])
+
+  def _restore_flat_layout(
+      self, step: int, template: PyTree, saved: list[tuple[str, tuple[int, ...]]]
+  ) -> tuple[PyTree, dict[str, Any]]:
+    """fedalign < 0.2 wrote the leaves as ``{'00000': x0, ...}``: restore them by leaf order."""
     template_leaves, treedef = jax.tree.flatten(template)
-    abstract = {
-        f"{i:05d}": np.zeros(np.shape(x), np.asarray(x).dtype)
-        for i, x in enumerate(template_leaves)
-    }
+    wanted = [(f"{i:05d}", tuple(np.shape(x))) for i, x in enumerate(template_leaves)]
+    diff = _first_difference(sorted(saved), wanted)
+    if diff is not None:
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} in {self.directory} was written by fedalign < 0.2 (flat "
+          f"leaf layout: arrays '00000', '00001'... in leaf order) and does not match the run's "
+          f"state by leaf order ({len(saved)} arrays saved, {len(wanted)} expected; {diff}). "
+          "Restore it with the old version of fedalign or start a new workdir."
+      )
+    log.info(
+        "checkpoint step %d in %s was written by fedalign < 0.2 (flat leaf layout); restoring "
+        "its %d arrays by leaf order. The next save writes the named layout.",
+        step,
+        self.directory,
+        len(saved),
+    )
+    abstract = {f"{i:05d}": _abstract(x) for i, x in enumerate(template_leaves)}
     out = self.manager.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
         ),
     )
-    leaves = out["state"]
-    if len(leaves) != len(template_leaves):
-      raise ValueError(
-          f"checkpoint step {step} has {len(leaves)} arrays, the run's state has "
-          f"{len(template_leaves)}: it was written by a different config."
-      )
-    restored = []
-    for i, t in enumerate(template_leaves):
-      x = np.asarray(leaves[f"{i:05d}"])
-      if x.shape != np.shape(t):
-        raise ValueError(
-            f"checkpoint step {step}: array {i} has shape {x.shape}, expected "
-            f"{np.shape(t)}: it was written by a different config."
-        )
-      restored.append(x)
-    return jax.tree.unflatten(treedef, restored), dict(out["meta"])
+    leaves = [out["state"][f"{i:05d}"] for i in range(len(template_leaves))]
+    return jax.tree.unflatten(treedef, leaves), dict(out["meta"])
 
   def restore_latest(self, template: PyTree) -> tuple[PyTree, dict[str, Any]] | None:
-    """The newest readable checkpoint, falling back to older ones; None if there is none."""
+    """The newest readable checkpoint, falling back to older ones; None if there is none.
+
+    Raises:
+      CheckpointMismatchError: a readable step does not match ``template``.
+    """
     for step in reversed(self.steps()):
       try:
         return self.restore(step, template)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # noqa: BLE001 - any unreadable step is skipped
         log.warning(
             "checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
@@ -99,4 +235,5 @@ class Checkpointer:
     return None
 
   def close(self) -> None:
+    """Releases the checkpoint manager."""
     self.manager.close()

@@ -10,9 +10,11 @@ build on each other (``configs/cpu_analog.py`` starts from ``configs/default.py`
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import types
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -48,3 +50,29 @@ def load_config(
     p = next((b / p for b in bases if (b / p).exists()), bases[0] / p)
   mod = load_module(p)
   return mod.get_config(arg) if arg else mod.get_config()
+
+
+def flatten_config(
+    d: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = ""
+) -> dict[str, Any]:
+  """Nested dicts (or a ConfigDict, through its JSON) -> ``{'a.b': leaf}``, dotted like flags.
+
+  Args:
+    d: a nested mapping, e.g. ``json.loads(config.to_json())``, or a ConfigDict.
+    prefix: prepended to every key (used by the recursion).
+
+  Returns:
+    One entry per non-dict value, keyed by the dotted path; an empty dict has no entry.
+
+  >>> flatten_config({'a': {'b': 1, 'c': {'d': 'x'}}, 'e': [2]})
+  {'a.b': 1, 'a.c.d': 'x', 'e': [2]}
+  """
+  if isinstance(d, ml_collections.ConfigDict):
+    d = json.loads(d.to_json())
+  out: dict[str, Any] = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(flatten_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

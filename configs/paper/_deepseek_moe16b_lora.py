@@ -11,9 +11,13 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-from fedalign.config_files import load_config
+from fedalign.config_files import load_module
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _common():
+  return load_module(REPO / "configs" / "common.py")
 
 
 def shared_data_dir(dataset: str) -> str:
@@ -23,10 +27,6 @@ def shared_data_dir(dataset: str) -> str:
   missing directory is reported by ``validate_config`` as an error naming config.data.data_dir.
   """
   return str((REPO / ".." / "shared" / "data" / dataset).resolve())
-
-
-def _default() -> ml_collections.ConfigDict:
-  return load_config(REPO / "configs" / "default.py")
 
 
 def build(
@@ -40,7 +40,8 @@ def build(
     runlocal_seq_len: int
 ) -> ml_collections.ConfigDict:
   """The DeepSeek-MoE-16B LoRA setup on ``dataset``; ``arg='runlocal'``: the tiny variant."""
-  c = _default()
+  common = _common()
+  c = common.default_config()
   c.method = "fedalign"
 
   c.data.dataset = dataset  # fixed 80/20 split per topic group, see
@@ -88,32 +89,21 @@ def build(
   c.checkpoint.keep = 1  # a checkpoint holds the full params (~33 GB)
 
   if arg == "runlocal":
-    c.model.hf_checkpoint = ""  # random init from the sizes below
+    common.tiny_federation(c, vocab_size=512, seq_len=runlocal_seq_len)
+    # A tiny DeepSeek-MoE: layer 0 dense (first_k_dense=1), layer 1 MoE with 8 fine-grained
+    # routed experts (top-2) + an ungated shared expert.
+    common.tiny_model(
+        c,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        num_experts=8,
+        top_k=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        lora_rank=4,
+    )
     c.model.dtype = "float32"
-    c.data.tokenizer = "bpe"  # byte-level BPE trained on the clients' text
-    c.data.vocab_size = 512
-    c.data.num_clients = 4
-    c.data.min_client_size = 10
-    c.data.max_train_examples = 400
-    c.data.max_test_examples = 100
-    c.data.seq_len = runlocal_seq_len
-    c.model.hidden_size = 32  # tiny DeepSeek-MoE: layer 0 dense (first_k_dense=1),
-    c.model.intermediate_size = 64  # layer 1 MoE with 8 fine-grained routed experts
-    c.model.num_layers = 2  # (top-2) + an ungated shared expert
-    c.model.num_heads = 4
-    c.model.num_kv_heads = 4
-    c.model.num_experts = 8
-    c.model.top_k = 2
-    c.model.moe_intermediate_size = 16
-    c.model.shared_expert_intermediate_size = 32
-    c.model.lora_rank = 4
-    c.train.rounds = 2
-    c.train.clients_per_round = 4
-    c.train.local_steps = 2
-    c.train.batch_size = 8
-    c.train.learning_rate = 1e-3
-    c.train.chunk_size = 0
     c.eval.every = 1
     c.eval.batch_size = 64
-    c.checkpoint.every = 1
   return c

@@ -24,6 +24,9 @@ dropout 0.1 and router jitter 0.01 (the checkpoint's), the embedded AG News subs
 rows, balanced 2,000-row test set); the full AG News (120k/7.6k) is
 ``--config.data.dataset=agnews --config.data.data_dir=DIR``.
 
+Accuracy: not measured here (no accelerator); the paper's ablation rows on this setting are in
+``configs/ablation.py``'s docstring.
+
 Accelerator memory and time (estimates from parameter counts and FLOPs, NOT measured: no
 Switch-base-16 run has been made with this code yet):
 
@@ -58,16 +61,17 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-from fedalign.config_files import load_config
+from fedalign.config_files import load_module
 
 
-def _default(arg: str | None = None) -> ml_collections.ConfigDict:
-  return load_config(pathlib.Path(__file__).resolve().parents[1] / "default.py", arg)
+def _common():
+  return load_module(pathlib.Path(__file__).resolve().parents[1] / "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The paper's Switch-base-16 setup; ``get_config('runlocal')`` is the tiny CPU variant."""
-  c = _default()
+  common = _common()
+  c = common.default_config()
   c.method = "fedalign"
 
   c.data.dataset = "agnews_embedded"
@@ -111,32 +115,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2
 
   if arg == "runlocal":
-    c.model.hf_checkpoint = ""  # random init from the sizes below
-    c.data.tokenizer = "bpe"
-    c.data.vocab_size = 300
-    c.data.num_clients = 4
-    c.data.min_client_size = 10
-    c.data.max_train_examples = 400
-    c.data.max_test_examples = 100
-    c.data.seq_len = 32
-    c.model.hidden_size = 32  # switch_tiny sizes
-    c.model.intermediate_size = 64
-    c.model.num_layers = 2
-    c.model.num_heads = 4
-    c.model.d_kv = 8
-    c.model.num_experts = 4
-    c.model.sparse_step = 2
-    c.model.expert_capacity = 16
-    c.model.relative_attention_num_buckets = 8
-    c.model.relative_attention_max_distance = 20
+    common.tiny_federation(c, vocab_size=300, seq_len=32)
+    common.tiny_model(  # the switch_tiny sizes
+        c,
+        num_layers=2,
+        num_heads=4,
+        d_kv=8,
+        num_experts=4,
+        sparse_step=2,
+        expert_capacity=16,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+    )
     c.model.dropout_rate = 0.0  # cheap and deterministic: Seq2SeqTask then runs the
     c.model.router_jitter_noise = 0.0  # model with deterministic=True (same function)
-    c.train.rounds = 2
-    c.train.clients_per_round = 4
-    c.train.local_steps = 2
-    c.train.batch_size = 8
-    c.train.learning_rate = 1e-3
-    c.train.chunk_size = 0
     c.eval.batch_size = 50
-    c.checkpoint.every = 1
   return c

@@ -28,6 +28,8 @@ lm-evaluation-harness metric for HellaSwag; ``--config.eval.mc_metric=acc`` for 
 unnormalised one). 192 tokens (no row is longer at ~4 characters per token; ~50% of the slots
 are padding), batch 8, LoRA rank 8, capacity factor 1.25, evaluation every 5 rounds.
 
+Accuracy of this code: not measured here (no accelerator); the paper's numbers are above.
+
 Accelerator memory and time (estimates, NOT measured on an accelerator; activation and FLOP
 figures from XLA's accounting of one compiled training step on CPU, as in the MMLU config):
 

@@ -37,6 +37,8 @@ dropless path; the capacity counts padded positions too, and ~70% of the 512 pos
 padding, so few real tokens are dropped), evaluation every 5 rounds and after the last
 (``--config.eval.every=1`` for a per-round curve, +1-2 h).
 
+Accuracy of this code: not measured here (no accelerator); the paper's numbers are above.
+
 Accelerator memory and time (estimates, NOT measured on an accelerator: no DeepSeek-MoE-16B
 run has been made with this code yet; the activation and FLOP figures are XLA's own accounting
 of one compiled training step, ``jax.jit(jax.grad(loss)).lower(...).compile()``

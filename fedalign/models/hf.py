@@ -61,6 +61,7 @@ from safetensors.numpy import save_file
 
 from fedalign.models.api import MoEModel, build_module
 from fedalign.models.config import DTYPES, MoEConfig, family_config
+from fedalign.models.tree import get_path
 
 PyTree = Any
 
@@ -934,7 +935,7 @@ def params_to_hf(params: PyTree, cfg: MoEConfig) -> dict[str, np.ndarray]:
   tensors: dict[str, np.ndarray] = {}
   for path, value in jax.tree_util.tree_leaves_with_path(params):
     keys = _path_keys(path)
-    spec = _get(expected, keys)
+    spec = get_path(expected, keys)
     value = np.asarray(value)
     if value.shape != spec.shape:
       raise CheckpointError(
@@ -951,12 +952,6 @@ def params_to_hf(params: PyTree, cfg: MoEConfig) -> dict[str, np.ndarray]:
       name, transpose = hf_name(cfg, keys)
       tensors[name] = np.ascontiguousarray(value.T if transpose else value)
   return tensors
-
-
-def _get(tree: PyTree, keys: tuple[str, ...]) -> Any:
-  for k in keys:
-    tree = tree[k]
-  return tree
 
 
 def merge_lora(params: PyTree, config: MoEConfig) -> PyTree:
@@ -1077,7 +1072,7 @@ def _add_lora(params: PyTree, cfg: MoEConfig, seed: int) -> PyTree:
       return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(spec.dtype)
     if names[-1].endswith("lora_b"):
       return jnp.zeros(spec.shape, spec.dtype)
-    return _get(params, names)
+    return get_path(params, names)
 
   return jax.tree_util.tree_map_with_path(leaf, expected)
 

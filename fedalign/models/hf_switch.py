@@ -27,6 +27,7 @@ with an error naming the tensor.
 Example:
   >>> from fedalign.models.switch import switch_tiny
   >>> from fedalign.models.api import MoEModel
+from fedalign.models.hf import TensorStore
   >>> model = MoEModel.random(switch_tiny())
   >>> save_switch_pretrained(model, '/tmp/switch_tiny_ckpt')
   >>> load_switch_pretrained('/tmp/switch_tiny_ckpt').config == model.config
@@ -45,8 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedalign.models.api import MoEModel
+from fedalign.models.hf import TensorStore
 from fedalign.models.layers import dtype_of
 from fedalign.models.switch import SwitchConfig
+from fedalign.models.tree import get_path
 
 PathLike = str | pathlib.Path
 PyTree = Any
@@ -317,12 +320,6 @@ def _hf_shape(kind: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(flax_shape)
 
 
-def _get(tree: PyTree, path: tuple[str, ...]) -> Any:
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
@@ -334,50 +331,6 @@ def _leaf_paths(tree: PyTree) -> list[tuple[str, ...]]:
       tuple(str(getattr(k, "key", k)) for k in p)
       for p, _ in jax.tree_util.tree_leaves_with_path(tree)
   ]
-
-
-# --------------------------------------------------------------------------------------------
-# Reading safetensors
-# --------------------------------------------------------------------------------------------
-class _Reader:
-  """Lazy reader over model.safetensors or a sharded index (framework 'flax': bf16 works)."""
-
-  def __init__(self, path: pathlib.Path):
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index.is_file():
-      weight_map = json.loads(index.read_text())["weight_map"]
-      files = sorted(set(weight_map.values()))
-    elif single.is_file():
-      files, weight_map = ["model.safetensors"], None
-    else:
-      raise FileNotFoundError(
-          f"{path}: no model.safetensors or model.safetensors.index.json "
-          "(only safetensors checkpoints are supported, offline)."
-      )
-    self._handles = {f: safe_open(str(path / f), framework="flax") for f in files}
-    self.file_of: dict[str, str] = {}
-    for f, h in self._handles.items():
-      for k in h.keys():
-        self.file_of[k] = f
-    if weight_map is not None:
-      missing = sorted(set(weight_map) - set(self.file_of))
-      if missing:
-        raise ValueError(
-            f"{index}: tensor {missing[0]!r} is listed but absent from "
-            f"{weight_map[missing[0]]}."
-        )
-
-  def names(self) -> set[str]:
-    return set(self.file_of)
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handles[self.file_of[name]].get_slice(name).get_shape())
-
-  def get(self, name: str) -> np.ndarray:
-    return np.asarray(self._handles[self.file_of[name]].get_tensor(name))
 
 
 _IGNORABLE = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -412,7 +365,7 @@ def params_from_hf(
   used: set[str] = set()
   params: dict = {}
   for entry in _mapping(cfg):
-    want = tuple(_get(shapes, entry.path).shape)
+    want = tuple(get_path(shapes, entry.path).shape)
     hf_want = _hf_shape(entry.kind, want)
     for name in entry.names:
       if name not in names:
@@ -471,7 +424,7 @@ def params_from_hf(
   for p in _leaf_paths(shapes):
     if _has(params, p):
       continue
-    shape_ = tuple(_get(shapes, p).shape)
+    shape_ = tuple(get_path(shapes, p).shape)
     if p[-1].endswith("lora_a"):
       value = rng.standard_normal(shape_, np.float32) * shape_[-2] ** -0.5
     elif p[-1].endswith("lora_b"):
@@ -506,8 +459,13 @@ def load_switch_pretrained(path: PathLike, **overrides: Any) -> MoEModel:
         overrides, capacity_factor=hf["fedalign_capacity_factor"], expert_capacity=None
     )
   cfg = config_from_hf(hf, **overrides)
-  reader = _Reader(path)
-  params = params_from_hf(cfg, reader.names(), reader.shape, reader.get, where=str(path))
+  store = TensorStore.open(path)  # safetensors file or sharded index; bfloat16 included
+  try:
+    params = params_from_hf(
+        cfg, set(store.keys()), store.shape, lambda n: store.get(n, store.shape(n)), where=str(path)
+    )
+  finally:
+    store.close()
   return MoEModel(cfg, jax.tree.map(jnp.asarray, params))
 
 
@@ -521,7 +479,7 @@ def params_to_hf(cfg: SwitchConfig, params: PyTree) -> dict[str, np.ndarray]:
     )
   tensors: dict[str, np.ndarray] = {}
   for entry in _mapping(cfg):
-    value = np.asarray(_get(params, entry.path))
+    value = np.asarray(get_path(params, entry.path))
     if entry.kind == "experts":
       for e, name in enumerate(entry.names):
         tensors[name] = np.ascontiguousarray(value[e].T)

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedalign.models.config import DTYPES
 from fedalign.models.layers import LoRADense, RMSNorm, attention_mask, dtype_of
 from fedalign.models.moe import Experts, Router, capacity_dispatch, expert_capacity
 from fedalign.models.routing import routing_stats
@@ -79,7 +80,6 @@ ACTIVATIONS = {
 }
 SWITCH_LORA_TARGETS = ("attention", "experts", "dense_mlp")
 MOE_IMPLS = ("dense", "ragged")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 # --------------------------------------------------------------------------------------------
