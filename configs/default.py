@@ -114,6 +114,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fedalign.permutation_alignment = False
   c.fedalign.centroid_clip = 0.0  # 0 = no clipping of uploaded centroids
   c.fedalign.centroid_noise_std = 0.0
+  c.fedalign.pairwise_chunk_size = 0  # > 0: pairwise gate in chunks of clients (memory)
+  c.fedalign.alignment_similarity = "centroid"  # centroid | weight (permutation alignment)
+  c.fedalign.selection_tol = 1e-6  # slack of A(e) (numerical)
+  c.fedalign.identity_bonus = 1e-6  # alignment ties keep the client's index (numerical)
+  c.fedalign.detailed_diagnostics = False  # per-(client, expert) omega, S, tau, A, w in metrics
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"  # test | validation (needs data.validation_examples)

@@ -511,6 +511,30 @@ def test_permutation_alignment_undoes_a_client_relabelling():
   assert_tree_close(out2, ref2, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "perm", [[3, 2, 1, 0], [2, 3, 1, 0], [3, 2, 0, 1], [1, 0, 3, 2], [0, 1, 3, 2]]
+)
+@pytest.mark.parametrize("similarity", ["centroid", "weight"])
+def test_alignment_is_invariant_to_relabelling_experts_nobody_routed_to(similarity, perm):
+  """Round 2, nobody routes to experts 2 and 3, client 1 relabels its experts [3, 2, 1, 0].
+
+  Their centroids are 0, so a centroid score alone cannot place them (before the fix the
+  router columns differed by ~0.35 from the un-relabelled run); the weight-space score does.
+  """
+  params, deltas, stats = _perm_problem(seed=5, delta_scale=0.05)
+  cfg = FedAlignConfig(permutation_alignment=True, alignment_similarity=similarity)
+  _, state1, _ = run(cfg, params, deltas, stats, N)
+  assert np.all(np.asarray(state1["has_centroids"][BLOCK]))
+  stats2 = jax.tree.map(np.array, stats)
+  for k in ("select_count", "margin_sum", "gate_sum", "centroid_sum"):
+    stats2[BLOCK][k][:, 2:] = 0.0
+  ref, _, _ = run(cfg, params, deltas, stats2, N, state=state1)
+  p_deltas, p_stats = _permute_client(params, deltas, stats2, 1, perm)
+  out, _, diag = run(cfg, params, p_deltas, p_stats, N, state=state1)
+  assert float(diag[f"{BLOCK}/perm_moved_frac"]) > 0
+  assert_tree_close(out, ref, atol=2e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input and degenerate input.
 # --------------------------------------------------------------------------------------------

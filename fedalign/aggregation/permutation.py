@@ -30,11 +30,13 @@ client experts, so the solver's "column assigned to row e" is exactly ``perm[e]`
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from fedalign.aggregation.moe_blocks import find_moe_blocks
+from fedalign.models.tree import get_path, set_path
 
 PyTree = Any
 
@@ -429,65 +431,6 @@ def align_clients(
 # --------------------------------------------------------------------------------------------
 # Params-tree helpers.
 # --------------------------------------------------------------------------------------------
-
-
-def _natural_key(path: str) -> list[Any]:
-  return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path) if t]
-
-
-def find_moe_blocks(params: Mapping[str, Any]) -> list[str]:
-  """'/'-joined paths of every subtree holding both 'router' and 'experts', natural order.
-
-  The search does not descend into a block. Natural order: 'layers_2/mlp' < 'layers_10/mlp'.
-
-  >>> blk = {'router': {}, 'experts': {}}
-  >>> find_moe_blocks({'layers_10': {'mlp': blk}, 'layers_2': {'mlp': blk}, 'embed': {}})
-  ['layers_2/mlp', 'layers_10/mlp']
-  """
-  found = []
-
-  def walk(node, prefix):
-    if not isinstance(node, Mapping):
-      return
-    if "router" in node and "experts" in node:
-      found.append("/".join(prefix))
-      return
-    for key, child in node.items():
-      walk(child, prefix + (str(key),))
-
-  walk(params, ())
-  return sorted(found, key=_natural_key)
-
-
-def _split(path: str) -> list[str]:
-  return [k for k in path.split("/") if k]
-
-
-def get_path(tree: Mapping[str, Any], path: str) -> Any:
-  """Subtree at a '/'-joined path ('' = the whole tree).
-
-  >>> get_path({'a': {'b': 1}}, 'a/b')
-  1
-  """
-  node = tree
-  for key in _split(path):
-    node = node[key]
-  return node
-
-
-def set_path(tree: Mapping[str, Any], path: str, value: Any) -> Any:
-  """Copy of ``tree`` with the subtree at ``path`` replaced (dicts along the path are copied).
-
-  >>> t = {'a': {'b': 1, 'c': 2}}
-  >>> set_path(t, 'a/b', 5), t
-  ({'a': {'b': 5, 'c': 2}}, {'a': {'b': 1, 'c': 2}})
-  """
-  keys = _split(path)
-  if not keys:
-    return value
-  out = dict(tree)
-  out[keys[0]] = set_path(tree[keys[0]], "/".join(keys[1:]), value)
-  return out
 
 
 @functools.partial(jax.jit, static_argnames=("identity_bonus",))

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp  # noqa: F401 (doctest)
+import jax.numpy as jnp  # noqa: F401 (used by the doctests)
 import ml_collections
 import optax
 

@@ -27,7 +27,6 @@ with an error naming the tensor.
 Example:
   >>> from fedalign.models.switch import switch_tiny
   >>> from fedalign.models.api import MoEModel
-from fedalign.models.hf import TensorStore
   >>> model = MoEModel.random(switch_tiny())
   >>> save_switch_pretrained(model, '/tmp/switch_tiny_ckpt')
   >>> load_switch_pretrained('/tmp/switch_tiny_ckpt').config == model.config
@@ -46,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedalign.models.api import MoEModel
-from fedalign.models.hf import TensorStore
+from fedalign.models.hf_files import TensorStore
 from fedalign.models.layers import dtype_of
 from fedalign.models.switch import SwitchConfig
 from fedalign.models.tree import get_path

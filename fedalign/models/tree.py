@@ -23,3 +23,19 @@ def get_path(tree: Mapping[str, Any], path: str | Sequence[str]) -> Any:
   for key in keys:
     node = node[key]
   return node
+
+
+def set_path(tree: Mapping[str, Any], path: str, value: Any) -> Any:
+  """Copy of ``tree`` with the subtree at the '/'-joined ``path`` replaced (dicts along the
+  path are copied, the rest is shared).
+
+  >>> t = {'a': {'b': 1, 'c': 2}}
+  >>> set_path(t, 'a/b', 5), t
+  ({'a': {'b': 5, 'c': 2}}, {'a': {'b': 1, 'c': 2}})
+  """
+  keys = [k for k in path.split("/") if k]
+  if not keys:
+    return value
+  out = dict(tree)
+  out[keys[0]] = set_path(tree[keys[0]], "/".join(keys[1:]), value)
+  return out
