@@ -34,7 +34,13 @@ def client_rngs(seed: int | jax.Array, round_idx: jax.Array, client_ids: jax.Arr
   return jax.vmap(lambda c: jax.random.fold_in(base, c))(client_ids)
 
 
-def _finite(tree: PyTree) -> jax.Array:
+def finite(tree: PyTree) -> jax.Array:
+  """True when every leaf of ``tree`` is finite everywhere (a scalar bool array).
+
+  >>> import jax.numpy as jnp
+  >>> bool(finite({'a': jnp.ones(2), 'b': jnp.array([1.0, jnp.nan])}))
+  False
+  """
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
@@ -98,7 +104,7 @@ def make_round_fn(
     deltas, stats, metrics, new_cstates = run_clients(
         trainable, frozen, batches, broadcast, cstates, rngs
     )
-    ok = jax.vmap(lambda d, s, m: _finite((d, s, m)))(deltas, stats, metrics["train_loss"])
+    ok = jax.vmap(lambda d, s, m: finite((d, s, m)))(deltas, stats, metrics["train_loss"])
     weights = jnp.where(ok, jnp.asarray(weights, jnp.float32), 0.0)
     zero_bad = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
     deltas = jax.tree.map(zero_bad, deltas)
