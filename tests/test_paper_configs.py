@@ -274,6 +274,9 @@ def test_paper_config_needs_a_checkpoint(dataset, checkpoint, match, tmp_path):
 )
 def test_bad_multiple_choice_config(field, value, match, tmp_path):
   c = load_config("mmlu", "runlocal")
+  # A bad value is named whether or not the data exists here (field checks come before the
+  # filesystem checks), so this test does not need ../shared.
+  c.data.data_dir = str(tmp_path / "absent")
   section, name = field.split(".")
   c[section][name] = value
   with pytest.raises(ValueError, match=match):
