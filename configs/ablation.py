@@ -37,7 +37,8 @@ ROWS = (
 )
 
 
-def _default() -> ml_collections.ConfigDict:
+def base_config() -> ml_collections.ConfigDict:
+  """configs/default.py: what every ablation row changes fields of."""
   return load_config("default.py", relative_to=pathlib.Path(__file__).parent)
 
 
@@ -45,7 +46,7 @@ def get_config(row: str = "semantic") -> ml_collections.ConfigDict:
   """The default config with the method switches of ablation ``row``."""
   if row not in ROWS:
     raise ValueError(f"ablation row {row!r} is unknown: expected one of {ROWS}.")
-  c = _default()
+  c = base_config()
   level = ROWS.index(row)
   if level == 0:
     c.method = "fedavg"

@@ -161,7 +161,7 @@ def ablation_overrides(
   True
   """
   mod = config_files.load_module(ablation_file)
-  default = _flat(json.loads(mod._default().to_json()))
+  default = _flat(json.loads(mod.base_config().to_json()))
   rows = {row: _flat(json.loads(mod.get_config(row).to_json())) for row in mod.ROWS}
   keys = {"method"} | {k for flat in rows.values() for k in flat if flat[k] != default.get(k)}
   return {row: {k: flat[k] for k in sorted(keys)} for row, flat in rows.items()}
