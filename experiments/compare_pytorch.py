@@ -218,7 +218,9 @@ def run_compare(
 
   check_supported(config)
   if config.train.use_mesh:
-    raise ValueError("the comparison times fedalign's single-device round: set train.use_mesh=False.")
+    raise ValueError(
+        "the comparison times fedalign's single-device round: set train.use_mesh=False."
+    )
   torch.set_num_threads(threads)
   workdir = pathlib.Path(workdir)
   if workdir.exists():
