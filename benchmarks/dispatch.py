@@ -46,12 +46,9 @@ def main() -> None:
   args = ap.parse_args()
 
   import torch
-  from experiments.pytorch_baseline import (
-      export_initial_model,
-      make_fedalign_round,
-      make_torch_round,
-  )
-  from fedalign.federated.server import FederatedData
+  from experiments.compare_pytorch import make_fedalign_round, make_torch_round
+  from experiments.pytorch_baseline import export_initial_model
+  from fedalign.data.federated import FederatedData
 
   torch.set_num_threads(args.threads)
   base = load_config(args.config)
@@ -60,12 +57,13 @@ def main() -> None:
   _, _, hf_dir = export_initial_model(base, data.tokenizer, work / "hf_init")
 
   runners = {}
-  runners["dense"] = make_fedalign_round(base, data)
+  # Each variant is built by fedalign.federated.run.build_run on the same data.
+  runners["dense"] = make_fedalign_round(base, data, work)
   for cf in [float(x) for x in args.capacity_factors.split(",") if x]:
     cfg = copy.deepcopy(base)
     cfg.model.capacity_factor = cf
     name = f"capacity {cf:g}"
-    runners[name] = make_fedalign_round(cfg, data)
+    runners[name] = make_fedalign_round(cfg, data, work)
   runners[f"pytorch {args.threads} thr"] = make_torch_round(base, data, hf_dir, args.threads)
   names = list(runners)
   t0 = time.time()

@@ -49,17 +49,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import block, machine, markdown_table, median, time_calls, write_json  # noqa: E402
 from fedalign.config_files import load_config  # noqa: E402
-from fedalign.algorithms import make_algorithm  # noqa: E402
-from fedalign.federated.client import make_client_update  # noqa: E402
-from fedalign.federated.round import (
-    CLIENT_AXIS,
-    _finite,
-    init_server_state,  # noqa: E402
-    make_round_fn,
-)
-from fedalign.federated.server import client_optimizer, model_config_from  # noqa: E402
-from fedalign.federated.task import CausalLMTask  # noqa: E402
-from fedalign.models import build_module, init_params, partition, trainable_mask  # noqa: E402
+from fedalign.aggregation.moe_blocks import client_ok  # noqa: E402
+from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_fn  # noqa: E402
+from fedalign.federated.run import build_training  # noqa: E402
+from fedalign.models import init_params, partition  # noqa: E402
+from fedalign.models.from_config import model_config_from  # noqa: E402
 
 SEED = 0
 
@@ -91,18 +85,11 @@ class Setup:
     self.cfg = cfg
     self.mcfg = model_config_from(cfg, cfg.data.vocab_size)
     self.params = init_params(self.mcfg, jax.random.key(SEED), seq_len=cfg.data.seq_len)
-    self.mask = trainable_mask(self.params, cfg.train.trainable)
-    trainable, _ = partition(self.params, self.mask)
-    self.algorithm = make_algorithm(cfg, trainable, 1000)
+    # The training side exactly as fedalign.federated.run.build_run builds it.
+    training = build_training(cfg, self.mcfg, self.params, num_clients=1000)
+    self.mask, self.algorithm = training.mask, training.algorithm
     assert self.algorithm.init_client_state is None, "the loop baseline is for stateless methods"
-    self.client_update = make_client_update(
-        CausalLMTask(build_module(self.mcfg)),
-        self.algorithm,
-        client_optimizer(cfg),
-        load_balance_coef=cfg.train.load_balance_coef,
-        z_loss_coef=cfg.train.z_loss_coef,
-        learning_rate=cfg.train.learning_rate,
-    )
+    self.client_update = training.client_update
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
   def state(self, num_clients: int) -> dict:
@@ -131,10 +118,8 @@ class Setup:
 
     def aggregate(server_state, outs, weights):
       deltas, stats, metrics, _ = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-      ok = jax.vmap(lambda d, s, m: _finite((d, s, m)))(deltas, stats, metrics["train_loss"])
-      weights = jnp.where(ok, weights, 0.0)
-      zero_bad = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-      deltas, stats = jax.tree.map(zero_bad, deltas), jax.tree.map(zero_bad, stats)
+      ok = client_ok(deltas, stats, metrics["train_loss"])
+      weights = jnp.where(ok, weights, 0.0)  # the aggregator ignores weight-0 clients' inputs
       new_params, agg_state, _ = algorithm.aggregator.aggregate(
           server_state["agg"], server_state["params"], deltas, stats, weights
       )

@@ -39,8 +39,8 @@ ROWS = (
 )
 
 
-def _default() -> ml_collections.ConfigDict:
-  """The base of every row (``experiments.reproduce`` reads it to find the changed fields)."""
+def base_config() -> ml_collections.ConfigDict:
+  """configs/default.py: what every ablation row changes fields of."""
   return load_module(pathlib.Path(__file__).resolve().parent / "common.py").default_config()
 
 
@@ -48,7 +48,7 @@ def get_config(row: str = "semantic") -> ml_collections.ConfigDict:
   """The default config with the method switches of ablation ``row``."""
   if row not in ROWS:
     raise ValueError(f"ablation row {row!r} is unknown: expected one of {ROWS}.")
-  c = _default()
+  c = base_config()
   level = ROWS.index(row)
   if level == 0:
     c.method = "fedavg"

@@ -152,7 +152,7 @@ def ablation_overrides(
   True
   """
   mod = config_files.load_module(ablation_file)
-  default = config_files.flatten_config(mod._default())
+  default = config_files.flatten_config(mod.base_config())
   rows = {row: config_files.flatten_config(mod.get_config(row)) for row in mod.ROWS}
   keys = {"method"} | {k for flat in rows.values() for k in flat if flat[k] != default.get(k)}
   return {row: {k: flat[k] for k in sorted(keys)} for row, flat in rows.items()}

@@ -173,7 +173,7 @@ def pretrain(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> p
   windows are held out and their loss is reported in ``pretrain_info.json``.
   """
   from fedalign.data.tokenize import train_bpe
-  from fedalign.federated.server import model_config_from
+  from fedalign.models.from_config import model_config_from
   from fedalign.models import build_module, init_params
   from fedalign.models.api import MoEModel
   from fedalign.models.hf import save_pretrained

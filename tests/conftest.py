@@ -20,7 +20,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def shared_data() -> pathlib.Path:
   """Path of ../shared/data (the real benchmark files); skips when absent."""
   if not SHARED_DATA.is_dir():
-    pytest.skip(f"{SHARED_DATA} not found")
+    pytest.skip(f"needs the benchmark files in {SHARED_DATA} (../shared/data), not found")
   return SHARED_DATA
 
 

@@ -19,12 +19,10 @@ import pytest
 from fedalign.data import formatting as fmt
 from fedalign.data import multiple_choice as mc
 from fedalign.data.tokenize import ByteTokenizer
-from fedalign.federated.server import (
-    FederatedData,
-    make_specialization,
-    run_experiment,
-    validate_config,
-)
+from fedalign.data.federated import FederatedData
+from fedalign.federated.config_checks import validate_config
+from fedalign.federated.hooks import make_specialization
+from fedalign.federated.server import run_experiment
 from fedalign.metrics.evaluation import make_multiple_choice_evaluator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -199,7 +197,7 @@ def test_full_config_runs_from_a_tiny_bfloat16_checkpoint(tmp_path, shared_data,
   """The full MMLU config's path (checkpoint + its tokenizer, bfloat16, LoRA, capacity dispatch,
   chunk_size=1, one local epoch) on a tiny saved DeepSeek-MoE instead of the 16B one."""
   from fedalign.data.tokenize import HFTokenizer, train_bpe
-  from fedalign.federated.server import load_model
+  from fedalign.models.from_config import load_model
   from fedalign.models import MoEModel, family_config, init_params
   from fedalign.models.hf import save_pretrained
 
@@ -276,6 +274,9 @@ def test_paper_config_needs_a_checkpoint(dataset, checkpoint, match, tmp_path):
 )
 def test_bad_multiple_choice_config(field, value, match, tmp_path):
   c = load_config("mmlu", "runlocal")
+  # A bad value is named whether or not the data exists here (field checks come before the
+  # filesystem checks), so this test does not need ../shared.
+  c.data.data_dir = str(tmp_path / "absent")
   section, name = field.split(".")
   c[section][name] = value
   with pytest.raises(ValueError, match=match):

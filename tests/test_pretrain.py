@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from fedalign import pretrain as pt
+from fedalign.data.federated import FederatedData
 from fedalign.federated import server
+from fedalign.federated.config_checks import validate_config
 from fedalign.models.hf import load_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -121,16 +123,16 @@ def test_validation_holdout(tmp_path):
   cfg.data.max_train_examples = 0
   cfg.data.max_test_examples = 0
   cfg.data.validation_examples = 500
-  data = server.FederatedData(cfg, tmp_path / "a")
+  data = FederatedData(cfg, tmp_path / "a")
   assert data.client_sizes.sum() == 9776 - 500 and len(data.test["labels"]) == 2000
   cfg.eval.split = "validation"
   cfg.seed = 3  # the hold-out does not depend on the seed
-  val = server.FederatedData(cfg, tmp_path / "b")
+  val = FederatedData(cfg, tmp_path / "b")
   assert len(val.test["labels"]) == 500
   assert val.client_sizes.sum() == 9776 - 500
   cfg.data.validation_examples = 0
   with pytest.raises(ValueError, match="eval.split"):
-    server.validate_config(cfg)
+    validate_config(cfg)
   cfg.eval.split = "train"
   with pytest.raises(ValueError, match="eval.split"):
-    server.validate_config(cfg)
+    validate_config(cfg)

@@ -1,6 +1,8 @@
 """The PyTorch / transformers FedAvg baseline (experiments/pytorch_baseline.py) computes what
 fedalign computes: same loss and gradients on the same batch, same weights after local AdamW
-steps, same FedAvg, and a 1-round run writes metrics.jsonl."""
+steps, same FedAvg, and a 1-round run writes metrics.jsonl. The comparison harness
+(experiments/compare_pytorch.py) times fedalign's round built by build_run and renders its
+report tables."""
 
 import json
 import pathlib
@@ -15,12 +17,13 @@ pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from experiments import compare_pytorch as cp  # noqa: E402
 from experiments import pytorch_baseline as pb  # noqa: E402
-from fedalign.algorithms.fedavg import fedavg_aggregator  # noqa: E402
 from fedalign.algorithms import make_algorithm  # noqa: E402
-from fedalign.federated.client import make_client_update  # noqa: E402
+from fedalign.algorithms.fedavg import fedavg_aggregator  # noqa: E402
+from fedalign.data.federated import FederatedData  # noqa: E402
+from fedalign.federated.client import client_optimizer, make_client_update  # noqa: E402
 from fedalign.federated.round import init_server_state, make_round_fn  # noqa: E402
-from fedalign.federated.server import FederatedData, client_optimizer  # noqa: E402
 from fedalign.federated.task import CausalLMTask  # noqa: E402
 from fedalign.models import build_module  # noqa: E402
 from fedalign.models.lora import trainable_mask  # noqa: E402
@@ -186,3 +189,77 @@ def test_router_losses_match_fedalign_definition():
     expect_z.append(torch.mean(torch.logsumexp(lg, -1) ** 2))
   assert abs(float(lb) - float(torch.stack(expect_lb).mean())) < 1e-6
   assert abs(float(z) - float(torch.stack(expect_z).mean())) < 1e-5
+
+
+def test_compare_times_fedalign_round_built_by_build_run(setup, tmp_path):
+  run_round = cp.make_fedalign_round(setup["cfg"], setup["data"], tmp_path)
+  assert run_round(0) > 0 and run_round(1) > 0
+
+
+def fake_compare_result():
+  rows = lambda acc, loss, t: [
+      {
+          "round": r + 1,
+          "test_accuracy": acc + 0.01 * r,
+          "train_loss": loss - 0.1 * r,
+          "round_time_s": t * (3 if r == 0 else 1),
+      }
+      for r in range(3)
+  ]
+  cfg = tiny_config().to_dict()
+  inter_rows = [
+      {
+          "round": r + 2,
+          "order": ["jax", "torch2", "torch1"],
+          "jax": 1.0,
+          "torch2": 2.0,
+          "torch1": 1.5,
+          "loadavg_1min": 1.0,
+      }
+      for r in range(2)
+  ]
+  return {
+      "command": "python -m experiments.compare_pytorch --config=configs/default.py",
+      "machine": {
+          "cpu": "cpu",
+          "cores": 2,
+          "python": "3",
+          "torch": "t",
+          "transformers": "tf",
+          "jax": "j",
+          "jax_backend": "cpu",
+          "jax_devices": 1,
+          "flax": "f",
+          "optax": "o",
+          "numpy": "n",
+          "omp_wait_policy": "PASSIVE",
+      },
+      "loadavg": {k: (1.0, 1.0, 1.0) for k in ("start", "between", "after_runs", "end")},
+      "wall_s": {"jax": 1.0, "torch": 1.0, "interleaved": 1.0, "total": 3.0},
+      "timing": cp.timing_summary(rows(0.3, 2.0, 1.0), rows(0.31, 2.0, 2.0)),
+      "interleaved": {
+          "warmup": {"jax": 5.0, "torch2": 2.0, "torch1": 1.5},
+          "rows": inter_rows,
+          "median_s": {"jax": 1.0, "torch2": 2.0, "torch1": 1.5},
+          "median_ratio": {"torch2": 2.0, "torch1": 1.5},
+          "torch_threads": [2, 1],
+      },
+      "jax": rows(0.3, 2.0, 1.0),
+      "torch": rows(0.31, 2.0, 2.0),
+      "seed_noise": [{"seed": 1, "rows": rows(0.25, 2.1, 1.0)}],
+      "torch_threads": 2,
+      "attn_implementation": "sdpa",
+      "experts_implementation": "grouped_mm",
+      "client_sizes": [200, 200],
+      "config": cfg,
+  }
+
+
+def test_report_is_tables_and_points_to_the_reading():
+  md = cp.render_markdown(fake_compare_result())
+  assert "docs/pytorch_comparison.md" in md
+  assert (REPO / "docs" / "pytorch_comparison.md").is_file()
+  assert "| round | fedalign acc | PyTorch acc |" in md
+  assert "| 1 | 0.3000 | 0.3100 | +0.0100 |" in md
+  assert "**2.00**" in md and "python -m experiments.compare_pytorch" in md
+  assert "Why" not in md  # the prose lives in docs/pytorch_comparison.md

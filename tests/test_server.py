@@ -106,7 +106,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
 
 def test_capacity_factor_reaches_the_model(tmp_path):
   """model.capacity_factor > 0 switches the decoder to sparse capacity dispatch."""
-  from fedalign.federated.server import model_config_from
+  from fedalign.models.from_config import model_config_from
 
   c = tiny_config()
   assert model_config_from(c, 100).capacity_factor is None

@@ -20,7 +20,9 @@ from fedalign.data.tokenize import ByteTokenizer, train_bpe
 from fedalign.algorithms import make_algorithm
 from fedalign.federated.client import make_client_update
 from fedalign.federated.round import init_server_state, make_round_fn
-from fedalign.federated.server import FederatedData, load_model, run_experiment
+from fedalign.data.federated import FederatedData
+from fedalign.federated.server import run_experiment
+from fedalign.models.from_config import load_model
 from fedalign.federated.task import Seq2SeqTask
 from fedalign.metrics.evaluation import make_seq2seq_classification_evaluator
 from fedalign.models import MoEModel, build_module, init_params

@@ -1,6 +1,6 @@
 """Federated multiple-choice tasks (MMLU, HellaSwag): fixed splits, topic groups, token arrays.
 
-What :class:`~fedalign.federated.server.FederatedData` uses for ``config.data.dataset`` in
+What :class:`~fedalign.data.federated.FederatedData` uses for ``config.data.dataset`` in
 :data:`MC_DATASETS`. The raw files are read with :mod:`fedalign.data.sources` from a manual
 directory (``config.data.data_dir``, e.g. ``../shared/data/mmlu`` or
 ``../shared/data/hellaswag``); nothing is downloaded.

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from fedalign.algorithms.base import Algorithm
@@ -104,3 +105,22 @@ def make_client_update(
     return delta, stats, metrics, new_state
 
   return client_update
+
+
+def client_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The local optimizer of ``config.train``: AdamW or SGD, after global-norm clipping when
+  ``grad_clip`` > 0.
+
+  >>> from fedalign.config_files import load_config
+  >>> opt = client_optimizer(load_config('configs/default.py:runlocal'))
+  >>> callable(opt.update)
+  True
+  """
+  t = config.train
+  if t.optimizer == "adamw":
+    opt = optax.adamw(t.learning_rate, weight_decay=t.weight_decay)
+  else:
+    opt = optax.sgd(t.learning_rate)
+  if t.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(t.grad_clip), opt)
+  return opt

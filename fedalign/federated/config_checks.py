@@ -1,0 +1,171 @@
+"""Config checks of a federated run: bad fields are rejected before any compute.
+
+:func:`validate_config` checks every field's value first and the filesystem (checkpoint and
+data directories) last, so a bad value is reported whether or not the data exists on this
+machine. :func:`check_workdir_config` refuses to resume a workdir of a different config.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from fedalign.data.federated import DATASETS
+from fedalign.data.multiple_choice import MC_DATASETS
+from fedalign.algorithms import METHODS
+from fedalign.config_files import flatten_config
+from fedalign.models.config import DTYPES
+from fedalign.models.from_config import MODEL_TYPES, model_type
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = ("train.rounds", "eval.every", "checkpoint.every", "checkpoint.keep")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects bad fields before any compute, naming the field and the accepted values.
+
+  Field values are checked first, then the paths (``model.hf_checkpoint``, ``data.data_dir``).
+
+  >>> from fedalign.config_files import load_config
+  >>> cfg = load_config('configs/default.py:runlocal')
+  >>> validate_config(cfg)
+  >>> cfg.train.optimizer = 'lion'
+  >>> validate_config(cfg)
+  Traceback (most recent call last):
+  ...
+  ValueError: config.train.optimizer='lion' is invalid: expected one of ('adamw', 'sgd').
+  """
+
+  def bad(field, value, expected):
+    raise ValueError(f"config.{field}={value!r} is invalid: expected {expected}.")
+
+  # ---- field values
+  if config.method not in METHODS:
+    bad("method", config.method, f"one of {METHODS}")
+  if model_type(config) not in MODEL_TYPES:
+    bad("model.type", model_type(config), f"one of {MODEL_TYPES}")
+  if config.model.hf_checkpoint is None:  # an ml_collections placeholder nobody filled in
+    raise ValueError(
+        "config.model.hf_checkpoint is not set: this config fine-tunes a pretrained "
+        "checkpoint; pass --config.model.hf_checkpoint=/path/to/checkpoint (a local Hugging "
+        "Face directory with config.json, model.safetensors and tokenizer.json), or use the "
+        "config's ':runlocal' variant (tiny random-weights model)."
+    )
+  d, t = config.data, config.train
+  if d.num_clients < 1:
+    bad("data.num_clients", d.num_clients, "an integer >= 1")
+  if not 1 <= t.clients_per_round <= d.num_clients:
+    bad(
+        "train.clients_per_round",
+        t.clients_per_round,
+        f"an integer in [1, data.num_clients={d.num_clients}]",
+    )
+  if d.partition not in ("dirichlet", "iid", "pathological"):
+    bad("data.partition", d.partition, "one of ('dirichlet', 'iid', 'pathological')")
+  if d.partition == "dirichlet" and d.alpha <= 0:
+    bad("data.alpha", d.alpha, "a positive float")
+  if t.rounds < 1:
+    bad("train.rounds", t.rounds, "an integer >= 1")
+  if t.local_steps < 0 or (t.local_steps == 0 and t.local_epochs < 1):
+    bad("train.local_epochs", t.local_epochs, "an integer >= 1 (or train.local_steps > 0)")
+  if t.batch_size < 1:
+    bad("train.batch_size", t.batch_size, "an integer >= 1")
+  if t.optimizer not in ("adamw", "sgd"):
+    bad("train.optimizer", t.optimizer, "one of ('adamw', 'sgd')")
+  if t.trainable not in ("full", "lora"):
+    bad("train.trainable", t.trainable, "one of ('full', 'lora')")
+  if t.trainable == "lora" and config.model.lora_rank < 1 and not config.model.hf_checkpoint:
+    bad("model.lora_rank", config.model.lora_rank, "an integer >= 1 when train.trainable='lora'")
+  if t.chunk_size < 0:
+    bad("train.chunk_size", t.chunk_size, "0 (all clients at once) or a positive integer")
+  if config.model.get("moe_impl", "dense") != "dense":
+    # jax.lax.ragged_dot has no batching rule for the client axis of a vmapped round
+    # (NotImplementedError in jax 0.10); use capacity_factor for sparse dispatch instead.
+    bad(
+        "model.moe_impl",
+        config.model.moe_impl,
+        "'dense' in federated runs (use model.capacity_factor > 0 for sparse dispatch)",
+    )
+  if config.model.get("capacity_factor", 0.0) < 0:
+    bad("model.capacity_factor", config.model.capacity_factor, "0 (dropless) or a positive float")
+  if d.dataset not in DATASETS:
+    bad("data.dataset", d.dataset, f"one of {tuple(DATASETS)}")
+  if d.dataset in MC_DATASETS and model_type(config) != "decoder":
+    bad(
+        "model.type",
+        model_type(config),
+        f"'decoder' with data.dataset={d.dataset!r} (options are scored by a causal LM)",
+    )
+  if config.eval.get("mc_metric", "acc") not in ("acc", "acc_norm"):
+    bad("eval.mc_metric", config.eval.mc_metric, "one of ('acc', 'acc_norm')")
+  dtype = config.model.get("dtype", "float32")
+  if dtype not in DTYPES:
+    bad("model.dtype", dtype, f"one of {DTYPES}")
+  if dtype != "float32" and model_type(config) != "decoder":
+    bad("model.dtype", dtype, "'float32' with model.type='switch'")
+  split = config.eval.get("split", "test")
+  if split not in ("test", "validation"):
+    bad("eval.split", split, "one of ('test', 'validation')")
+  if split == "validation" and not config.data.get("validation_examples", 0):
+    bad(
+        "eval.split",
+        split,
+        "'test' unless data.validation_examples > 0 holds out training rows to evaluate on",
+    )
+  if config.eval.every < 1:
+    bad("eval.every", config.eval.every, "an integer >= 1")
+  if config.checkpoint.every < 0:
+    bad("checkpoint.every", config.checkpoint.every, "0 (never) or a positive integer")
+
+  # ---- the filesystem
+  if config.model.hf_checkpoint:
+    ckpt = pathlib.Path(config.model.hf_checkpoint)
+    if not (ckpt / "config.json").is_file():
+      bad(
+          "model.hf_checkpoint",
+          config.model.hf_checkpoint,
+          "a local Hugging Face checkpoint directory holding config.json, model.safetensors "
+          "and tokenizer.json (download it beforehand; nothing is fetched at run time)",
+      )
+  if d.dataset in MC_DATASETS and (not d.data_dir or not pathlib.Path(d.data_dir).is_dir()):
+    bad(
+        "data.data_dir",
+        d.data_dir,
+        f"an existing directory holding the {d.dataset} files "
+        f"(e.g. ../shared/data/{d.dataset}) for data.dataset={d.dataset!r}",
+    )
+
+
+def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir whose saved config differs (except :data:`RESUMABLE_FIELDS`), then
+  writes ``workdir/config.json``.
+
+  >>> import tempfile
+  >>> from fedalign.config_files import load_config
+  >>> cfg, work = load_config('configs/default.py:runlocal'), pathlib.Path(tempfile.mkdtemp())
+  >>> check_workdir_config(work, cfg)
+  >>> cfg.train.rounds = 9  # resumable: fine
+  >>> check_workdir_config(work, cfg)
+  >>> cfg.seed = 1
+  >>> check_workdir_config(work, cfg)  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ValueError: workdir ... holds a run of a different config (seed: 0 -> 1); ...
+  """
+  path = pathlib.Path(workdir) / "config.json"
+  new = flatten_config(config)
+  if path.exists():
+    old = flatten_config(json.loads(path.read_text()))
+    diff = sorted(
+        k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)
+    )
+    if diff:
+      details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:10])
+      raise ValueError(
+          f"workdir {workdir} holds a run of a different config ({details}); "
+          "use a new --workdir or the same config to resume."
+      )
+  path.write_text(config.to_json(indent=2))

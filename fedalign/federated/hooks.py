@@ -1,0 +1,297 @@
+"""The periodic actions of the server loop and the files they write.
+
+The loop (:func:`fedalign.federated.server.run_experiment`) calls every action after every
+round as ``action(round_num, state, out)`` (``round_num`` counts from 1, ``out`` holds the
+round function's outputs plus ``client_ids``, ``train_loss``, ``excluded_clients`` and
+``round_time_s``); an action may return a dict, merged into ``out`` for the actions after it
+(e.g. :class:`Evaluate` returns the metrics record that :class:`ProgressBar` shows).
+
+Actions: :class:`Evaluate` (test accuracy, diagnostics and one ``metrics.jsonl`` line),
+:class:`RoutingDump` (``routing_distributions.npz``), :class:`Checkpoint`,
+:class:`ProgressBar` and :func:`warn_excluded`; :func:`plot_run` draws ``plots/`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable, Protocol
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger("fedalign.federated.server")
+PyTree = Any
+
+
+class PeriodicAction(Protocol):
+  """``action(round_num, state, out) -> dict | None``, called after every round."""
+
+  def __call__(self, round_num: int, state: PyTree, out: dict[str, Any]) -> dict[str, Any] | None:
+    ...
+
+
+def every_n(n: int, rounds: int) -> Callable[[int], bool]:
+  """``round_num -> bool``: every ``n`` rounds and after the last.
+
+  >>> [r for r in range(1, 8) if every_n(3, 7)(r)]
+  [3, 6, 7]
+  """
+  return lambda round_num: bool(n) and (round_num % n == 0 or round_num == rounds)
+
+
+def to_py(x: Any) -> Any:
+  """An array as a Python scalar or (nested) list.
+
+  >>> to_py(np.float32(2.0)), to_py(np.arange(2))
+  (2.0, [0, 1])
+  """
+  x = np.asarray(x)
+  return x.item() if x.ndim == 0 else x.tolist()
+
+
+class Evaluate:
+  """Evaluates the global model on the run's test split every ``config.eval.every`` rounds
+  (and after the last): appends one record to ``metrics.jsonl`` and to ``history``, logs it
+  and returns it.
+
+  The record: round, method, train_loss, excluded_clients, round_time_s, test_accuracy,
+  per-client accuracies (``config.eval.per_client``), aggregator diagnostics
+  (``agg/...``), routing divergence / expert role preservation, expert specialization
+  (``config.eval.specialization_examples`` > 0) and elapsed_s.
+  """
+
+  def __init__(
+      self,
+      run: Any,
+      metrics_path: pathlib.Path,
+      history: list[dict[str, Any]],
+      t0: float,
+  ):
+    self.run, self.metrics_path, self.history, self.t0 = run, metrics_path, history, t0
+    config = run.config
+    self.due = every_n(config.eval.every, config.train.rounds)
+    self.test_examples = {k: jnp.asarray(v) for k, v in run.data.test.items()}
+    self.specialization = make_specialization(
+        run.data, run.module, config.eval.specialization_examples
+    )
+
+  def __call__(self, round_num: int, state: PyTree, out: dict[str, Any]) -> dict[str, Any] | None:
+    from fedalign.metrics.evaluation import client_accuracy
+
+    if not self.due(round_num):
+      return None
+    config, data = self.run.config, self.run.data
+    train_loss = out["train_loss"]
+    record = {
+        "round": round_num,
+        "method": config.method,
+        "train_loss": train_loss,
+        "excluded_clients": out["excluded_clients"],
+        "round_time_s": out["round_time_s"],
+    }
+    ev = self.run.evaluate(state["params"], self.test_examples)
+    record["test_accuracy"] = float(ev["acc"])
+    if config.eval.per_client:
+      acc_c = client_accuracy(ev["correct"], self.test_examples["labels"], data.label_counts)
+      record["client_accuracy"] = [round(float(a), 5) for a in acc_c]
+      record["mean_client_accuracy"] = float(jnp.mean(acc_c))
+    record.update(diagnostics(out))
+    if self.specialization is not None:
+      mi, _ = self.specialization(state["params"])
+      record["expert_specialization"] = float(np.mean([float(v) for v in mi.values()]))
+      record["expert_specialization_per_block"] = {k: float(v) for k, v in mi.items()}
+    record["elapsed_s"] = time.time() - self.t0
+    self.history.append(
+        {"round": round_num, "test_accuracy": record["test_accuracy"], "train_loss": train_loss}
+    )
+    with self.metrics_path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    log.info(
+        "round %d/%d %s test_accuracy=%.4f train_loss=%.4f (%.1fs)",
+        round_num,
+        config.train.rounds,
+        config.method,
+        record["test_accuracy"],
+        train_loss,
+        out["round_time_s"],
+    )
+    return record
+
+
+class RoutingDump:
+  """Writes the round's per-client routing distributions (:func:`save_client_routing`) on the
+  evaluated rounds."""
+
+  def __init__(self, path: pathlib.Path, config: ml_collections.ConfigDict):
+    self.path, self.num_clients = path, config.data.num_clients
+    self.due = every_n(config.eval.every, config.train.rounds)
+
+  def __call__(self, round_num: int, state: PyTree, out: dict[str, Any]) -> None:
+    if self.due(round_num):
+      save_client_routing(self.path, out, out["client_ids"], round_num, self.num_clients)
+
+
+class Checkpoint:
+  """Saves ``state`` with ``{'round', 'history'}`` every ``config.checkpoint.every`` rounds
+  (and after the last; never when 0)."""
+
+  def __init__(self, ckpt: Any, config: ml_collections.ConfigDict, history: list[dict]):
+    self.ckpt, self.history = ckpt, history
+    self.due = every_n(config.checkpoint.every, config.train.rounds)
+
+  def __call__(self, round_num: int, state: PyTree, out: dict[str, Any]) -> None:
+    if self.due(round_num):
+      self.ckpt.save(round_num, state, {"round": round_num, "history": self.history})
+
+
+class ProgressBar:
+  """A tqdm bar over the rounds (shown on a terminal only), with the last accuracy and loss."""
+
+  def __init__(self, desc: str, start: int, total: int):
+    self.bar = tqdm(desc=desc, initial=start, total=total, disable=None)
+
+  def __call__(self, round_num: int, state: PyTree, out: dict[str, Any]) -> None:
+    if "test_accuracy" in out:
+      self.bar.set_postfix(acc=f"{out['test_accuracy']:.3f}", loss=f"{out['train_loss']:.3f}")
+    self.bar.update(1)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def warn_excluded(round_num: int, state: PyTree, out: dict[str, Any]) -> None:
+  """Logs the clients whose non-finite updates the round excluded."""
+  if out["excluded_clients"]:
+    log.warning(
+        "round %d: clients %s sent non-finite updates and were excluded",
+        round_num,
+        out["excluded_clients"],
+    )
+
+
+def make_specialization(data: Any, module: Any, max_examples: int) -> Any:
+  """``params -> ({block: MI}, {block: (K, E)})``: expert specialization on test prompts.
+
+  Mutual information between expert selection and class label (method doc, section 7) over
+  the first ``max_examples`` test examples; the label word itself is masked out so that only
+  the prompt is routed. None when ``max_examples`` is 0.
+  """
+  from fedalign.metrics.specialization import make_expert_specialization_fn
+
+  if max_examples <= 0 or np.ndim(data.test["tokens"]) != 2:
+    return None  # off, or multi-token label words (K sequences per example)
+  n = min(max_examples, len(data.test["labels"]))
+  tokens = jnp.asarray(data.test["tokens"][:n])
+  mask = jnp.asarray(data.test["mask"][:n])
+  if "target_mask" in data.test and not data.seq2seq:
+    mask = mask & ~jnp.asarray(data.test["target_mask"][:n])
+  labels = jnp.asarray(data.test["labels"][:n])
+  if data.seq2seq:
+
+    def routing_fn(p, t, m):  # one decoder step per example, masked like its encoder input
+      return module.apply({"params": p}, t, m, None, m[:, :1])[1]["routing"]
+
+  else:
+
+    def routing_fn(p, t, m):
+      return module.apply({"params": p}, t, m)[1]["routing"]
+
+  fn = make_expert_specialization_fn(routing_fn, data.num_classes)
+  return lambda params: fn(params, tokens, mask, labels)
+
+
+def diagnostics(out: dict[str, Any]) -> dict[str, Any]:
+  """Scalar diagnostics of the aggregator plus routing divergence and role preservation."""
+  from fedalign.metrics import routing_metrics as rm
+  from fedalign.models.routing import finalize_stats
+
+  rec: dict[str, Any] = {}
+  for k, v in out["diagnostics"].items():
+    v = np.asarray(v)
+    rec[f"agg/{k}"] = to_py(v) if v.size <= 64 else float(v.mean())
+  divs, roles = [], []
+  for path, s in out["routing_stats"].items():
+    if path.startswith("_"):
+      continue
+    f = finalize_stats(s)
+    real = np.asarray(s["token_count"]) > 0
+    if not real.any():
+      continue
+    p = f["p"][real]
+    p_mean = jnp.mean(p, axis=0)
+    divs.append(float(rm.routing_divergence(p, p_mean / jnp.sum(p_mean), jnp.ones(p.shape[0]))))
+    roles.append(float(rm.expert_role_preservation(f["mu"][real], f["c"][real])))
+  if divs:
+    rec["routing_divergence"] = float(np.mean(divs))
+    rec["expert_role_preservation"] = float(np.mean(roles))
+  return rec
+
+
+def save_client_routing(
+    path: pathlib.Path, out: dict[str, Any], ids: np.ndarray, round_num: int, num_clients: int
+) -> None:
+  """Writes each MoE block's per-client routing distribution p_i (clients, experts).
+
+  Rows are client ids (NaN for clients not sampled this round); ``p_i`` is the mean router
+  probability over the client's local training tokens in this round (section 3.1 of the
+  method doc). Keys are block paths with '/' as '.', plus ``round`` and ``client_ids``.
+  """
+  from fedalign.models.routing import finalize_stats
+
+  arrays: dict[str, np.ndarray] = {"round": np.asarray(round_num), "client_ids": np.asarray(ids)}
+  for block, s in out["routing_stats"].items():
+    if block.startswith("_"):
+      continue
+    p = np.asarray(finalize_stats(s)["p"], np.float32)[: len(ids)]
+    full = np.full((num_clients, p.shape[-1]), np.nan, np.float32)
+    full[ids] = p
+    arrays[block.replace("/", ".")] = full
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def truncate_metrics(path: pathlib.Path, start_round: int) -> None:
+  """Drops metric lines past the resumed round so a resumed file equals an uninterrupted one."""
+  if not path.exists():
+    return
+  keep = [
+      line
+      for line in path.read_text().splitlines()
+      if line.strip() and json.loads(line)["round"] <= start_round
+  ]
+  path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_run(
+    workdir: pathlib.Path,
+    history: list[dict],
+    data: Any,
+    config: ml_collections.ConfigDict,
+) -> None:
+  """Accuracy-vs-round curve and the partition's clients x classes counts."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from fedalign.data.partition import plot_label_counts
+
+  plots = workdir / "plots"
+  plots.mkdir(exist_ok=True)
+  if history:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([h["round"] for h in history], [h["test_accuracy"] for h in history], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy")
+    ax.set_title(f"{config.method}, alpha={config.data.alpha}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plots / "accuracy.png", dpi=120)
+    plt.close(fig)
+  plot_label_counts(data.label_counts, plots / "partition.png")

@@ -1,0 +1,271 @@
+"""One federated run built from its config: data, model, algorithm, the jitted round.
+
+:func:`build_run` is the single place where a run is put together; the server loop
+(:func:`fedalign.federated.server.run_experiment`), the PyTorch comparison
+(``experiments/compare_pytorch.py``) and the benchmarks use it. :meth:`Run.round_inputs`
+holds the host side of a round: client sampling (:func:`sample_clients`, from
+``(seed, round)`` only), size-sorting for chunks and weight-0 padding clients.
+
+Example (a few seconds on CPU):
+    >>> import tempfile
+    >>> from fedalign.config_files import load_config
+    >>> cfg = load_config('configs/default.py:runlocal')
+    >>> run = build_run(cfg, tempfile.mkdtemp())
+    >>> batches, weights, ids_in, ids = run.round_inputs(0)
+    >>> len(ids) == cfg.train.clients_per_round
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedalign.data.federated import FederatedData
+from fedalign.algorithms import make_algorithm
+from fedalign.federated.client import client_optimizer, make_client_update
+from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_fn
+from fedalign.federated.task import CausalLMTask, Seq2SeqTask
+from fedalign.models import build_module
+from fedalign.models.from_config import load_model
+from fedalign.models.lora import partition, trainable_mask
+from fedalign.pretrain import maybe_pretrained
+
+PyTree = Any
+
+
+def sample_clients(seed: int, round_idx: int, num_clients: int, per_round: int) -> np.ndarray:
+  """Sorted client ids of a round, derived from (seed, round) only.
+
+  >>> sample_clients(0, 3, 10, 4).tolist() == sample_clients(0, 3, 10, 4).tolist()
+  True
+  >>> len(sample_clients(0, 3, 10, 4))
+  4
+  """
+  rng = np.random.default_rng(np.random.SeedSequence([seed, round_idx, 104729]))
+  return np.sort(rng.choice(num_clients, per_round, replace=False))
+
+
+@dataclasses.dataclass
+class Training:
+  """The training side of a run (no data): what :func:`build_training` returns."""
+
+  module: Any
+  mask: PyTree
+  algorithm: Any
+  task: Any
+  client_update: Callable
+
+
+def build_training(
+    config: ml_collections.ConfigDict,
+    mcfg: Any,
+    params: PyTree,
+    *,
+    seq2seq: bool = False,
+    num_clients: int | None = None,
+) -> Training:
+  """Module, trainable mask, algorithm, task and pure client update of a model.
+
+  Args:
+    config: the run's config (``train``, ``method`` and the method's fields).
+    mcfg: the model config (:func:`fedalign.models.from_config.load_model`).
+    params: the initial parameters.
+    seq2seq: a Switch (encoder-decoder) model: :class:`Seq2SeqTask`, else
+      :class:`CausalLMTask`.
+    num_clients: the size of the client population (default ``config.data.num_clients``).
+  """
+  t = config.train
+  module = build_module(mcfg)
+  mask = trainable_mask(params, t.trainable)
+  trainable, _ = partition(params, mask)
+  algorithm = make_algorithm(config, trainable, num_clients or config.data.num_clients)
+  task = Seq2SeqTask(module) if seq2seq else CausalLMTask(module, t.prompt_loss_weight)
+  client_update = make_client_update(
+      task,
+      algorithm,
+      client_optimizer(config),
+      load_balance_coef=t.load_balance_coef,
+      z_loss_coef=t.z_loss_coef,
+  )
+  return Training(module, mask, algorithm, task, client_update)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a federated run needs, built by :func:`build_run`.
+
+  ``round_fn(state, batches, weights, client_ids, round_idx) -> (state, out)`` is jitted;
+  ``pad_step`` = lcm(chunk size, mesh size): the number of clients given to ``round_fn`` is
+  rounded up to a multiple of it with weight-0 padding clients.
+  """
+
+  config: ml_collections.ConfigDict  # the resolved config (pre-training applied)
+  data: FederatedData
+  model_config: Any
+  module: Any
+  params: PyTree
+  mask: PyTree
+  algorithm: Any
+  task: Any
+  client_update: Callable
+  round_fn: Callable
+  mesh: jax.sharding.Mesh | None
+  chunk_size: int | None
+  pad_step: int
+  evaluate: Callable
+  initial_state: PyTree
+
+  def round_inputs(
+      self, round_idx: int
+  ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """``(batches, weights, client_ids_padded, ids)`` of round ``round_idx``.
+
+    ``ids`` are the sampled clients (sorted by decreasing size when the round is chunked:
+    chunks of similar size, the local loop stops at a chunk's longest client); ``batches``,
+    ``weights`` (= client sizes) and ``client_ids_padded`` carry weight-0 padding clients up
+    to a multiple of ``pad_step``.
+    """
+    config, data = self.config, self.data
+    cpr = config.train.clients_per_round
+    ids = sample_clients(config.seed, round_idx, config.data.num_clients, cpr)
+    if self.chunk_size is not None:
+      ids = ids[np.argsort(-data.client_sizes[ids], kind="stable")]
+    batches = data.round_batches(config, ids, round_idx)
+    weights = data.client_sizes[ids].astype(np.float32)
+    pad_to = int(math.ceil(cpr / self.pad_step) * self.pad_step)
+    if pad_to == cpr:
+      return batches, weights, ids, ids
+    extra = pad_to - cpr
+    batches = {
+        k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+        for k, v in batches.items()
+    }
+    weights = np.concatenate([weights, np.zeros(extra, np.float32)])
+    ids_in = np.concatenate([ids, np.repeat(ids[:1], extra)])
+    return batches, weights, ids_in, ids
+
+  def run_round(self, state: PyTree, round_idx: int) -> tuple[PyTree, dict[str, Any], np.ndarray]:
+    """One round from ``state``: ``(new state, round_fn's outputs, sampled client ids)``."""
+    batches, weights, ids_in, ids = self.round_inputs(round_idx)
+    state, out = self.round_fn(state, batches, jnp.asarray(weights), jnp.asarray(ids_in), round_idx)
+    return state, out, ids
+
+
+def build_run(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    data: FederatedData | None = None,
+) -> Run:
+  """Builds a run: data, model, algorithm, client update, jitted round, evaluator, state.
+
+  Args:
+    config: a validated config (:func:`fedalign.federated.config_checks.validate_config`).
+      With ``config.pretrain.enabled`` the cached pre-trained checkpoint is used
+      (:func:`fedalign.pretrain.maybe_pretrained`); ``Run.config`` is the resolved config.
+    workdir: where the tokenizer (and the pre-training cache) live.
+    data: reuse an existing :class:`FederatedData` of the same data config (e.g. several
+      model variants on the same data); built from ``config`` when None.
+  """
+  workdir = pathlib.Path(workdir)
+  config = maybe_pretrained(config, workdir)  # config.pretrain.enabled: the cached checkpoint
+  if data is None:
+    data = FederatedData(config, workdir)
+  mcfg, params = load_model(config, data.tokenizer)
+  training = build_training(config, mcfg, params, seq2seq=data.seq2seq)
+  mesh = None
+  if config.train.use_mesh:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), (CLIENT_AXIS,))
+  chunk = config.train.chunk_size or None
+  round_fn = jax.jit(
+      make_round_fn(
+          training.client_update,
+          training.algorithm,
+          training.mask,
+          seed=config.seed,
+          chunk_size=chunk,
+          mesh=mesh,
+      )
+  )
+  # Weight-0 padding clients make the round's client count a multiple of the chunk size and
+  # of the number of devices on the mesh.
+  pad_step = math.lcm(chunk or 1, mesh.size if mesh is not None else 1)
+  evaluate = make_evaluator(data, mcfg, training.module, config.eval.batch_size)
+  state = init_server_state(params, training.algorithm, training.mask, config.data.num_clients)
+  return Run(
+      config=config,
+      data=data,
+      model_config=mcfg,
+      module=training.module,
+      params=params,
+      mask=training.mask,
+      algorithm=training.algorithm,
+      task=training.task,
+      client_update=training.client_update,
+      round_fn=round_fn,
+      mesh=mesh,
+      chunk_size=chunk,
+      pad_step=pad_step,
+      evaluate=evaluate,
+      initial_state=state,
+  )
+
+
+def make_evaluator(data: FederatedData, mcfg: Any, module: Any, batch_size: int) -> Any:
+  """The jitted ``evaluate(params, data.test) -> {'acc', 'correct', 'pred', ...}`` of a run."""
+  from fedalign.metrics import evaluation as ev
+
+  if data.seq2seq:
+    return ev.make_seq2seq_classification_evaluator(mcfg, data.candidates, batch_size)
+  apply_fn = lambda p, tok, m: module.apply({"params": p}, tok, m)[0]
+  if getattr(data, "multiple_choice", False):  # MMLU / HellaSwag: every option scored
+    return ev.make_multiple_choice_evaluator(
+        apply_fn,
+        max(1, batch_size // data.test["tokens"].shape[1]),
+        labels_key="answers",
+        metric=data.mc_metric,
+    )
+  if data.candidate_ids is not None:
+    return ev.make_classification_evaluator(apply_fn, data.candidate_ids, batch_size)
+  # Multi-token label words: K sequences per example, so K times smaller batches.
+  return ev.make_multiple_choice_evaluator(apply_fn, max(1, batch_size // len(data.label_words)))
+
+
+def make_specialization(data: FederatedData, module: Any, max_examples: int) -> Any:
+  """``params -> ({block: MI}, {block: (K, E)})``: expert specialization on test prompts.
+
+  Mutual information between expert selection and class label (method doc, section 7) over
+  the first ``max_examples`` test examples; the label word itself is masked out so that only
+  the prompt is routed. None when ``max_examples`` is 0.
+  """
+  from fedalign.metrics.specialization import make_expert_specialization_fn
+
+  if max_examples <= 0 or np.ndim(data.test["tokens"]) != 2:
+    return None  # off, or multi-token label words (K sequences per example)
+  n = min(max_examples, len(data.test["labels"]))
+  tokens = jnp.asarray(data.test["tokens"][:n])
+  mask = jnp.asarray(data.test["mask"][:n])
+  if "target_mask" in data.test and not data.seq2seq:
+    mask = mask & ~jnp.asarray(data.test["target_mask"][:n])
+  labels = jnp.asarray(data.test["labels"][:n])
+  if data.seq2seq:
+
+    def routing_fn(p, t, m):  # one decoder step per example, masked like its encoder input
+      return module.apply({"params": p}, t, m, None, m[:, :1])[1]["routing"]
+
+  else:
+
+    def routing_fn(p, t, m):
+      return module.apply({"params": p}, t, m)[1]["routing"]
+
+  fn = make_expert_specialization_fn(routing_fn, data.num_classes)
+  return lambda params: fn(params, tokens, mask, labels)
