@@ -32,7 +32,15 @@ setup(
     ],
     extras_require={
         "torch": ["torch==2.13.0", "transformers>=4.57"],
-        "test": ["pytest>=7", "pytest-xdist", "chex", "nbclient", "nbformat", "ipykernel"],
+        "test": [
+            "pytest>=7",
+            "pytest-xdist",
+            "chex",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "pyink==26.5.1",
+        ],
     },
     entry_points={"console_scripts": ["fedalign=fedalign.main:run"]},
 )
