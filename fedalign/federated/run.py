@@ -238,34 +238,3 @@ def make_evaluator(data: FederatedData, mcfg: Any, module: Any, batch_size: int)
     return ev.make_classification_evaluator(apply_fn, data.candidate_ids, batch_size)
   # Multi-token label words: K sequences per example, so K times smaller batches.
   return ev.make_multiple_choice_evaluator(apply_fn, max(1, batch_size // len(data.label_words)))
-
-
-def make_specialization(data: FederatedData, module: Any, max_examples: int) -> Any:
-  """``params -> ({block: MI}, {block: (K, E)})``: expert specialization on test prompts.
-
-  Mutual information between expert selection and class label (method doc, section 7) over
-  the first ``max_examples`` test examples; the label word itself is masked out so that only
-  the prompt is routed. None when ``max_examples`` is 0.
-  """
-  from fedalign.metrics.specialization import make_expert_specialization_fn
-
-  if max_examples <= 0 or np.ndim(data.test["tokens"]) != 2:
-    return None  # off, or multi-token label words (K sequences per example)
-  n = min(max_examples, len(data.test["labels"]))
-  tokens = jnp.asarray(data.test["tokens"][:n])
-  mask = jnp.asarray(data.test["mask"][:n])
-  if "target_mask" in data.test and not data.seq2seq:
-    mask = mask & ~jnp.asarray(data.test["target_mask"][:n])
-  labels = jnp.asarray(data.test["labels"][:n])
-  if data.seq2seq:
-
-    def routing_fn(p, t, m):  # one decoder step per example, masked like its encoder input
-      return module.apply({"params": p}, t, m, None, m[:, :1])[1]["routing"]
-
-  else:
-
-    def routing_fn(p, t, m):
-      return module.apply({"params": p}, t, m)[1]["routing"]
-
-  fn = make_expert_specialization_fn(routing_fn, data.num_classes)
-  return lambda params: fn(params, tokens, mask, labels)
