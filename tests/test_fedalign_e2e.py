@@ -34,6 +34,7 @@ def reduce(c):
 def test_fedalign_run_writes_diagnostics(tmp_path):
   c = reduce(load_config("default"))
   c.method = "fedalign"
+  c.fedalign.detailed_diagnostics = True  # every FedAlignConfig option is a config field
   summary = run_experiment(c, tmp_path)
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert len(rows) == 2 and summary["method"] == "fedalign"
@@ -52,6 +53,9 @@ def test_fedalign_run_writes_diagnostics(tmp_path):
       assert math.isfinite(value), (block, key, value)
     assert 0.0 <= last[f"agg/{block}/omega_min"] <= last[f"agg/{block}/omega_max"] <= 1.0
     assert 0.0 <= last[f"agg/{block}/A_size_mean"] <= 3.0
+  omega = last["agg/layers_0/mlp/omega"]  # (clients incl. padding, experts) per-client weights
+  assert len(omega) == 4 and len(omega[0]) == 4
+  assert all(abs(sum(col) - 1.0) < 1e-5 for col in zip(*omega))
   assert 0.0 <= last["agg/routing_divergence"] <= math.log(2)
   assert -1.0 <= last["expert_role_preservation"] <= 1.0
   assert 0.0 <= last["expert_specialization"] <= math.log(4) + 1e-6

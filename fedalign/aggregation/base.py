@@ -19,6 +19,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedalign.models.routing import safe_div
+
 PyTree = Any
 
 
@@ -38,7 +40,7 @@ def normalized_weights(weights: jax.Array) -> jax.Array:
   weights = jnp.asarray(weights, jnp.float32)
   total = jnp.sum(weights)
   uniform = jnp.ones_like(weights) / weights.shape[0]
-  return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), uniform)
+  return safe_div(weights, total, uniform)
 
 
 def weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:

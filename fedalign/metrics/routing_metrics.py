@@ -18,17 +18,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import rel_entr  # p log(p / q), 0 where p = 0
+
+from fedalign.models.routing import safe_div
 
 _EPS = 1e-12
 _HI = jax.lax.Precision.HIGHEST
-
-
-def _xlogy_ratio(p: jax.Array, q: jax.Array) -> jax.Array:
-  """p * log(p / q) with 0 where p == 0 (and no NaN where q == 0)."""
-  pos = p > 0
-  p_safe = jnp.where(pos, p, 1.0)
-  q_safe = jnp.where(q > 0, q, _EPS)
-  return jnp.where(pos, p * (jnp.log(p_safe) - jnp.log(q_safe)), 0.0)
 
 
 def js_divergence(p: jax.Array, q: jax.Array, axis: int = -1) -> jax.Array:
@@ -44,7 +39,7 @@ def js_divergence(p: jax.Array, q: jax.Array, axis: int = -1) -> jax.Array:
   p = jnp.asarray(p, jnp.float32)
   q = jnp.asarray(q, jnp.float32)
   m = (p + q) / 2
-  return 0.5 * (jnp.sum(_xlogy_ratio(p, m), axis=axis) + jnp.sum(_xlogy_ratio(q, m), axis=axis))
+  return 0.5 * (jnp.sum(rel_entr(p, m), axis=axis) + jnp.sum(rel_entr(q, m), axis=axis))
 
 
 def routing_divergence(
@@ -70,7 +65,7 @@ def routing_divergence(
     weights = jnp.ones(client_p.shape[:1], jnp.float32)
   w = jnp.where(jnp.asarray(weights, jnp.float32) > 0, weights, 0.0)
   total = jnp.sum(w)
-  return jnp.where(total > 0, jnp.sum(w * js) / jnp.where(total > 0, total, 1.0), 0.0)
+  return safe_div(jnp.sum(w * js), total)
 
 
 def expert_role_preservation_per_expert(mu: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -131,7 +126,7 @@ def expert_specialization_mi(select_counts_by_class: jax.Array) -> jax.Array:
   if t.ndim != 2:
     raise ValueError(f"expert_specialization_mi needs a (classes, experts) table, got {t.shape}")
   total = jnp.sum(t)
-  joint = t / jnp.where(total > 0, total, 1.0)
+  joint = safe_div(t, total)
   pk = jnp.sum(joint, axis=1, keepdims=True)
   pe = jnp.sum(joint, axis=0, keepdims=True)
-  return jnp.sum(_xlogy_ratio(joint, pk * pe))
+  return jnp.sum(rel_entr(joint, pk * pe))
