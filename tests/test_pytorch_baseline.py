@@ -106,7 +106,6 @@ def test_local_training_and_fedavg_round_match_fedalign(setup):
       algorithm,
       client_optimizer(cfg),
       load_balance_coef=cfg.train.load_balance_coef,
-      learning_rate=cfg.train.learning_rate,
   )
   round_fn = jax.jit(make_round_fn(client_update, algorithm, mask, seed=cfg.seed))
   state = init_server_state(params, algorithm, mask, cfg.data.num_clients)

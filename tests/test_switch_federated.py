@@ -97,13 +97,12 @@ def test_one_round_per_aggregator_updates_experts_and_routers(method):
   params = init_params(cfg, 0)
   config = load_config("configs/default.py")
   config.method = method
+  config.train.learning_rate = 1e-2  # the client optimizer's (SCAFFOLD's control update)
   if method == "fedadam":
     config.server.learning_rate = 1e-2
   mask = trainable_mask(params, "full")
   alg = make_algorithm(config, partition(params, mask)[0], 2)
-  cu = make_client_update(
-      Seq2SeqTask(module), alg, optax.adamw(1e-2), learning_rate=1e-2, load_balance_coef=0.01
-  )
+  cu = make_client_update(Seq2SeqTask(module), alg, optax.adamw(1e-2), load_balance_coef=0.01)
   round_fn = jax.jit(make_round_fn(cu, alg, mask, seed=0))
   state = init_server_state(params, alg, mask, 2)
   batches = micro_batches()
