@@ -44,6 +44,7 @@ from fedalign.algorithms.base import Algorithm, server_optimizer_from_config
 from fedalign.algorithms.fedavg import fedavg_deltas
 from fedalign.metrics.routing_metrics import expert_role_preservation, routing_divergence
 from fedalign.models.routing import finalize_stats, safe_div
+from fedalign.models.tree import get_path
 
 PyTree = Any
 
@@ -52,6 +53,8 @@ _EPS = 1e-12
 ROUTER_WEIGHTINGS = ("consistency", "uniform", "overlap", "margin")
 SEMANTIC_SIMILARITIES = ("gate", "centroid_cosine")
 ALIGNMENT_SIMILARITIES = ("centroid", "weight")
+REGULARIZER_FORMS = ("marginal", "conditional")
+ROUTER_OVERLAPS = ("per_expert", "bhattacharyya")
 
 
 # ============================================================================================
@@ -98,6 +101,17 @@ class FedAlignConfig:
       global expert has no centroid yet, so that alignment does not depend on how a client
       labels its unused experts) or 'weight' (cosine of the flattened expert weights and router
       column, always).
+    alignment_margin: a client's experts are permuted only when the best assignment's mean
+      similarity per expert beats the identity's by more than this; 0 = always take the best
+      assignment (4.5) [ours]. Guards against spurious swaps from drifted routing.
+    regularizer_form: 'marginal' (3.2: KL of the batch routing marginal q to p_g, over the
+      selected experts) [paper: what; ours: form] or 'conditional' (distillation of the
+      round's global router's decisions on the client's own router inputs: mean over tokens
+      of sum_e alpha(e) gG_e(x) log(gG_e(x) / gL_e(x))) [ours]. The conditional form needs a
+      model that returns ``aux['router_inputs']`` (the decoder families do).
+    router_overlap: 'per_expert' (4.1: o_i(e) = sqrt(p_i(e) p_g(e)), where p_g(e) cancels in
+      the normalisation over clients) or 'bhattacharyya' (o_i = sum_e' sqrt(p_i(e') p_g(e'))
+      per client, s_i(e) = o_i sqrt(p_i(e)) m_i(e)) [ours].
     seed: seed of the aggregator's rng (centroid noise).
     detailed_diagnostics: also return per-block arrays 'omega' (C, E), 'S' (C, E), 'tau'
       (E,), 'A' (C, E) 0/1 and 'w' (C, E) (the expert weights) in the diagnostics.
@@ -119,6 +133,9 @@ class FedAlignConfig:
   selection_tol: float = 1e-6
   identity_bonus: float = 1e-6
   alignment_similarity: str = "centroid"
+  alignment_margin: float = 0.0
+  regularizer_form: str = "marginal"
+  router_overlap: str = "per_expert"
   seed: int = 0
   detailed_diagnostics: bool = False
 
@@ -140,7 +157,18 @@ class FedAlignConfig:
       bad("semantic_similarity", f"one of {SEMANTIC_SIMILARITIES}")
     if self.alignment_similarity not in ALIGNMENT_SIMILARITIES:
       bad("alignment_similarity", f"one of {ALIGNMENT_SIMILARITIES}")
-    for field in ("lambda_reg", "beta", "selection_tol", "identity_bonus", "centroid_noise_std"):
+    if self.regularizer_form not in REGULARIZER_FORMS:
+      bad("regularizer_form", f"one of {REGULARIZER_FORMS}")
+    if self.router_overlap not in ROUTER_OVERLAPS:
+      bad("router_overlap", f"one of {ROUTER_OVERLAPS}")
+    for field in (
+        "lambda_reg",
+        "beta",
+        "selection_tol",
+        "identity_bonus",
+        "centroid_noise_std",
+        "alignment_margin",
+    ):
       if not getattr(self, field) >= 0:
         bad(field, "a float >= 0")
     if self.centroid_clip is not None and not self.centroid_clip > 0:
@@ -245,6 +273,65 @@ def gating_regularizer(
     log_ratio = jnp.log(q_safe) - jnp.log(jnp.maximum(pg, _EPS))
     term = jnp.where(pos, q * log_ratio, 0.0)
     total = total + jnp.sum(mask * a * term)
+  return total
+
+
+def conditional_regularizer(
+    params: PyTree,
+    global_params: PyTree,
+    router_inputs: Mapping[str, Mapping[str, jax.Array]],
+    alpha: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
+  """sum_l mean_x sum_e alpha_l(e) gG_e(x) log(gG_e(x) / gL_e(x))  (spec 3.2, conditional).
+
+  gG = softmax(x W_G + b_G) is the round's global router, gL the client's current router, both
+  applied to the client's own router inputs x (no gradient through x, gG or alpha): the local
+  router is distilled toward the global router's decisions on the client's tokens.
+
+  Args:
+    params, global_params: the client's current and the round's starting (trainable) params;
+      each block's ``router/kernel`` (and ``bias``) must be trainable.
+    router_inputs: {block_path: {'x': (..., D), 'mask': (...)}} (``aux['router_inputs']``).
+    alpha: {block_path: (E,)} expert weights; None = 1 (also decides which blocks count).
+
+  >>> x = {'moe': {'x': jnp.ones((3, 2)), 'mask': jnp.ones(3)}}
+  >>> p = {'moe': {'router': {'kernel': jnp.ones((2, 4))}}}
+  >>> float(conditional_regularizer(p, p, x))  # same router: no divergence
+  0.0
+  """
+  paths = list(alpha) if alpha is not None else list(router_inputs)
+  total = jnp.zeros((), jnp.float32)
+  for path in paths:
+    if path not in router_inputs:
+      raise ValueError(
+          f"regularizer_form='conditional': no router inputs for MoE block {path!r} (the "
+          f"model returns them for {sorted(router_inputs)}); use regularizer_form='marginal'."
+      )
+
+    def router(tree, which):
+      node = get_path(tree, path)["router"]
+      if node.get("kernel") is None:
+        raise ValueError(
+            f"regularizer_form='conditional' needs the router of {path!r} to be trainable "
+            f"({which} params have none)."
+        )
+      return node
+
+    x = jax.lax.stop_gradient(jnp.asarray(router_inputs[path]["x"], jnp.float32))
+    x = x.reshape(-1, x.shape[-1])
+    m = jnp.asarray(router_inputs[path]["mask"], jnp.float32).reshape(-1)
+
+    def log_probs(node):
+      logits = x @ node["kernel"].astype(jnp.float32)
+      if node.get("bias") is not None:
+        logits = logits + node["bias"].astype(jnp.float32)
+      return jax.nn.log_softmax(logits, axis=-1)
+
+    log_g = jax.lax.stop_gradient(log_probs(router(global_params, "global")))
+    log_l = log_probs(router(params, "client"))
+    a = 1.0 if alpha is None else jax.lax.stop_gradient(jnp.asarray(alpha[path], jnp.float32))
+    per_token = jnp.sum(a * jnp.exp(log_g) * (log_g - log_l), axis=-1)
+    total = total + safe_div(jnp.sum(per_token * m), jnp.sum(m))
   return total
 
 
@@ -402,10 +489,14 @@ def _align_block(
     score = jnp.where(use, cent_score, score)
     used = jnp.mean(use.astype(jnp.float32), axis=(1, 2))
     diag["perm_centroid_frac"] = safe_div(jnp.sum(jnp.where(part, used, 0.0)), jnp.sum(part))
-  score = score + cfg.identity_bonus * jnp.eye(e, dtype=score.dtype)
-  _, perm = linear_sum_assignment(score, maximize=True)  # (C, E)
+  _, perm = linear_sum_assignment(
+      score + cfg.identity_bonus * jnp.eye(e, dtype=score.dtype), maximize=True
+  )  # (C, E)
   ident = jnp.broadcast_to(jnp.arange(e, dtype=perm.dtype), perm.shape)
-  perm = jnp.where(part[:, None], perm, ident)
+  # Mean similarity gained per expert over keeping the client's own labels.
+  best = jnp.mean(jnp.take_along_axis(score, perm[:, :, None], axis=2)[..., 0], axis=1)
+  gain = best - jnp.mean(jnp.diagonal(score, axis1=1, axis2=2), axis=1)
+  perm = jnp.where((part & (gain > cfg.alignment_margin))[:, None], perm, ident)
 
   # delta' = permuted(theta_g + delta) - theta_g = permuted(delta) + (permuted(theta_g) - theta_g),
   # written so that an identity permutation returns delta bit for bit.
@@ -452,7 +543,10 @@ def _block_update(
   if cfg.router_weighting == "uniform":
     omega = jnp.broadcast_to(nw[:, None], p.shape)
   else:
-    o = jnp.sqrt(p * p_g[None, :])
+    if cfg.router_overlap == "bhattacharyya":  # one overlap per client, times its own usage
+      o = jnp.sum(jnp.sqrt(p * p_g[None, :]), axis=1, keepdims=True) * jnp.sqrt(p)
+    else:
+      o = jnp.sqrt(p * p_g[None, :])
     s = {"consistency": o * m, "overlap": o, "margin": m}[cfg.router_weighting]
     s = s * partf[:, None]
     if cfg.weight_by_n:
@@ -732,7 +826,15 @@ def make_fedalign(
   lam = cfg.lambda_reg
 
   def regularizer(params, global_params, bcast, aux):
-    del params, global_params
+    if cfg.regularizer_form == "conditional":
+      if "router_inputs" not in aux:
+        raise ValueError(
+            "config.fedalign.regularizer_form='conditional' needs a model that returns "
+            "aux['router_inputs'] (the decoder families do; Switch does not): use 'marginal'."
+        )
+      return lam * conditional_regularizer(
+          params, global_params, aux["router_inputs"], bcast["alpha"]
+      )
     return lam * gating_regularizer(aux["routing"], bcast["p_g"], bcast["alpha"])
 
   return Algorithm(

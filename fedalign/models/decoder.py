@@ -134,13 +134,14 @@ class MoEDecoderLM(nn.Module):
       positions = jnp.arange(t)
     cos, sin = rope_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta)
     attn_mask = attention_mask_fn(token_mask if attention_mask is not None else None, t)
-    routing, lb, z = {}, [], []
+    routing, router_inputs, lb, z = {}, {}, [], []
     for i in range(cfg.num_layers):
       x, stats, losses = DecoderLayer(cfg, i, name=f"layers_{i}")(
           x, token_mask, attn_mask, cos, sin
       )
       if stats is not None:
         routing[f"layers_{i}/mlp"] = stats
+        router_inputs[f"layers_{i}/mlp"] = losses["router_input"]
         lb.append(losses["load_balance_loss"])
         z.append(losses["router_z_loss"])
     x = RMSNorm(cfg.rms_norm_eps, pdtype, name="final_norm")(x)
@@ -157,6 +158,7 @@ class MoEDecoderLM(nn.Module):
     zero = jnp.zeros((), jnp.float32)
     aux = {
         "routing": routing,
+        "router_inputs": router_inputs,
         "load_balance_loss": jnp.mean(jnp.stack(lb)) if lb else zero,
         "router_z_loss": jnp.mean(jnp.stack(z)) if z else zero,
     }

@@ -321,5 +321,11 @@ class MoEBlock(nn.Module):
     # gradients reach the router through P_e only, as in Switch / Mixtral.
     lb = e * jnp.sum((stats["select_count"] / n) * (stats["prob_sum"] / n))
     z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * valid) / n
-    losses = {"load_balance_loss": lb, "router_z_loss": z}
+    # The router's input per token (for regularizers that re-apply a router to the client's own
+    # tokens, e.g. FedAlign-MoE's conditional form); dropped by XLA when nobody reads it.
+    losses = {
+        "load_balance_loss": lb,
+        "router_z_loss": z,
+        "router_input": {"x": tokens.astype(jnp.float32), "mask": valid},
+    }
     return out.reshape(b, t, d).astype(x.dtype), stats, losses
