@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from fedalign.checkpoint import Checkpointer
+from fedalign.compilation import CompileTimer
 from fedalign.federated import hooks
 from fedalign.federated.config_checks import check_workdir_config, validate_config
 from fedalign.federated.run import build_run
@@ -68,42 +69,46 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   workdir.mkdir(parents=True, exist_ok=True)
   check_workdir_config(workdir, config)
   t0 = time.time()
-  reported_config = config
-  run = build_run(config, workdir)
-  config, data = run.config, run.data
+  compile_timer = CompileTimer()
+  with compile_timer:  # compile seconds of the whole run (cache hits cost ~0)
+    reported_config = config
+    run = build_run(config, workdir)
+    config, data = run.config, run.data
 
-  state = run.initial_state
-  ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
-  start_round, history = 0, []
-  restored = ckpt.restore_latest(state)
-  if restored is not None:
-    state, meta = restored
-    state = jax.tree.map(jnp.asarray, state)
-    start_round = int(meta["round"])
-    history = list(meta.get("history", []))
-    log.info("resumed from round %d (%s)", start_round, ckpt.directory)
-  metrics_path = workdir / "metrics.jsonl"
-  hooks.truncate_metrics(metrics_path, start_round)
+    state = run.initial_state
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
+    start_round, history = 0, []
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+      state, meta = restored
+      state = jax.tree.map(jnp.asarray, state)
+      start_round = int(meta["round"])
+      history = list(meta.get("history", []))
+      log.info("resumed from round %d (%s)", start_round, ckpt.directory)
+    metrics_path = workdir / "metrics.jsonl"
+    hooks.truncate_metrics(metrics_path, start_round)
 
-  rounds, cpr = config.train.rounds, config.train.clients_per_round
-  bar = hooks.ProgressBar(config.method, start_round, rounds)
-  actions: list[hooks.PeriodicAction] = [
-      hooks.Evaluate(run, metrics_path, history, t0),
-      hooks.RoutingDump(workdir / "routing_distributions.npz", config),
-      bar,
-      hooks.warn_excluded,
-      hooks.Checkpoint(ckpt, config, history),
-  ]
-  for r in range(start_round, rounds):
-    rt = time.time()
-    state, out, ids = run.run_round(state, r)
-    out = dict(out, client_ids=ids, train_loss=float(out["train_loss"]))
-    out["excluded_clients"] = [int(c) for c, e in zip(ids, np.asarray(out["excluded"])[:cpr]) if e]
-    out["round_time_s"] = time.time() - rt
-    for action in actions:
-      out.update(action(r + 1, state, out) or {})
-  bar.close()
-  ckpt.close()
+    rounds, cpr = config.train.rounds, config.train.clients_per_round
+    bar = hooks.ProgressBar(config.method, start_round, rounds)
+    actions: list[hooks.PeriodicAction] = [
+        hooks.Evaluate(run, metrics_path, history, t0),
+        hooks.RoutingDump(workdir / "routing_distributions.npz", config),
+        bar,
+        hooks.warn_excluded,
+        hooks.Checkpoint(ckpt, config, history),
+    ]
+    for r in range(start_round, rounds):
+      rt = time.time()
+      state, out, ids = run.run_round(state, r)
+      out = dict(out, client_ids=ids, train_loss=float(out["train_loss"]))
+      out["excluded_clients"] = [
+          int(c) for c, e in zip(ids, np.asarray(out["excluded"])[:cpr]) if e
+      ]
+      out["round_time_s"] = time.time() - rt
+      for action in actions:
+        out.update(action(r + 1, state, out) or {})
+    bar.close()
+    ckpt.close()
 
   accs = [h["test_accuracy"] for h in history]
   summary = {
@@ -115,10 +120,18 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       "num_clients": config.data.num_clients,
       "client_sizes": data.client_sizes.tolist(),
       "wall_time_s": time.time() - t0,
+      "compile_time_s": compile_timer.seconds,
+      "compilations": compile_timer.compilations,
       "config": json.loads(reported_config.to_json()),
   }
   if config.model.hf_checkpoint:
     summary["checkpoint"] = str(config.model.hf_checkpoint)
+  log.info(
+      "compiled %d programs in %.1f s (wall time %.1f s)",
+      compile_timer.compilations,
+      compile_timer.seconds,
+      summary["wall_time_s"],
+  )
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   hooks.plot_run(workdir, history, data, config)
   return summary
