@@ -49,7 +49,7 @@ def _common():
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The analog; ``configs/cpu_analog.py:runlocal`` is a tiny variant (seconds)."""
   common = _common()
-  c = common.default_config()
+  c = common.fedalign_paper(common.default_config())  # the paper's protocol: its literal reading
   c.method = "fedalign"
   c.data.validation_examples = 1000
   c.data.seq_len = 32

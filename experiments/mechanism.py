@@ -132,6 +132,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "fedalign.permutation_alignment": True,
         "fedalign.alignment_margin": 0.05,
     },
+    "fedavg_plus_conditional": {
+        "method": "fedalign",
+        "fedalign.router_weighting": "uniform",
+        "fedalign.semantic_selection": False,
+        "fedalign.regularizer_form": "conditional",
+    },
+    "fedalign_conditional_bhattacharyya": {
+        "method": "fedalign",
+        "fedalign.regularizer_form": "conditional",
+        "fedalign.router_overlap": "bhattacharyya",
+    },
 }
 
 

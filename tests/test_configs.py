@@ -44,3 +44,24 @@ def test_common_helpers_are_what_the_runlocal_variants_use():
   switch = load_config(REPO / "configs" / "paper" / "agnews_switch_base16.py", "runlocal")
   assert (switch.data.num_clients, switch.train.rounds, switch.model.hf_checkpoint) == (4, 2, "")
   assert switch.model.relative_attention_num_buckets == 8
+
+
+def test_paper_preset_is_the_literal_reading_and_the_paper_protocols_use_it():
+  from fedalign.config_files import load_config, load_module
+
+  common = load_module(REPO / "configs" / "common.py")
+  paper = load_config(REPO / "configs" / "default.py", "paper")
+  both = load_config(REPO / "configs" / "default.py", "runlocal,paper")
+  for key, value in common.FEDALIGN_PAPER.items():
+    assert paper.fedalign[key] == value and both.fedalign[key] == value, key
+  assert both.train.rounds == 3  # runlocal applied too
+  for spec in (
+      "configs/cpu_analog.py",
+      "configs/ablation.py:semantic",
+      "configs/paper/agnews_switch_base16.py:runlocal",
+  ):
+    c = load_config(REPO / spec.split(":")[0], (spec.split(":") + [None])[1])
+    assert c.fedalign.regularizer_form == common.FEDALIGN_PAPER["regularizer_form"], spec
+    assert c.fedalign.router_overlap == common.FEDALIGN_PAPER["router_overlap"], spec
+  with pytest.raises(ValueError, match=r"unknown variant\(s\) \['papr'\]"):
+    load_config(REPO / "configs" / "default.py", "papr")

@@ -41,7 +41,7 @@ def build(
 ) -> ml_collections.ConfigDict:
   """The DeepSeek-MoE-16B LoRA setup on ``dataset``; ``arg='runlocal'``: the tiny variant."""
   common = _common()
-  c = common.default_config()
+  c = common.fedalign_paper(common.default_config())  # the paper's protocol: its literal reading
   c.method = "fedalign"
 
   c.data.dataset = dataset  # fixed 80/20 split per topic group, see

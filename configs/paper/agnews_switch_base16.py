@@ -71,7 +71,7 @@ def _common():
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The paper's Switch-base-16 setup; ``get_config('runlocal')`` is the tiny CPU variant."""
   common = _common()
-  c = common.default_config()
+  c = common.fedalign_paper(common.default_config())  # the paper's protocol: its literal reading
   c.method = "fedalign"
 
   c.data.dataset = "agnews_embedded"
