@@ -154,15 +154,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def variant_config(
     overrides: dict[str, Any], hp: Hyper, lr: float
 ) -> ml_collections.ConfigDict | None:
-  """``configs/default.py`` with the variant's overrides and the benchmark's training fields;
-  None when an override's key does not exist in the config (an option not merged yet).
+  """``configs/default.py:paper`` (FedAlign-MoE's options at the paper's literal reading, so a
+  variant names every departure from it) with the variant's overrides and the benchmark's
+  training fields; None when an override's key does not exist in the config.
 
   >>> variant_config({'method': 'fedprox'}, Hyper(), 1e-3).fedprox.mu
   0.01
   >>> variant_config({'fedalign.no_such_option': 1}, Hyper(), 1e-3) is None
   True
   """
-  c = load_config("configs/default.py")
+  c = load_config("configs/default.py:paper")
   c.train.learning_rate = lr
   c.train.optimizer = "adamw"
   c.train.load_balance_coef = hp.load_balance_coef
@@ -464,7 +465,7 @@ def render(workdir: str | pathlib.Path, command: str = "") -> str:
       "",
       f"Command: `{command}`" if command else "",
       "",
-      f"Test seeds: {seeds} (same seed = same teacher, client partition, pre-trained student and "
+      f"Seeds: {seeds} (same seed = same teacher, client partition, pre-trained student and "
       "client batches for every variant: differences are paired).",
       f"Hyper-parameters: `{hp}`.",
   ]
@@ -542,7 +543,7 @@ def render(workdir: str | pathlib.Path, command: str = "") -> str:
         )
     )
     lines.append("")
-  lines += ["## Variants (config overrides of configs/default.py)", ""]
+  lines += ["## Variants (config overrides of configs/default.py:paper)", ""]
   lines.append(markdown_table(["variant", "overrides"], [[k, str(v)] for k, v in VARIANTS.items()]))
   lines.append("")
   return "\n".join(lines)

@@ -108,7 +108,7 @@ class FedAlignConfig:
       selected experts) [paper: what; ours: form] or 'conditional' (distillation of the
       round's global router's decisions on the client's own router inputs: mean over tokens
       of sum_e alpha(e) gG_e(x) log(gG_e(x) / gL_e(x))) [ours]. The conditional form needs a
-      model that returns ``aux['router_inputs']`` (the decoder families do).
+      model that returns ``aux['router_inputs']`` (the decoder families and Switch do).
     router_overlap: 'per_expert' (4.1: o_i(e) = sqrt(p_i(e) p_g(e)), where p_g(e) cancels in
       the normalisation over clients) or 'bhattacharyya' (o_i = sum_e' sqrt(p_i(e') p_g(e'))
       per client, s_i(e) = o_i sqrt(p_i(e)) m_i(e)) [ours].
@@ -830,7 +830,7 @@ def make_fedalign(
       if "router_inputs" not in aux:
         raise ValueError(
             "config.fedalign.regularizer_form='conditional' needs a model that returns "
-            "aux['router_inputs'] (the decoder families do; Switch does not): use 'marginal'."
+            "aux['router_inputs'] (fedalign's decoder and Switch models do): use 'marginal'."
         )
       return lam * conditional_regularizer(
           params, global_params, aux["router_inputs"], bcast["alpha"]

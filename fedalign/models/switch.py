@@ -560,7 +560,9 @@ class SwitchSparseMLP(nn.Module):
     n = jnp.maximum(stats["token_count"], 1.0)
     lb = e * jnp.sum((stats["select_count"] / n) * (stats["prob_sum"] / n))
     z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * valid) / n
-    return out.astype(x.dtype), stats, {"load_balance_loss": lb, "router_z_loss": z}
+    router_input = {"x": router_in.reshape(b * t, d), "mask": valid.reshape(b * t)}
+    losses = {"load_balance_loss": lb, "router_z_loss": z, "router_input": router_input}
+    return out.astype(x.dtype), stats, losses
 
 
 class SwitchBlock(nn.Module):
@@ -659,6 +661,7 @@ def _aux(routing: dict, losses: dict) -> dict[str, Any]:
   z = [v["router_z_loss"] for v in losses.values()]
   return {
       "routing": routing,
+      "router_inputs": {k: v["router_input"] for k, v in losses.items()},
       "load_balance_loss": jnp.mean(jnp.stack(lb)) if lb else zero,
       "router_z_loss": jnp.mean(jnp.stack(z)) if z else zero,
   }
@@ -748,7 +751,10 @@ class SwitchTransformer(nn.Module):
     )
     n_enc, n_dec = len(cfg.encoder_sparse_layers), len(cfg.decoder_sparse_layers)
     total = max(n_enc + n_dec, 1)
-    aux = {"routing": {**enc_aux["routing"], **dec_aux["routing"]}}
+    aux = {
+        "routing": {**enc_aux["routing"], **dec_aux["routing"]},
+        "router_inputs": {**enc_aux["router_inputs"], **dec_aux["router_inputs"]},
+    }
     for name in ("load_balance_loss", "router_z_loss"):
       aux[name] = (n_enc * enc_aux[name] + n_dec * dec_aux[name]) / total
     return logits, aux
