@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from fedalign.compilation import CompileTimer, default_cache_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -42,6 +44,7 @@ def run_cli(workdir, cache_dir, *extra):
   return json.loads((workdir / "summary.json").read_text())
 
 
+@pytest.mark.slow  # two CLI runs (~40 s); CompileTimer itself is tested below
 def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):
   cache = tmp_path / "cache"
   first = run_cli(tmp_path / "a", cache)

@@ -22,11 +22,29 @@ def check(prefix, case, got):
     )
 
 
-@pytest.mark.parametrize("case", list(g.CASES))
+# The default run keeps one case per aggregator family and per bug-fix area; the rest run with
+# `python -m pytest -m slow` (they are variants of the same code paths).
+FAST = (
+    "fedavg",
+    "fedadam",
+    "scaffold",
+    "fedmoe",
+    "fedmoe_lora_adam",
+    "fedalign",
+    "fedalign_perm",
+    "fedalign_momentum",
+)
+
+
+def cases(names, fast):
+  return [c if c in fast else pytest.param(c, marks=pytest.mark.slow) for c in names]
+
+
+@pytest.mark.parametrize("case", cases(g.CASES, FAST))
 def test_aggregator_golden(case):
   check("agg", case, g.run_aggregator_case(case, g.aggregate_rounds))
 
 
-@pytest.mark.parametrize("case", g.ENGINE_CASES)
+@pytest.mark.parametrize("case", cases(g.ENGINE_CASES, ("scaffold", "fedalign_perm")))
 def test_engine_golden(case):
   check("engine", case, g.run_case(case, g.build_round))
