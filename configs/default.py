@@ -12,7 +12,7 @@ Mixtral-style MoE (8 experts, top-2, hidden 64) trained from scratch with label-
 (``<bos><text>\nTopic: <label>``, 48 tokens), all 10 clients per round, 20 rounds of 10 local
 AdamW steps (batch 32, lr 1e-3). The paper's protocol (1 local epoch per round) is
 ``--config.train.local_steps=0 --config.train.local_epochs=1`` (about 3x more compute).
-Measured (README.md): about 5 minutes on 2 CPU cores, 0.44 final / 0.47 best global test
+Measured (README.md): 235 s on 2 CPU cores, 0.43 final / 0.53 best global test
 accuracy (chance 0.25). From scratch at alpha = 0.1 the global model stays close to chance for
 many rounds (every client sees mostly one class), which is the regime FedAlign-MoE targets.
 ``:runlocal`` (2,000 / 400 examples, width 32, 4 experts, 3 rounds) is for tests; its accuracy
