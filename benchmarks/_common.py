@@ -61,3 +61,21 @@ def median(xs: Sequence[float]) -> float:
 def write_json(name: str, payload: dict[str, Any]) -> pathlib.Path:
   """benchmarks/results/NAME (the JSON every table of benchmarks/ is rendered from)."""
   return reports.write_json(RESULTS_DIR / name, payload)
+
+
+def load_config_with_overrides(path: str, overrides: Sequence[str]) -> Any:
+  """``load_config(path)`` with ``key.sub=value`` overrides (typed like the field), validated."""
+  from fedalign.config_files import load_config
+  from fedalign.federated.config_checks import validate_config
+
+  cfg = load_config(path)
+  for kv in overrides:
+    key, value = kv.split("=", 1)
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    old = node[leaf]
+    node[leaf] = value.lower() == "true" if isinstance(old, bool) else type(old)(value)
+  validate_config(cfg)
+  return cfg
