@@ -1,5 +1,7 @@
-"""Expert dispatch in federated rounds: dense (every expert on every token) vs capacity dispatch
-(scatter to (E, C, D) buffers, grouped matmuls, gather), against the PyTorch baseline's round.
+"""Expert dispatch in federated rounds: dense (every expert on every token), block-sparse
+dropless (``moe_impl='sparse'``: rows grouped by expert into blocks, one batched matmul) and
+capacity dispatch (scatter to (E, C, D) buffers, grouped matmuls, gather), against the PyTorch
+baseline's round.
 
 One process, one machine, the same rounds' batches for all variants; rounds are alternated (the
 order rotating every round) so that load changes of a shared machine hit every variant alike.
@@ -12,7 +14,7 @@ ones: it is the speed/quality trade-off Switch and GShard make.
 Command (about 5 minutes on 2 CPU cores)::
 
     python benchmarks/dispatch.py [--config=configs/default.py] [--reps=5] \\
-        [--capacity_factors=1.0,1.25,2.0] [--threads=2]
+        [--impls=dense,sparse] [--capacity_factors=1.25] [--threads=2]
 
 Writes ``benchmarks/results/dispatch.json`` and prints a markdown table (copied into
 benchmarks/README.md).
@@ -41,7 +43,8 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default="configs/default.py")
   ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--capacity_factors", default="1.0,1.25,2.0")
+  ap.add_argument("--impls", default="dense,sparse", help="dropless model.moe_impl values")
+  ap.add_argument("--capacity_factors", default="1.25")
   ap.add_argument("--threads", type=int, default=2)
   args = ap.parse_args()
 
@@ -58,9 +61,13 @@ def main() -> None:
 
   runners = {}
   # Each variant is built by fedalign.federated.run.build_run on the same data.
-  runners["dense"] = make_fedalign_round(base, data, work)
+  for impl in [x for x in args.impls.split(",") if x]:
+    cfg = copy.deepcopy(base)
+    cfg.model.moe_impl = impl
+    runners[impl] = make_fedalign_round(cfg, data, work)
   for cf in [float(x) for x in args.capacity_factors.split(",") if x]:
     cfg = copy.deepcopy(base)
+    cfg.model.moe_impl = "dense"  # the capacity path (what it needs of moe_impl: config.py)
     cfg.model.capacity_factor = cf
     name = f"capacity {cf:g}"
     runners[name] = make_fedalign_round(cfg, data, work)
@@ -85,12 +92,18 @@ def main() -> None:
           f"{warm[n]:.2f}",
           f"{med[n]:.3f}",
           f"{median([r[torch_name] / r[n] for r in rows]):.2f}",
-          f"{median([r['dense'] / r[n] for r in rows]):.2f}",
+          f"{median([r[names[0]] / r[n] for r in rows]):.2f}",
       ]
       for n in names
   ]
   md = markdown_table(
-      ["variant", "round 1 s (compile)", "median round s", "PyTorch / variant", "dense / variant"],
+      [
+          "variant",
+          "round 1 s (compile)",
+          "median round s",
+          "PyTorch / variant",
+          f"{names[0]} / variant",
+      ],
       table,
   )
   print(md)
