@@ -72,6 +72,7 @@ def build_training(
     *,
     seq2seq: bool = False,
     num_clients: int | None = None,
+    scored_tokens: int | None = None,
 ) -> Training:
   """Module, trainable mask, algorithm, task and pure client update of a model.
 
@@ -82,13 +83,18 @@ def build_training(
     seq2seq: a Switch (encoder-decoder) model: :class:`Seq2SeqTask`, else
       :class:`CausalLMTask`.
     num_clients: the size of the client population (default ``config.data.num_clients``).
+    scored_tokens: the most target tokens of a training row: the LM head then runs on the
+      scored positions only (:class:`CausalLMTask`); None: the full head.
   """
   t = config.train
   module = build_module(mcfg)
   mask = trainable_mask(params, t.trainable)
   trainable, _ = partition(params, mask)
   algorithm = make_algorithm(config, trainable, num_clients or config.data.num_clients)
-  task = Seq2SeqTask(module) if seq2seq else CausalLMTask(module, t.prompt_loss_weight)
+  if seq2seq:
+    task = Seq2SeqTask(module)
+  else:
+    task = CausalLMTask(module, t.prompt_loss_weight, scored_tokens)
   client_update = make_client_update(
       task,
       algorithm,
@@ -181,7 +187,12 @@ def build_run(
   if data is None:
     data = FederatedData(config, workdir)
   mcfg, params = load_model(config, data.tokenizer)
-  training = build_training(config, mcfg, params, seq2seq=data.seq2seq)
+  scored = None
+  if not data.seq2seq:  # the LM head on the target positions only (a bound from every row)
+    from fedalign.metrics.evaluation import max_scored_tokens
+
+    scored = max_scored_tokens(data.train["target_mask"], data.train["mask"])
+  training = build_training(config, mcfg, params, seq2seq=data.seq2seq, scored_tokens=scored)
   mesh = None
   if config.train.use_mesh:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), (CLIENT_AXIS,))
@@ -227,14 +238,21 @@ def make_evaluator(data: FederatedData, mcfg: Any, module: Any, batch_size: int)
   if data.seq2seq:
     return ev.make_seq2seq_classification_evaluator(mcfg, data.candidates, batch_size)
   apply_fn = lambda p, tok, m: module.apply({"params": p}, tok, m)[0]
+  # The LM head on the scored positions only (the label word's, the options').
+  scored = lambda p, tok, m, pos: module.apply({"params": p}, tok, m, logit_positions=pos)[0]
   if getattr(data, "multiple_choice", False):  # MMLU / HellaSwag: every option scored
     return ev.make_multiple_choice_evaluator(
         apply_fn,
         max(1, batch_size // data.test["tokens"].shape[1]),
         labels_key="answers",
         metric=data.mc_metric,
+        scored_apply_fn=scored,
     )
   if data.candidate_ids is not None:
-    return ev.make_classification_evaluator(apply_fn, data.candidate_ids, batch_size)
+    return ev.make_classification_evaluator(
+        apply_fn, data.candidate_ids, batch_size, scored_apply_fn=scored
+    )
   # Multi-token label words: K sequences per example, so K times smaller batches.
-  return ev.make_multiple_choice_evaluator(apply_fn, max(1, batch_size // len(data.label_words)))
+  return ev.make_multiple_choice_evaluator(
+      apply_fn, max(1, batch_size // len(data.label_words)), scored_apply_fn=scored
+  )

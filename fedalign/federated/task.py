@@ -24,7 +24,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from fedalign.metrics.evaluation import scored_positions
 
 PyTree = Any
 
@@ -41,8 +44,40 @@ def shifted_cross_entropy(
   return jnp.sum(ce * w), jnp.sum(w)
 
 
+def gathered_cross_entropy(
+    logits: jax.Array, tokens: jax.Array, index: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`shifted_cross_entropy` from the logits of the scored positions only.
+
+  ``logits`` (B, K, V) are the logits at positions ``index`` (B, K) (which predict
+  ``tokens[:, index + 1]``); ``valid`` (B, K) marks the real slots (see
+  :func:`fedalign.metrics.evaluation.scored_positions`).
+
+  >>> logits = jnp.zeros((1, 4, 8)); tokens = jnp.arange(4)[None]
+  >>> tm = jnp.array([[False, False, True, True]])
+  >>> idx, valid = scored_positions(tm, 3)
+  >>> gathered_cross_entropy(jnp.take_along_axis(logits, idx[..., None], 1), tokens, idx, valid)[1]
+  Array(2., dtype=float32)
+  """
+  labels = jnp.take_along_axis(tokens, index + 1, axis=1, mode="clip")
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  w = valid.astype(jnp.float32)
+  return jnp.sum(ce * w), jnp.sum(w)
+
+
 class CausalLMTask:
   """Next-token loss on the target tokens of a decoder-only MoE LM.
+
+  Only the scored positions go through the LM head when ``scored_tokens`` is set and
+  ``prompt_loss_weight`` is 0: the final hidden states at the (at most ``scored_tokens``)
+  positions that predict a target token of each row are gathered, then projected to the
+  vocabulary (``MoEDecoderLM(logit_positions=...)``). Same loss and gradients as the full
+  head (up to float summation order), without the (B, T, V) logits. ``scored_tokens`` must
+  bound every row's number of target tokens (``max_scored_tokens`` of
+  :mod:`fedalign.metrics.evaluation` over the training rows, which
+  :func:`fedalign.federated.run.build_run` passes): a row with more would lose its extra
+  targets. None (the default), or ``prompt_loss_weight`` > 0 (every position is scored): the
+  full head.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -57,23 +92,56 @@ class CausalLMTask:
     True
   """
 
-  def __init__(self, module: nn.Module, prompt_loss_weight: float = 0.0):
+  def __init__(
+      self,
+      module: nn.Module,
+      prompt_loss_weight: float = 0.0,
+      scored_tokens: int | None = None,
+  ):
     """``prompt_loss_weight`` > 0 adds that weight times the mean next-token loss on the
-    prompt (every valid non-target token): a label-independent language-modelling signal."""
+    prompt (every valid non-target token): a label-independent language-modelling signal.
+    ``scored_tokens``: see the class docstring (None: full LM head)."""
+    if scored_tokens is not None and (
+        isinstance(scored_tokens, bool)
+        or not isinstance(scored_tokens, (int, np.integer))
+        or scored_tokens < 1
+    ):
+      raise ValueError(
+          f"scored_tokens={scored_tokens!r} is invalid: expected None (full LM head) or an "
+          "int >= 1 (the most target tokens of a row)."
+      )
     self.module = module
     self.prompt_loss_weight = prompt_loss_weight
+    self.scored_tokens = None if scored_tokens is None else int(scored_tokens)
+
+  @property
+  def gathers_head(self) -> bool:
+    """Whether :meth:`loss` runs the LM head on the scored positions only."""
+    return self.scored_tokens is not None and not self.prompt_loss_weight
 
   def logits(self, params: PyTree, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     return self.module.apply({"params": params}, tokens, mask)[0]
+
+  def scored_logits(
+      self, params: PyTree, tokens: jax.Array, mask: jax.Array, positions: jax.Array
+  ) -> jax.Array:
+    """(B, K, V) logits at ``positions`` (B, K) only (the LM head skips the others)."""
+    return self.module.apply({"params": params}, tokens, mask, logit_positions=positions)[0]
 
   def loss(
       self, params: PyTree, batch: dict[str, jax.Array], rng: jax.Array
   ) -> tuple[jax.Array, dict[str, Any]]:
     del rng
+    target = batch["target_mask"] & batch["mask"]
+    if self.gathers_head:
+      index, valid = scored_positions(target, self.scored_tokens)
+      logits, aux = self.module.apply(
+          {"params": params}, batch["tokens"], batch["mask"], logit_positions=index
+      )
+      total, count = gathered_cross_entropy(logits, batch["tokens"], index, valid)
+      return total / jnp.maximum(count, 1.0), aux
     logits, aux = self.module.apply({"params": params}, batch["tokens"], batch["mask"])
-    total, count = shifted_cross_entropy(
-        logits, batch["tokens"], batch["target_mask"] & batch["mask"]
-    )
+    total, count = shifted_cross_entropy(logits, batch["tokens"], target)
     loss = total / jnp.maximum(count, 1.0)
     if self.prompt_loss_weight:
       prompt = batch["mask"] & ~batch["target_mask"]

@@ -1,7 +1,13 @@
 """Evaluation of classification and multiple-choice tasks as pure, jittable functions.
 
 Every scorer takes ``logits_fn(tokens[B, T] int32, mask[B, T] bool) -> logits[B, T, V]``, a
-pure callable whose logits at position t predict token t + 1 (a causal LM). Inputs come from
+pure callable whose logits at position t predict token t + 1 (a causal LM), and optionally
+``scored_logits_fn(tokens, mask, positions[B, K] int32) -> logits[B, K, V]``: the same logits
+at the given positions only (``MoEDecoderLM(logit_positions=...)``: the LM head runs on K
+positions instead of T). With it the scorers compute only what they read: the position before
+the label word (:func:`classification_eval`), the positions before each option's tokens
+(:func:`multiple_choice_eval`, K = the most option tokens of a row, from the data; see
+:func:`scored_positions`); the scores are the same up to float summation order. Inputs come from
 :mod:`fedalign.data.formatting`. Evaluation runs over fixed-size batches with ``jax.lax.map``
 (the last batch is filled by repeating row 0, then dropped), so one ``jax.jit`` of the whole
 evaluation compiles once per data shape; :func:`make_multiple_choice_evaluator` and
@@ -36,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -43,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+#: ``scored_logits_fn(tokens (B, T), mask (B, T), positions (B, K)) -> logits (B, K, V)``
+ScoredLogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 #: ``score_fn(enc_ids (B, T), enc_mask (B, T), choice_ids (K, L), choice_mask (K, L)) -> (B, K)``
 ChoiceScoreFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 ApplyFn = Callable[..., jax.Array]
@@ -69,6 +78,55 @@ def sequence_logprob(logits: Array, tokens: Array, target_mask: Array) -> jax.Ar
   return jnp.sum(jnp.where(tm, lp, 0.0), axis=-1)
 
 
+def scored_positions(target_mask: Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The positions whose logits score the target tokens, in a static number ``k`` per row.
+
+  Position p predicts token p + 1, so row b needs the logits at every p with
+  ``target_mask[b, p + 1]`` (a target at position 0 is never scored). Returns ``(index (B, k)
+  int32, valid (B, k) bool)``: the first ``k`` such positions of each row in order, then fill
+  slots (index 0, valid False) that must get weight 0. ``k`` must bound the targets of every
+  row: extra ones are dropped.
+
+  >>> idx, valid = scored_positions(jnp.array([[0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]], bool), 2)
+  >>> idx.tolist(), valid.tolist()
+  ([[1, 2], [0, 0], [0, 0]], [[True, True], [True, False], [False, False]])
+  """
+  pred = jnp.asarray(target_mask, bool)[:, 1:]
+  index = jax.vmap(lambda r: jnp.nonzero(r, size=k, fill_value=0)[0])(pred).astype(jnp.int32)
+  valid = jnp.arange(k)[None, :] < jnp.sum(pred, axis=1, keepdims=True)
+  return index, valid
+
+
+def gathered_sequence_logprob(
+    logits: Array, tokens: Array, index: Array, valid: Array
+) -> jax.Array:
+  """:func:`sequence_logprob` from the (B, K, V) logits at the positions ``index`` (B, K) only
+  (``valid`` marks the real slots; :func:`scored_positions`)."""
+  logits = jnp.asarray(logits, jnp.float32)
+  nxt = jnp.take_along_axis(jnp.asarray(tokens), index + 1, axis=1, mode="clip")
+  picked = jnp.take_along_axis(logits, nxt[..., None], axis=-1)[..., 0]
+  lp = picked - jax.nn.logsumexp(logits, axis=-1)
+  return jnp.sum(jnp.where(valid, lp, 0.0), axis=-1)
+
+
+def max_scored_tokens(target_mask: Array, mask: Array | None = None) -> int | None:
+  """The most scored tokens of one row (targets after position 0, and valid where ``mask``
+  is given), at least 1: the static ``K`` of :func:`scored_positions`. Read on the host;
+  None when an array is not concrete (traced under ``jit``: the caller falls back to the
+  full head).
+
+  >>> max_scored_tokens(np.array([[[0, 1, 1]], [[1, 0, 0]]], bool))
+  2
+  """
+  if isinstance(target_mask, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+    return None
+  tm = np.asarray(target_mask, bool)
+  if mask is not None:
+    tm = tm & np.asarray(mask, bool)
+  tm = tm.reshape(-1, tm.shape[-1])[:, 1:]
+  return max(1, int(tm.sum(axis=1).max(initial=0)))
+
+
 def _batched(arrays: Sequence[Array], batch_size: int) -> tuple[list[jax.Array], int]:
   """Pads the leading axis to a multiple of batch_size (repeating row 0), -> (nb, B, ...)."""
   n = arrays[0].shape[0]
@@ -79,22 +137,47 @@ def _batched(arrays: Sequence[Array], batch_size: int) -> tuple[list[jax.Array],
 
 
 def score_sequences(
-    logits_fn: LogitsFn, tokens: Array, mask: Array, target_mask: Array, batch_size: int
+    logits_fn: LogitsFn,
+    tokens: Array,
+    mask: Array,
+    target_mask: Array,
+    batch_size: int,
+    *,
+    scored_logits_fn: ScoredLogitsFn | None = None,
+    num_scored: int | None = None,
 ) -> jax.Array:
-  """(N,) summed target log-prob of N sequences, in fixed batches of ``batch_size``."""
+  """(N,) summed target log-prob of N sequences, in fixed batches of ``batch_size``.
+
+  With ``scored_logits_fn`` and ``num_scored`` (static: at least the most target tokens of a
+  row, e.g. :func:`max_scored_tokens`) only the ``num_scored`` positions before each row's
+  targets are computed; otherwise ``logits_fn``'s full (B, T, V) logits.
+  """
   (t, m, tm), n = _batched([tokens, mask, target_mask], batch_size)
+  gather = scored_logits_fn is not None and num_scored is not None
 
   def body(x):
     tb, mb, tmb = x
+    if gather:
+      index, valid = scored_positions(tmb, num_scored)
+      return gathered_sequence_logprob(scored_logits_fn(tb, mb, index), tb, index, valid)
     return sequence_logprob(logits_fn(tb, mb), tb, tmb)
 
   return jax.lax.map(body, (t, m, tm)).reshape(-1)[:n]
 
 
 def multiple_choice_eval(
-    logits_fn: LogitsFn, choices: Mapping[str, Array], batch_size: int
+    logits_fn: LogitsFn,
+    choices: Mapping[str, Array],
+    batch_size: int,
+    *,
+    scored_logits_fn: ScoredLogitsFn | None = None,
+    num_scored: int | None = None,
 ) -> dict[str, jax.Array]:
   """Scores (N, K, T) option sequences (``format_multiple_choice`` output).
+
+  ``scored_logits_fn`` / ``num_scored``: the LM head on the option positions only (see
+  :func:`score_sequences`; ``num_scored`` defaults to :func:`max_scored_tokens` of the
+  choices when they are concrete, else the full head).
 
   Returns:
     ``logprobs`` (N, K) summed option log-probs; ``pred``, ``pred_norm`` (N,);
@@ -103,8 +186,16 @@ def multiple_choice_eval(
   tokens = jnp.asarray(choices["tokens"])
   n, k, t = tokens.shape
   flat = lambda a: jnp.asarray(a).reshape(n * k, t)
+  if scored_logits_fn is not None and num_scored is None:
+    num_scored = max_scored_tokens(choices["target_mask"])
   s = score_sequences(
-      logits_fn, flat(tokens), flat(choices["mask"]), flat(choices["target_mask"]), batch_size
+      logits_fn,
+      flat(tokens),
+      flat(choices["mask"]),
+      flat(choices["target_mask"]),
+      batch_size,
+      scored_logits_fn=scored_logits_fn,
+      num_scored=num_scored,
   ).reshape(n, k)
   chars = jnp.maximum(jnp.asarray(choices["option_chars"], jnp.float32), 1.0)
   labels = jnp.asarray(choices["labels"])
@@ -127,13 +218,16 @@ def classification_eval(
     examples: Mapping[str, Array],
     candidate_ids: Array,
     batch_size: int,
+    *,
+    scored_logits_fn: ScoredLogitsFn | None = None,
 ) -> dict[str, jax.Array]:
   """One-pass label-word scoring for single-token label words.
 
   ``examples`` is ``format_classification`` output (either mode): the target tokens are
   removed from the input (token 0, mask False) so nothing of the label leaks even for a
   non-causal model, and the log-softmax at ``last_index`` (the last prompt token) is read at
-  each ``candidate_ids`` (K,) (from ``formatting.single_token_ids``).
+  each ``candidate_ids`` (K,) (from ``formatting.single_token_ids``). With
+  ``scored_logits_fn`` only that position goes through the LM head.
 
   Returns:
     ``logprobs`` (N, K), ``pred`` (N,), ``correct`` (N,) bool, ``acc`` scalar.
@@ -147,8 +241,11 @@ def classification_eval(
 
   def body(x):
     tb, mb, lb = x
-    logits = jnp.asarray(logits_fn(tb, mb), jnp.float32)
-    row = jnp.take_along_axis(logits, lb[:, None, None], axis=1)[:, 0]  # (B, V)
+    if scored_logits_fn is not None:
+      row = jnp.asarray(scored_logits_fn(tb, mb, lb[:, None]), jnp.float32)[:, 0]  # (B, V)
+    else:
+      logits = jnp.asarray(logits_fn(tb, mb), jnp.float32)
+      row = jnp.take_along_axis(logits, lb[:, None, None], axis=1)[:, 0]  # (B, V)
     return jax.nn.log_softmax(row, axis=-1)[:, cand]
 
   s = jax.lax.map(body, (t, m, last)).reshape(-1, cand.shape[0])[:n]
@@ -241,13 +338,22 @@ def sample_client_test_sets(
 
 
 def make_multiple_choice_evaluator(
-    apply_fn: ApplyFn, batch_size: int, *, labels_key: str = "labels", metric: str = "acc"
+    apply_fn: ApplyFn,
+    batch_size: int,
+    *,
+    labels_key: str = "labels",
+    metric: str = "acc",
+    scored_apply_fn: ApplyFn | None = None,
 ) -> Callable[[object, Mapping[str, Array]], dict[str, jax.Array]]:
   """``jax.jit`` of ``(params, choices) -> multiple_choice_eval(...)`` with
   ``logits_fn = lambda t, m: apply_fn(params, t, m)``: compiles once per data shape.
 
   Args:
     apply_fn: ``(params, tokens, mask) -> logits``.
+    scored_apply_fn: optional ``(params, tokens, mask, positions (B, K)) -> logits (B, K, V)``:
+      the LM head on the option positions only. K (static) is :func:`max_scored_tokens` of
+      ``choices['target_mask']``, read on the host at each call (one compile per data shape
+      and K); when ``choices`` is traced (the evaluator called inside ``jit``) the full head.
     batch_size: sequences (not questions) per forward pass.
     labels_key: the key of ``choices`` holding the correct option index (e.g. ``"answers"``
       when ``"labels"`` holds something else, such as a topic group).
@@ -266,27 +372,55 @@ def make_multiple_choice_evaluator(
   if metric not in ("acc", "acc_norm"):
     raise ValueError(f"metric={metric!r} is invalid: expected 'acc' or 'acc_norm'.")
 
-  @jax.jit
-  def evaluate(params, choices):
+  @functools.partial(jax.jit, static_argnames="num_scored")
+  def jitted(params, choices, num_scored=None):
     choices = {**choices, "labels": choices[labels_key]}
-    out = multiple_choice_eval(lambda t, m: apply_fn(params, t, m), choices, batch_size)
+    scored = None
+    if scored_apply_fn is not None and num_scored is not None:
+      scored = lambda t, m, i: scored_apply_fn(params, t, m, i)
+    out = multiple_choice_eval(
+        lambda t, m: apply_fn(params, t, m),
+        choices,
+        batch_size,
+        scored_logits_fn=scored,
+        num_scored=num_scored,
+    )
     out["acc_unnorm"] = out["acc"]
     if metric == "acc_norm":
       out.update(acc=out["acc_norm"], correct=out["correct_norm"], pred=out["pred_norm"])
     return out
 
+  if scored_apply_fn is None:
+    return jitted
+
+  def evaluate(params, choices):
+    return jitted(params, choices, num_scored=max_scored_tokens(choices["target_mask"]))
+
+  evaluate._cache_size = jitted._cache_size  # compiles: one per data shape and K
   return evaluate
 
 
 def make_classification_evaluator(
-    apply_fn: ApplyFn, candidate_ids: Array, batch_size: int
+    apply_fn: ApplyFn,
+    candidate_ids: Array,
+    batch_size: int,
+    *,
+    scored_apply_fn: ApplyFn | None = None,
 ) -> Callable[[object, Mapping[str, Array]], dict[str, jax.Array]]:
-  """``jax.jit`` of ``(params, examples) -> classification_eval(...)`` (one compile)."""
+  """``jax.jit`` of ``(params, examples) -> classification_eval(...)`` (one compile).
+
+  ``scored_apply_fn``: optional ``(params, tokens, mask, positions (B, K)) -> logits
+  (B, K, V)``; the LM head then runs on the ``last_index`` position only."""
   cand = np.asarray(candidate_ids, np.int32)
 
   @jax.jit
   def evaluate(params, examples):
-    return classification_eval(lambda t, m: apply_fn(params, t, m), examples, cand, batch_size)
+    scored = None
+    if scored_apply_fn is not None:
+      scored = lambda t, m, i: scored_apply_fn(params, t, m, i)
+    return classification_eval(
+        lambda t, m: apply_fn(params, t, m), examples, cand, batch_size, scored_logits_fn=scored
+    )
 
   return evaluate
 

@@ -6,6 +6,12 @@ federated engine vmaps it over clients. The forward returns ``(logits, aux)`` wh
 holds the routing statistics of every MoE block (keyed by the block's parameter path, e.g.
 ``'layers_1/mlp'``) and the mean load-balancing and router z-losses.
 
+``logit_positions`` (B, K) int: the LM head (hidden -> vocabulary) runs only on the final
+(normed) hidden states at those positions and the logits are (B, K, V); everything before the
+head and ``aux`` are unchanged. Label-word training and evaluation read a few positions per
+sequence, so this skips most of the head's FLOPs and its (B, T, V) activations
+(:class:`fedalign.federated.task.CausalLMTask`, :mod:`fedalign.metrics.evaluation`).
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from fedalign.models import MoEConfig, MoEDecoderLM
@@ -109,13 +115,22 @@ class DecoderLayer(nn.Module):
 
 
 class MoEDecoderLM(nn.Module):
-  """Causal MoE language model. ``__call__(input_ids, attention_mask) -> (logits, aux)``."""
+  """Causal MoE language model. ``__call__(input_ids, attention_mask) -> (logits, aux)``.
+
+  ``positions`` (T,) are the RoPE positions (default ``arange(T)``); ``logit_positions``
+  (B, K) int selects the sequence positions whose logits are computed (-> (B, K, V)); None:
+  every position (B, T, V).
+  """
 
   config: MoEConfig
 
   @nn.compact
   def __call__(
-      self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+      self,
+      input_ids: Array,
+      attention_mask: Array | None = None,
+      positions: Array | None = None,
+      logit_positions: Array | None = None,
   ) -> tuple[Array, dict[str, Any]]:
     cfg = self.config
     dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -145,6 +160,9 @@ class MoEDecoderLM(nn.Module):
         lb.append(losses["load_balance_loss"])
         z.append(losses["router_z_loss"])
     x = RMSNorm(cfg.rms_norm_eps, pdtype, name="final_norm")(x)
+    if logit_positions is not None:  # only the scored positions go through the LM head
+      idx = jnp.asarray(logit_positions, jnp.int32)
+      x = jnp.take_along_axis(x, idx[..., None], axis=1, mode="clip")
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
