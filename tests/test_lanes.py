@@ -243,9 +243,11 @@ def moe_round(num_lanes):
   return state, outs
 
 
+@pytest.mark.slow  # ~30 s of compilation (two MoE programs) on 2 shared cores, up to 60 s
 def test_fedalign_moe_lane_clients_equal_vmapped_padded_clients():
   """Client level (no aggregation to compile): deltas, per-client routing statistics (summed
-  over each client's own real steps only), losses and step counts, 2 lanes."""
+  over each client's own real steps only), losses and step counts, 2 lanes. The default run
+  covers the same accumulation on the linear task's statistics."""
   if "setup" not in _MOE:
     moe_setup()
   params, mask, alg, cu, batches = _MOE["setup"]
