@@ -81,6 +81,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("model.lora_rank", config.model.lora_rank, "an integer >= 1 when train.trainable='lora'")
   if t.chunk_size < 0:
     bad("train.chunk_size", t.chunk_size, "0 (all clients at once) or a positive integer")
+  lanes = t.get("lanes", 0)
+  if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 0:
+    bad("train.lanes", lanes, "0 (off: clients padded to the longest) or a positive integer")
+  if lanes and t.chunk_size:
+    bad(
+        "train.chunk_size",
+        t.chunk_size,
+        f"0 with train.lanes={lanes} (lanes replace chunks: --config.train.chunk_size=0)",
+    )
+  min_useful = t.get("lanes_min_useful", 0.9)
+  if isinstance(min_useful, bool) or not isinstance(min_useful, (int, float)):
+    bad("train.lanes_min_useful", min_useful, "a float in [0, 1]")
+  if not 0.0 <= min_useful <= 1.0:
+    bad("train.lanes_min_useful", min_useful, "a float in [0, 1]")
   if config.model.get("moe_impl", "dense") != "dense":
     # jax.lax.ragged_dot has no batching rule for the client axis of a vmapped round
     # (NotImplementedError in jax 0.10); use capacity_factor for sparse dispatch instead.

@@ -4,7 +4,8 @@
 (:func:`fedalign.federated.server.run_experiment`), the PyTorch comparison
 (``experiments/compare_pytorch.py``) and the benchmarks use it. :meth:`Run.round_inputs`
 holds the host side of a round: client sampling (:func:`sample_clients`, from
-``(seed, round)`` only), size-sorting for chunks and weight-0 padding clients.
+``(seed, round)`` only), size-sorting for chunks and weight-0 padding clients, or with
+``train.lanes`` the lane schedule and layout of the round's batches.
 
 Example (a few seconds on CPU):
     >>> import tempfile
@@ -32,7 +33,14 @@ import numpy as np
 from fedalign.data.federated import FederatedData
 from fedalign.algorithms import make_algorithm
 from fedalign.federated.client import client_optimizer, make_client_update
-from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_fn
+from fedalign.federated.round import (
+    CLIENT_AXIS,
+    choose_lanes,
+    init_server_state,
+    lane_batches,
+    lane_schedule,
+    make_round_fn,
+)
 from fedalign.federated.task import CausalLMTask, Seq2SeqTask
 from fedalign.models import build_module
 from fedalign.models.from_config import load_model
@@ -111,7 +119,8 @@ class Run:
 
   ``round_fn(state, batches, weights, client_ids, round_idx) -> (state, out)`` is jitted;
   ``pad_step`` = lcm(chunk size, mesh size): the number of clients given to ``round_fn`` is
-  rounded up to a multiple of it with weight-0 padding clients.
+  rounded up to a multiple of it with weight-0 padding clients. ``lanes`` > 0
+  (``train.lanes``): ``round_fn`` takes the lane layout and no client is padded.
   """
 
   config: ml_collections.ConfigDict  # the resolved config (pre-training applied)
@@ -129,6 +138,8 @@ class Run:
   pad_step: int
   evaluate: Callable
   initial_state: PyTree
+  lanes: int = 0
+  lanes_min_useful: float = 0.9
 
   def round_inputs(
       self, round_idx: int
@@ -138,7 +149,9 @@ class Run:
     ``ids`` are the sampled clients (sorted by decreasing size when the round is chunked:
     chunks of similar size, the local loop stops at a chunk's longest client); ``batches``,
     ``weights`` (= client sizes) and ``client_ids_padded`` carry weight-0 padding clients up
-    to a multiple of ``pad_step``.
+    to a multiple of ``pad_step``. With ``lanes``: ``batches`` in the lane layout
+    (:func:`~fedalign.federated.round.lane_batches`) on :meth:`round_lanes` lanes, no
+    padding clients.
     """
     config, data = self.config, self.data
     cpr = config.train.clients_per_round
@@ -147,6 +160,17 @@ class Run:
       ids = ids[np.argsort(-data.client_sizes[ids], kind="stable")]
     batches = data.round_batches(config, ids, round_idx)
     weights = data.client_sizes[ids].astype(np.float32)
+    if self.lanes:
+      steps = batches["step_mask"].sum(1)
+      num_lanes = self.round_lanes(steps)
+      slots = None
+      if cpr < config.data.num_clients:
+        # Sampled clients: one slot length per lane count for the whole run (LPT's bound
+        # sum / L + max over the largest possible sample), not one compilation per round.
+        top = np.sort(self.population_steps())[::-1][:cpr]
+        slots = max(1, int(-(-top.sum() // num_lanes) + top[0]))
+      schedule = lane_schedule(steps, num_lanes, num_slots=slots)
+      return lane_batches(batches, schedule), weights, ids, ids
     pad_to = int(math.ceil(cpr / self.pad_step) * self.pad_step)
     if pad_to == cpr:
       return batches, weights, ids, ids
@@ -158,6 +182,20 @@ class Run:
     weights = np.concatenate([weights, np.zeros(extra, np.float32)])
     ids_in = np.concatenate([ids, np.repeat(ids[:1], extra)])
     return batches, weights, ids_in, ids
+
+  def round_lanes(self, steps: np.ndarray) -> int:
+    """The lanes of a round whose clients take ``steps`` local steps
+    (:func:`~fedalign.federated.round.choose_lanes` from ``train.lanes`` and
+    ``train.lanes_min_useful``; a multiple of the mesh size)."""
+    multiple = self.mesh.size if self.mesh is not None else 1
+    return choose_lanes(steps, self.lanes, min_useful=self.lanes_min_useful, multiple_of=multiple)
+
+  def population_steps(self) -> np.ndarray:
+    """Real local steps of every client of the population in a round."""
+    t = self.config.train
+    if t.local_steps > 0:
+      return np.full(len(self.data.client_sizes), t.local_steps, np.int64)
+    return t.local_epochs * -(-np.asarray(self.data.client_sizes, np.int64) // t.batch_size)
 
   def run_round(self, state: PyTree, round_idx: int) -> tuple[PyTree, dict[str, Any], np.ndarray]:
     """One round from ``state``: ``(new state, round_fn's outputs, sampled client ids)``."""
@@ -197,6 +235,12 @@ def build_run(
   if config.train.use_mesh:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), (CLIENT_AXIS,))
   chunk = config.train.chunk_size or None
+  lanes = int(config.train.get("lanes", 0))
+  if lanes and mesh is not None and lanes % mesh.size:
+    raise ValueError(
+        f"config.train.lanes={lanes} is invalid with train.use_mesh=True: expected a multiple "
+        f"of the mesh size ({mesh.size} devices), the lane axis is sharded over the devices."
+    )
   round_fn = jax.jit(
       make_round_fn(
           training.client_update,
@@ -205,11 +249,12 @@ def build_run(
           seed=config.seed,
           chunk_size=chunk,
           mesh=mesh,
+          lanes=bool(lanes),
       )
   )
   # Weight-0 padding clients make the round's client count a multiple of the chunk size and
-  # of the number of devices on the mesh.
-  pad_step = math.lcm(chunk or 1, mesh.size if mesh is not None else 1)
+  # of the number of devices on the mesh (lanes need none: the lane axis is sharded).
+  pad_step = 1 if lanes else math.lcm(chunk or 1, mesh.size if mesh is not None else 1)
   evaluate = make_evaluator(data, mcfg, training.module, config.eval.batch_size)
   state = init_server_state(params, training.algorithm, training.mask, config.data.num_clients)
   return Run(
@@ -228,6 +273,8 @@ def build_run(
       pad_step=pad_step,
       evaluate=evaluate,
       initial_state=state,
+      lanes=lanes,
+      lanes_min_useful=float(config.train.get("lanes_min_useful", 0.9)),
   )
 
 
