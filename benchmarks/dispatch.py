@@ -1,5 +1,6 @@
-"""Expert dispatch in federated rounds: dense (every expert on every token) vs capacity dispatch
-(scatter to (E, C, D) buffers, grouped matmuls, gather), against the PyTorch baseline's round.
+"""Expert dispatch in federated rounds: dense (every expert on every token) vs block-sparse
+dropless (the default, ``moe_impl='sparse'``) vs capacity dispatch (scatter to (E, C, D)
+buffers, grouped matmuls, gather), against the PyTorch baseline's round.
 
 One process, one machine, the same rounds' batches for all variants; rounds are alternated (the
 order rotating every round) so that load changes of a shared machine hit every variant alike.
@@ -58,9 +59,15 @@ def main() -> None:
 
   runners = {}
   # Each variant is built by fedalign.federated.run.build_run on the same data.
-  runners["dense"] = make_fedalign_round(base, data, work)
+  dense = copy.deepcopy(base)
+  dense.model.moe_impl = "dense"
+  runners["dense"] = make_fedalign_round(dense, data, work)
+  sparse = copy.deepcopy(base)
+  sparse.model.moe_impl = "sparse"
+  runners[f"sparse {sparse.model.moe_block_size}"] = make_fedalign_round(sparse, data, work)
   for cf in [float(x) for x in args.capacity_factors.split(",") if x]:
     cfg = copy.deepcopy(base)
+    cfg.model.moe_impl = "sparse"
     cfg.model.capacity_factor = cf
     name = f"capacity {cf:g}"
     runners[name] = make_fedalign_round(cfg, data, work)
