@@ -56,14 +56,21 @@ SOURCES = ("dolly", "mmlu", "hellaswag")
 INFO_FILE = "pretrain_info.json"
 
 
+# config.model fields that do not change the pretrained checkpoint (fine-tuning / compute).
+_NOT_IN_KEY = (
+    "hf_checkpoint",
+    "lora_rank",
+    "lora_alpha",
+    "moe_impl",
+    "capacity_factor",
+    "moe_block_size",
+)
+
+
 def _pretrain_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Everything the checkpoint depends on (the cache key)."""
   p = config.pretrain
-  model = {
-      k: v
-      for k, v in config.model.to_dict().items()
-      if k not in ("hf_checkpoint", "lora_rank", "lora_alpha", "moe_impl", "capacity_factor")
-  }
+  model = {k: v for k, v in config.model.to_dict().items() if k not in _NOT_IN_KEY}
   return {
       "pretrain": {k: v for k, v in p.to_dict().items() if k not in ("enabled", "dir")},
       "model": model,

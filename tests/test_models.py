@@ -296,19 +296,21 @@ def _block_outputs(cfg, params, x, mask):
   return np.asarray(out), stats
 
 
-def test_dense_ragged_and_large_capacity_agree():
+def test_dense_sparse_ragged_and_large_capacity_agree():
   cfg = small("qwen2_moe", hidden_size=8, num_heads=1, num_kv_heads=1)
   x = jax.random.normal(jax.random.key(1), (2, 5, 8))
   mask = jnp.asarray([[1] * 5, [1, 1, 1, 0, 0]], bool)
   params = random_params(MoEBlock(cfg), x, mask, seed=2)
-  dense, s0 = _block_outputs(cfg, params, x, mask)
-  ragged, s1 = _block_outputs(cfg.replace(moe_impl="ragged"), params, x, mask)
-  capped, s2 = _block_outputs(cfg.replace(capacity_factor=8.0), params, x, mask)
+  dense, s0 = _block_outputs(cfg.replace(moe_impl="dense"), params, x, mask)
+  sparse, s1 = _block_outputs(cfg.replace(moe_block_size=4), params, x, mask)
+  ragged, s2 = _block_outputs(cfg.replace(moe_impl="ragged"), params, x, mask)
+  capped, s3 = _block_outputs(cfg.replace(capacity_factor=8.0), params, x, mask)
   valid = np.asarray(mask)
+  np.testing.assert_allclose(sparse, dense, atol=1e-5, rtol=0)
   np.testing.assert_allclose(ragged, dense, atol=1e-5, rtol=0)
   np.testing.assert_allclose(capped[valid], dense[valid], atol=1e-5, rtol=0)
   assert np.abs(dense).max() > 1e-2
-  for s in (s1, s2):
+  for s in (s1, s2, s3):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), s, s0)
 
 
@@ -400,7 +402,10 @@ def test_scatter_capacity_dispatch_matches_one_hot_dispatch(cap):
         (dict(hidden_size=30, num_heads=4), "num_heads"),
         (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
         (dict(capacity_factor=0.0), "capacity_factor"),
-        (dict(moe_impl="sparse"), "moe_impl"),
+        (dict(moe_impl="grouped"), "moe_impl"),
+        (dict(moe_impl="dense", capacity_factor=1.25), "capacity_factor"),
+        (dict(moe_impl="ragged", capacity_factor=1.25), "capacity_factor"),
+        (dict(moe_block_size=0), "moe_block_size"),
         (dict(lora_targets=("mlp",)), "lora_targets"),
     ],
 )

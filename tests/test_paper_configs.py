@@ -194,7 +194,7 @@ def test_runlocal_config_end_to_end(dataset, method, tmp_path, shared_data, fast
 
 
 def test_full_config_runs_from_a_tiny_bfloat16_checkpoint(tmp_path, shared_data, fast_compile):
-  """The full MMLU config's path (checkpoint + its tokenizer, bfloat16, LoRA, capacity dispatch,
+  """The full MMLU config's path (checkpoint + its tokenizer, bfloat16, LoRA, dropless sparse,
   chunk_size=1, one local epoch) on a tiny saved DeepSeek-MoE instead of the 16B one."""
   from fedalign.data.tokenize import HFTokenizer, train_bpe
   from fedalign.models.from_config import load_model
@@ -228,7 +228,7 @@ def test_full_config_runs_from_a_tiny_bfloat16_checkpoint(tmp_path, shared_data,
   c.eval.batch_size = 16
   mcfg, params = load_model(c, tok)
   assert mcfg.dtype == mcfg.param_dtype == "bfloat16" and mcfg.lora_rank == 8
-  assert mcfg.capacity_factor == 1.25
+  assert (mcfg.moe_impl, mcfg.capacity_factor) == ("sparse", None)  # dropless
   lora = [x for path, x in jax.tree_util.tree_leaves_with_path(params) if "lora" in str(path)]
   assert lora and all(x.dtype == jnp.bfloat16 for x in lora)
   summary = run_experiment(c, tmp_path / "run")

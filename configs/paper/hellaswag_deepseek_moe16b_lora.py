@@ -26,7 +26,8 @@ Prompt ``"{activity_label}: {ctx}"``, trained with the LM loss on the correct en
 evaluated by scoring the 4 endings with ``acc_norm`` (log-likelihood per character, the
 lm-evaluation-harness metric for HellaSwag; ``--config.eval.mc_metric=acc`` for the
 unnormalised one). 192 tokens (no row is longer at ~4 characters per token; ~50% of the slots
-are padding), batch 8, LoRA rank 8, capacity factor 1.25, evaluation every 5 rounds.
+are padding), batch 8, LoRA rank 8, dropless block-sparse experts (blocks of 64), evaluation
+every 5 rounds.
 
 Accuracy of this code: not measured here (no accelerator); the paper's numbers are above.
 
@@ -35,18 +36,23 @@ figures from XLA's accounting of one compiled training step on CPU, as in the MM
 
 * Weights 32.8 GB (16.4B, bfloat16), LoRA adapters 147.0M parameters (0.29 GB), one client's
   training state ~1.2 GB, the round's 10 deltas ~3 GB (details in the MMLU config).
-* Activations at batch 8 x 192 tokens (1,536 tokens per step, 180 slots per expert): 0.90 GB
-  per MoE layer with float32 activations (an upper figure; linear in the tokens per step), ~24
-  GB for the 27 MoE layers + ~1.7 GB for the rest (float32 logits 1,536 x 102,400).
-* Peak ~55-65 GB with ``train.chunk_size=1``: one 80 GB H100 (or A100-80GB);
+* Activations at batch 8 x 192 tokens (1,536 tokens x top-6 = 9,216 routed rows per step,
+  in 207 blocks of 64 rows): 0.89 GB per MoE layer with float32 activations (an upper
+  figure; linear in the tokens per step), ~24 GB for the 27 MoE layers + ~1.7 GB for the rest
+  (float32 logits 1,536 x 102,400), plus ~5.6 GB (float32) of transient per-block expert
+  weights (capacity dispatch at 1.25: 0.90 GB per MoE layer, no transient weights).
+* Peak ~60-70 GB with ``train.chunk_size=1``: one 80 GB H100 (or A100-80GB);
   ``--config.train.batch_size=4`` needs ~50 GB. Mesh: none (one device); several GPUs as in the MMLU config (``use_mesh=True``,
   ``chunk_size`` = the number of GPUs, a divisor of 10; each GPU holds the full frozen weights).
-* Time, FLOP basis ~2.8B active parameters per token: forward ~6.3 GFLOP per token (2 x 2.8B,
-  +0.7 capacity slack; the scatter/gather dispatch adds no matmul FLOPs); XLA counts 12.1 GFLOP
-  per training token. A round is one epoch over 8,111 x 192 tokens = 1.56M tokens, ~1.9e16
-  FLOP: 50-130 s on one H100 at 15-40% of its bfloat16 peak; an evaluation (1,931 x 4 x 192
-  tokens) ~1e16 FLOP, 25-65 s. 25 rounds + 5 evaluations: ~25-60 min, plus
-  compilation (5-15 min) and checkpoint writes (~33 GB each); within a factor ~3.
+* Time, FLOP basis ~2.8B active parameters per token: XLA counts 13.2 GFLOP per training
+  token (12.1 with capacity dispatch). A round is one epoch over 8,111 x 192 tokens = 1.56M
+  tokens, ~2.1e16 FLOP: 50-140 s on one H100 at 15-40% of its bfloat16 peak; the weight
+  gathers (XLA: ~1,220 GB accessed per step in float32 accounting, against ~420 GB with
+  capacity dispatch) may make it ~3 min per round instead (1,014 steps at ~3.3 TB/s), ~3x
+  capacity dispatch (``--config.model.capacity_factor=1.25``; see the MMLU config). An
+  evaluation (1,931 x 4 x 192 tokens) ~1e16 FLOP, 25-65 s. 25 rounds + 5 evaluations:
+  ~25-90 min, plus compilation (5-15 min) and checkpoint writes (~33 GB each); within a
+  factor ~3.
 
 Tiny variant that runs on CPU in seconds (random 2-layer DeepSeek-MoE, LoRA rank 4, BPE on the
 clients' text, 400 / 100 questions, 4 clients, 2 rounds; run by tests/test_paper_configs.py)::

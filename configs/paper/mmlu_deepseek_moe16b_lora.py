@@ -32,10 +32,11 @@ on every routed expert's three projections (shared experts and the dense layer f
 trained; 512 tokens (left-truncated; ~2% of prompts are longer at ~4 characters per token),
 batch 2, no weight decay,
 gradient clipping 1.0, load-balancing loss 0.001 (the checkpoint's ``aux_loss_alpha``),
-capacity dispatch with ``model.capacity_factor=1.25`` (federated rounds cannot use the ragged
-dropless path; the capacity counts padded positions too, and ~70% of the 512 positions are
-padding, so few real tokens are dropped), evaluation every 5 rounds and after the last
-(``--config.eval.every=1`` for a per-round curve, +1-2 h).
+dropless block-sparse experts (``model.moe_impl='sparse'``, blocks of 64 rows: each token's
+top-6 routed experts only and no token dropped, the checkpoint's own function;
+``--config.model.capacity_factor=1.25`` gives capacity dispatch instead, see Time below),
+evaluation every 5 rounds and after the last (``--config.eval.every=1`` for a per-round
+curve, +1-2 h).
 
 Accuracy of this code: not measured here (no accelerator); the paper's numbers are above.
 
@@ -51,16 +52,19 @@ widths, the per-MoE-layer increment times 27):
   one client's training state (adapters, gradients, 2 AdamW moments) ~1.2 GB; the round keeps
   all 10 clients' deltas (~3 GB). Adapters and their AdamW moments are bfloat16 like the base
   (``load_pretrained``'s dtype applies to every parameter).
-* Activations at batch 2 x 512 tokens (1,024 tokens per step, 120 slots per expert): 0.67 GB
-  per MoE layer with float32 activations (the CPU backend upcasts bfloat16 matmuls, so this is
-  an upper figure; bfloat16 activations take less): ~18 GB for the 27 MoE layers + ~1.2 GB for
-  the rest (float32 logits 1,024 x 102,400). Linear in the tokens per step (capacity dispatch
-  scatters tokens into (E, C, D) buffers; no (T, E, C) one-hot tensor): batch 4 measures 1.33 GB
-  per MoE layer (``python benchmarks/paper_memory.py --batch 2 --seq 512``; the earlier one-hot
-  dispatch took 0.81 / 2.1 GB).
-* Peak ~50-60 GB with ``train.chunk_size=1`` (clients trained one after another inside the
+* Activations at batch 2 x 512 tokens (1,024 tokens x top-6 = 6,144 routed rows per step,
+  held in 159 blocks of 64 rows: 10,176 rows of expert work): 0.72 GB per MoE layer with
+  float32 activations (the CPU backend upcasts bfloat16 matmuls, so this is an upper figure;
+  bfloat16 activations take less): ~19 GB for the 27 MoE layers + ~1.2 GB for the rest
+  (float32 logits 1,024 x 102,400), plus ~4.5 GB (float32) of per-block expert weights,
+  transient in the layer being computed (every block gathers its expert's weights; the
+  backward pass gathers them again instead of keeping them). Linear in the tokens per step
+  (``python benchmarks/paper_memory.py --batch 2 --seq 512``; with capacity dispatch,
+  ``--capacity_factor 1.25``: 0.67 GB per MoE layer, no transient weights; batch 4 measured
+  1.33 GB per MoE layer with capacity dispatch).
+* Peak ~55-65 GB with ``train.chunk_size=1`` (clients trained one after another inside the
   jitted round): one 80 GB H100 (or A100-80GB). ``--config.train.batch_size=4`` needs
-  ~75 GB: an H100 with little margin, or an H200 (141 GB). Checkpoints hold the full parameters (~33 GB on disk each;
+  ~80 GB: an H200 (141 GB). Checkpoints hold the full parameters (~33 GB on disk each;
   ``checkpoint.keep=1``).
 * Mesh: none (``train.use_mesh=False``, one device). With several GPUs,
   ``--config.train.use_mesh=True --config.train.chunk_size=N`` shards each chunk of N clients
@@ -68,15 +72,23 @@ widths, the per-MoE-layer increment times 27):
   a full replica of the frozen weights (no model parallelism), so each still needs the peak
   above. N should divide 10 (2, 5 or 10 GPUs), else weight-0 padding clients are trained. The
   mesh path is tested on fake CPU devices only.
-* Time, FLOP basis ~2.8B active parameters per token: forward ~6.3 GFLOP per token (2 x 2.8B,
-  +0.7 for the 25% capacity slack on the 1.4B routed parameters; the scatter/gather dispatch
-  adds no matmul FLOPs); training ~2x forward (the frozen base needs activation gradients but
-  no weight gradients): XLA counts 12.4 GFLOP per token. A round is one epoch over
-  11,535 x 512 tokens (padding included) = 5.9M tokens, ~7.3e16 FLOP: 185-490 s on one H100 at
-  15-40% of its 989 TFLOP/s bfloat16 peak (the per-expert matmuls are small: 120 rows). An
-  evaluation (2,792 x 4 options x 512 tokens, 4 sequences per forward, ~7 GFLOP per token) is
-  ~4e16 FLOP, 100-270 s. 25 rounds + 5 evaluations: ~1.5-4 h, plus the compilation of the
-  unrolled 28-layer round (expect 5-15 min) and checkpoint writes; within a factor ~3.
+* Time, FLOP basis ~2.8B active parameters per token: forward ~7.4 GFLOP per token (2 x 2.8B,
+  +1.8 for the 1.66x block padding of the 1.4B routed parameters: 10,176 rows of work for
+  6,144 routed rows); training ~2x forward (the frozen base needs activation gradients but no
+  weight gradients): XLA counts 14.7 GFLOP per token (12.4 with capacity dispatch at 1.25).
+  A round is one epoch over 11,535 x 512 tokens (padding included) = 5.9M tokens,
+  ~8.7e16 FLOP: 220-590 s on one H100 at 15-40% of its 989 TFLOP/s bfloat16 peak. Memory
+  traffic may dominate instead: every block gathers its expert's weights (159 blocks x 3 x
+  2048 x 1408 per MoE layer, forward and again backward), and XLA counts ~970 GB accessed per
+  step (float32 accounting; about half in bfloat16) against ~340 GB with capacity dispatch:
+  at ~3.3 TB/s ~0.15 s per step, ~14 min per round (5,768 steps), ~3x capacity dispatch's
+  ~5 min. Capacity dispatch at 1.25 drops few real tokens here (~70% of the 512 positions
+  are padding, which takes no capacity), so if these estimates hold on the accelerator,
+  ``--config.model.capacity_factor=1.25`` is the faster choice. An evaluation (2,792 x 4
+  options x 512 tokens, 4 sequences per forward, ~7 GFLOP per token) is ~4e16 FLOP,
+  100-270 s. 25 rounds + 5 evaluations: ~2-6 h (the upper end if the weight gathers
+  dominate), plus the compilation of the unrolled 28-layer round (expect 5-15 min) and
+  checkpoint writes; within a factor ~3.
 
 Tiny variant that runs on CPU in seconds (a random 2-layer DeepSeek-MoE with 8 routed experts
 + a shared expert, LoRA rank 4, a byte-level BPE trained on the clients' text, 400 training and

@@ -17,11 +17,22 @@ from fedalign.data.federated import DATASETS
 from fedalign.data.multiple_choice import MC_DATASETS
 from fedalign.algorithms import METHODS
 from fedalign.config_files import flatten_config
-from fedalign.models.config import DTYPES
+from fedalign.models.config import DTYPES, MoEConfig
 from fedalign.models.from_config import MODEL_TYPES, model_type
 
-# Fields that may change between a run and its resumption.
-RESUMABLE_FIELDS = ("train.rounds", "eval.every", "checkpoint.every", "checkpoint.keep")
+# Fields that may change between a run and its resumption. model.moe_impl / moe_block_size
+# change how the experts are computed, not what ('dense' and dropless 'sparse' are the same
+# function), so workdirs of runs made before 'sparse' became the default resume.
+RESUMABLE_FIELDS = (
+    "train.rounds",
+    "eval.every",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "model.moe_impl",
+    "model.moe_block_size",
+)
+# Expert compute of the decoder that a vmapped federated round can run (MoEConfig.moe_impl).
+FEDERATED_MOE_IMPLS = ("sparse", "dense")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -95,16 +106,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("train.lanes_min_useful", min_useful, "a float in [0, 1]")
   if not 0.0 <= min_useful <= 1.0:
     bad("train.lanes_min_useful", min_useful, "a float in [0, 1]")
-  if config.model.get("moe_impl", "dense") != "dense":
-    # jax.lax.ragged_dot has no batching rule for the client axis of a vmapped round
-    # (NotImplementedError in jax 0.10); use capacity_factor for sparse dispatch instead.
+  moe_impl = config.model.get("moe_impl", "sparse")
+  if moe_impl not in FEDERATED_MOE_IMPLS:
+    # jax.lax.ragged_dot's gradient has no batching rule for the client axis of the vmapped
+    # round (NotImplementedError in jax 0.10); 'sparse' is the vmappable dropless path.
     bad(
         "model.moe_impl",
-        config.model.moe_impl,
-        "'dense' in federated runs (use model.capacity_factor > 0 for sparse dispatch)",
+        moe_impl,
+        f"one of {FEDERATED_MOE_IMPLS} in federated runs ('ragged' cannot be vmapped over "
+        "clients; 'sparse' is dropless and computes the top-k experts only)",
     )
-  if config.model.get("capacity_factor", 0.0) < 0:
-    bad("model.capacity_factor", config.model.capacity_factor, "0 (dropless) or a positive float")
+  capacity_factor = config.model.get("capacity_factor", 0.0)
+  if capacity_factor < 0:
+    bad("model.capacity_factor", capacity_factor, "0 (dropless) or a positive float")
+  if capacity_factor > 0 and moe_impl != "sparse":
+    bad(
+        "model.capacity_factor",
+        capacity_factor,
+        f"0 (dropless) with model.moe_impl={moe_impl!r}; capacity dispatch is "
+        "model.moe_impl='sparse' with model.capacity_factor > 0",
+    )
+  block_size = config.model.get("moe_block_size", MoEConfig.moe_block_size)
+  if not isinstance(block_size, int) or block_size < 1:
+    bad("model.moe_block_size", block_size, "a positive integer (rows per expert block)")
   if d.dataset not in DATASETS:
     bad("data.dataset", d.dataset, f"one of {tuple(DATASETS)}")
   if d.dataset in MC_DATASETS and model_type(config) != "decoder":

@@ -13,7 +13,7 @@ from typing import Any
 
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_moe")
 QK_NORMS = ("none", "full", "head")
-MOE_IMPLS = ("dense", "ragged")
+MOE_IMPLS = ("sparse", "dense", "ragged")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("attention", "experts", "shared_expert", "dense_mlp")
 
@@ -44,8 +44,12 @@ class MoEConfig:
   norm_topk_prob: bool = True  # renormalise the top-k weights (Mixtral)
   routed_scaling_factor: float = 1.0  # DeepSeek multiplies the top-k weights by this
   router_bias: bool = False
-  capacity_factor: float | None = None  # None = dropless
-  moe_impl: str = "dense"  # 'dense' (every expert on every token) | 'ragged'
+  capacity_factor: float | None = None  # None = dropless; > 0: capacity dispatch ('sparse')
+  # Expert compute: 'sparse' (top-k rows only: block-sparse and dropless when capacity_factor
+  # is None, capacity dispatch when > 0) | 'dense' (every expert on every token: the exact
+  # reference) | 'ragged' (jax.lax.ragged_dot; one model only: no vmap of its gradient).
+  moe_impl: str = "sparse"
+  moe_block_size: int = 64  # rows per block of the dropless 'sparse' path (moe.sparse_blocks)
   # Shared experts (Qwen2-MoE: gated; DeepSeek-MoE: ungated).
   shared_expert_intermediate_size: int = 0  # 0 = no shared expert
   shared_expert_gate: bool = False
@@ -133,6 +137,14 @@ class MoEConfig:
       bad("capacity_factor", "None (dropless) or a positive float")
     if self.moe_impl not in MOE_IMPLS:
       bad("moe_impl", f"one of {MOE_IMPLS}")
+    if self.capacity_factor is not None and self.moe_impl != "sparse":
+      bad(
+          "capacity_factor",
+          f"None with moe_impl={self.moe_impl!r} (dropless); capacity dispatch is "
+          "moe_impl='sparse' with capacity_factor > 0",
+      )
+    if int(self.moe_block_size) < 1:
+      bad("moe_block_size", "a positive integer (rows per block of moe_impl='sparse')")
     if self.moe_every < 1:
       bad("moe_every", "an integer >= 1")
     if not 0 <= self.first_k_dense <= self.num_layers:

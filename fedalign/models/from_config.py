@@ -86,7 +86,8 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
   ``config.model.hf_checkpoint`` is set, the checkpoint (either model type).
 
   Fine-tuning fields applied to a checkpoint: ``lora_rank`` / ``lora_alpha`` (when
-  ``lora_rank`` > 0: fresh adapters, the loaded function unchanged), ``moe_impl`` (decoder),
+  ``lora_rank`` > 0: fresh adapters, the loaded function unchanged), ``moe_impl``,
+  ``capacity_factor`` and ``moe_block_size`` (decoder),
   ``dropout_rate`` / ``router_jitter_noise`` (Switch, when the config has them), ``dtype``
   (decoder, optional, default 'float32': parameter and compute dtype, e.g. 'bfloat16'; routers
   stay float32; also used for random init).
@@ -118,6 +119,8 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
         overrides[name] = float(m[name])
   else:
     overrides["moe_impl"] = m.moe_impl
+    if "moe_block_size" in m:
+      overrides["moe_block_size"] = int(m.moe_block_size)
     if m.get("capacity_factor", 0.0):
       overrides["capacity_factor"] = float(m.capacity_factor)
   model = load_pretrained(m.hf_checkpoint, m.get("dtype", "float32"), seed=config.seed, **overrides)
@@ -158,6 +161,7 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MoE
       lora_alpha=m.lora_alpha,
       moe_impl=m.moe_impl,
       capacity_factor=m.capacity_factor or None,
+      moe_block_size=int(m.get("moe_block_size", MoEConfig.moe_block_size)),
       dtype=m.get("dtype", "float32"),
       param_dtype=m.get("dtype", "float32"),
       router_aux_loss_coef=config.train.load_balance_coef,

@@ -205,6 +205,7 @@ OVERRIDABLE = (
     "lora_targets",
     "moe_impl",
     "capacity_factor",
+    "moe_block_size",
     "router_aux_loss_coef",
     "router_z_loss_coef",
     "initializer_range",

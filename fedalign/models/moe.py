@@ -10,6 +10,12 @@ Parameter layout (MaxText / vmoe / flaxformer convention, see docs/architecture.
 
 Every leaf under ``experts`` has the expert axis first, so permuting that axis together with
 the router kernel's last axis leaves the block's function unchanged.
+
+Expert compute (``MoEConfig.moe_impl``): ``'sparse'`` (default) runs each token's top-k experts
+only, dropless in blocks of ``moe_block_size`` rows of one expert each (:func:`sparse_layout`)
+or, with ``capacity_factor`` > 0, as capacity dispatch into (E, C, D) buffers
+(:func:`capacity_slots`); ``'dense'`` runs every expert on every token (the exact reference);
+``'ragged'`` uses ``jax.lax.ragged_dot`` (one model only: not vmappable over clients).
 """
 
 from __future__ import annotations
@@ -107,6 +113,16 @@ class Experts(nn.Module):
       y = y + (self.lora_alpha / self.lora_rank) * jnp.einsum(b_spec, xa, w[f"{name}_lora_b"])
     return y
 
+  def _block_proj(self, w: dict[str, Array], name: str, x: Array, block_expert: Array) -> Array:
+    """Per-block matmul x (N, B, in) @ W[block_expert] (N, in, out) (+ LoRA, gathered alike)."""
+    y = _gathered_matmul(x, w[name], block_expert)
+    if self.lora_rank > 0:
+      xa = _gathered_matmul(x, w[f"{name}_lora_a"], block_expert)
+      y = y + (self.lora_alpha / self.lora_rank) * _gathered_matmul(
+          xa, w[f"{name}_lora_b"], block_expert
+      )
+    return y
+
   def _ragged_proj(self, w: dict[str, Array], name: str, x: Array, group_sizes: Array) -> Array:
     """Grouped matmul of expert-sorted tokens (+ LoRA): ``jax.lax.ragged_dot``."""
     y = jax.lax.ragged_dot(x, w[name], group_sizes)
@@ -118,17 +134,28 @@ class Experts(nn.Module):
     return y
 
   @nn.compact
-  def __call__(self, x: Array, mode: str = "dense", group_sizes: Array | None = None) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      mode: str = "dense",
+      group_sizes: Array | None = None,
+      block_expert: Array | None = None,
+  ) -> Array:
     """Applies the experts.
 
     Modes:
       * ``dense``: every expert on every token, x (T, D) -> (T, E, D);
       * ``grouped``: expert-major inputs x (E, C, D) -> (E, C, D) (capacity dispatch);
+      * ``sparse``: blocks of rows of one expert each, x (N, B, D) with ``block_expert`` (N,)
+        -> (N, B, D) (block-sparse dropless dispatch, :func:`sparse_layout`);
       * ``ragged``: tokens sorted by expert x (N, D) with ``group_sizes`` (E,) -> (N, D),
         a grouped matmul (``jax.lax.ragged_dot``).
     """
     w = self.setup_params(x.shape[-1])
     x = x.astype(self.dtype)
+    if mode == "sparse":
+      proj = lambda name, inp: self._block_proj(w, name, inp, block_expert)
+      return proj("wo", nn.silu(proj("wi_0", x)) * proj("wi_1", x))
     if mode == "ragged":
       proj = lambda name, inp: self._ragged_proj(w, name, inp, group_sizes)
       return proj("wo", nn.silu(proj("wi_0", x)) * proj("wi_1", x))
@@ -137,7 +164,7 @@ class Experts(nn.Module):
     elif mode == "dense":
       spec_in, spec_out = "td,edf->tef", "tef,efd->ted"
     else:
-      raise ValueError(f"Experts mode={mode!r}: expected 'dense', 'grouped' or 'ragged'.")
+      raise ValueError(f"Experts mode={mode!r}: expected 'dense', 'grouped', 'sparse' or 'ragged'.")
     h = nn.silu(self._proj(w, "wi_0", x, spec_in)) * self._proj(w, "wi_1", x, spec_in)
     return self._proj(w, "wo", h, spec_out)
 
@@ -233,6 +260,94 @@ def gather_from_experts(expert_out: Array, top_idx: Array, slot: Array, weight: 
   return jnp.einsum("tkd,tk->td", y, weight.astype(y.dtype))
 
 
+def sparse_blocks(num_rows: int, num_experts: int, block_size: int) -> tuple[int, int]:
+  """(rows per block, number of blocks) of the block-sparse layout of ``num_rows`` routed rows.
+
+  Rows per block ``b = min(block_size, num_rows)``. An expert with c >= 1 rows takes
+  ceil(c / b) = floor((c - 1) / b) + 1 blocks; over the n' experts that receive rows this sums
+  to at most n' + floor((rows - n') / b), which grows with n' <= n = min(E, rows). So
+  ``floor((rows - n) / b) + n`` blocks (a static number; reached when n experts get
+  1 mod b rows each) hold every row whatever the routing: no row is ever dropped. The padded
+  work is ``blocks * b`` rows, at most ``rows + n * (b - 1)``.
+
+  >>> sparse_blocks(3072, 8, 64)  # the default model: 1,536 tokens x top-2, 8 experts
+  (64, 55)
+  >>> sparse_blocks(6, 4, 64)  # fewer rows than a block: one block per expert
+  (6, 4)
+  """
+  b = max(1, min(int(block_size), num_rows))
+  n = min(num_experts, num_rows)
+  return b, max(1, (num_rows - n) // b + n)
+
+
+def sparse_layout(top_idx: Array, num_experts: int, block_size: int) -> tuple[Array, Array, Array]:
+  """Block-sparse dropless layout of the routed (token, choice) rows.
+
+  Rows are grouped by expert and each expert's group is padded up to a multiple of the block
+  size, in a buffer of :func:`sparse_blocks` blocks of one expert each. Only one-hot counts, a
+  scatter of int32 positions and comparisons: differentiable around it, vmappable, shardable.
+
+  Args:
+    top_idx: (T, k) expert of each (token, choice).
+    num_experts: E.
+    block_size: requested rows per block (see :func:`sparse_blocks`).
+
+  Returns:
+    dest (T, k) int32: each (token, choice)'s row in the padded buffer (all distinct);
+    src (blocks * b,) int32: the token held by each buffer row (T for a padding row);
+    block_expert (blocks,) int32: the expert of each block (E - 1 for trailing unused blocks,
+    whose rows are all padding).
+
+  >>> dest, src, block_expert = sparse_layout(jnp.array([[0], [1], [0]]), 2, block_size=2)
+  >>> dest[:, 0].tolist(), src.tolist(), block_expert.tolist()
+  ([0, 2, 1], [0, 2, 1, 3], [0, 1])
+  """
+  t, k = top_idx.shape
+  rows = t * k
+  b, nb = sparse_blocks(rows, num_experts, block_size)
+  flat = top_idx.reshape(rows)
+  onehot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)  # (T*k, E)
+  rank = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # row within its expert
+  padded = -(-jnp.sum(onehot, axis=0) // b) * b  # (E,) rows per expert, padded to blocks
+  end = jnp.cumsum(padded)
+  dest = ((end - padded)[flat] + rank).astype(jnp.int32)
+  src = jnp.full((nb * b,), t, jnp.int32).at[dest].set(jnp.arange(rows, dtype=jnp.int32) // k)
+  first_row = jnp.arange(nb, dtype=jnp.int32) * b
+  block_expert = jnp.sum(end[None, :] <= first_row[:, None], axis=-1)
+  return dest.reshape(t, k), src, jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
+
+
+@jax.custom_vjp
+def _gathered_matmul(x: Array, w: Array, idx: Array) -> Array:
+  """x (N, B, in) @ w[idx] (N, in, out): one matmul per block with its expert's weights.
+
+  The backward pass gathers the (N, in, out) block weights again instead of keeping the
+  forward pass's copy (it is ~N / E times the expert weights: 1.8 GB per projection and
+  layer at DeepSeek-MoE-16B's sizes, float32).
+  """
+  return jnp.einsum("nbd,ndf->nbf", x, w[idx])
+
+
+def _gathered_matmul_fwd(x: Array, w: Array, idx: Array) -> tuple[Array, tuple]:
+  return _gathered_matmul(x, w, idx), (x, w, idx)
+
+
+def _gathered_matmul_bwd(res: tuple, dy: Array) -> tuple[Array, Array, None]:
+  x, w, idx = res
+  # The index depends on the cotangent (it equals idx unless dy's first entry is NaN, and
+  # then the gradient is NaN anyway), so XLA can neither merge this gather with the forward
+  # one nor hoist it into the forward pass; either would keep every layer's gathered weights
+  # alive until the backward pass (measured with XLA:CPU; jax.checkpoint and optimization
+  # barriers did not prevent it).
+  idx = jnp.where(jnp.isnan(dy.reshape(-1)[0]), 0, idx)
+  dx = jnp.einsum("nbf,ndf->nbd", dy, w[idx])
+  dw = jnp.zeros_like(w).at[idx].add(jnp.einsum("nbd,nbf->ndf", x, dy).astype(w.dtype))
+  return dx.astype(x.dtype), dw, None
+
+
+_gathered_matmul.defvjp(_gathered_matmul_fwd, _gathered_matmul_bwd)
+
+
 class MoEBlock(nn.Module):
   """Routed experts (+ optional shared expert). Returns (output, routing stats, losses)."""
 
@@ -278,6 +393,15 @@ class MoEBlock(nn.Module):
       expert_in = scatter_to_experts(tokens.astype(dtype), top_idx, slot, e, cap)
       expert_out = experts(expert_in, mode="grouped")
       out = gather_from_experts(expert_out, top_idx, slot, top_w * keep)
+    elif cfg.moe_impl == "sparse":
+      # Block-sparse, dropless: rows grouped by expert into blocks of one expert each, one
+      # batched matmul over the blocks, the top-k weighted sum gathered back.
+      dest, src, block_expert = sparse_layout(top_idx, e, cfg.moe_block_size)
+      x_blocks = tokens.astype(dtype).at[src].get(mode="fill", fill_value=0)
+      y = experts(
+          x_blocks.reshape(block_expert.shape[0], -1, d), mode="sparse", block_expert=block_expert
+      ).reshape(-1, d)
+      out = jnp.einsum("tkd,tk->td", y[dest], top_w.astype(y.dtype))
     elif cfg.moe_impl == "ragged":
       flat_idx = top_idx.reshape(-1)
       order = jnp.argsort(flat_idx, stable=True)
