@@ -515,9 +515,12 @@ def _expert_gate(
   def rows(m):  # (k, D) -> (k, C)
     logits = jnp.dot(m, k_all, precision=HIGHEST) + b_all[None]
     logits = logits.reshape(m.shape[0], num_clients, num_experts)
-    lse = jax.nn.logsumexp(logits, axis=-1)
     own = jax.lax.dynamic_index_in_dim(logits, e, axis=2, keepdims=False)
-    return jnp.exp(own - lse)
+    # softmax_e = 1 / sum_f exp(l_f - l_e): one reduction, no max pass (the sum is >= 1; an
+    # overflowing exp gives inf, i.e. gamma 0, below float32's range anyway); from -0.0 for
+    # the reason given in _expert_dots
+    terms = jnp.exp(logits - own[..., None])
+    return 1.0 / jax.lax.reduce(terms, jnp.array(-0.0, terms.dtype), lambda a, b: a + b, (2,))
 
   if chunk_size is None or chunk_size >= num_clients:
     return rows(mu_e)
@@ -716,7 +719,9 @@ def _block_update(
   kernel_d = flat_d[blk.kernel_key]
   bias_d = None if blk.bias_key is None else flat_d[blk.bias_key]
   if kernel_d is not None:
-    agg[blk.kernel_key] = jnp.einsum("ce,cde->de", omega, kernel_d, precision=HIGHEST)
+    # sum_c omega[c, e] Delta_c[:, e] as a scan over clients of (E, D) slices: an einsum with
+    # e as batch axis would transpose the (C, D, E) deltas with the client axis last (slow)
+    agg[blk.kernel_key] = expert_sum(omega, jnp.swapaxes(deltas[blk.kernel_key], 1, 2), part).T
   if bias_d is not None:
     agg[blk.bias_key] = jnp.sum(omega * bias_d, axis=0)
   new_pg = normalize(jnp.sum(omega * p, axis=0), fallback=p_g)
