@@ -3,17 +3,28 @@
 Command (2-core CPU: about a minute)::
 
     python benchmarks/aggregation_breakdown.py [--clients 100] [--experts 64]
+    python benchmarks/aggregation_breakdown.py --clients 1000 --only x_bar --tag 1000
 
 Times the jitted building blocks of fedalign/algorithms/fedalign.py and
 fedalign/aggregation/moe_blocks.py on random arrays of the sizes that one MoE layer with
-D = F = 64 gives (x: (C, E, P), P = 3 * D * F, the concatenated expert deltas, and its 3
-leaves): the per-expert weighted sum ``expert_sum`` (a fused multiply-reduce) next to the same
-sum as a highest-precision einsum, the per-client sum ``client_sum`` (FedAvg's), the
-concatenation of the expert leaves (which the aggregator no longer does), the O(N) and pairwise
-cosines accumulated leaf by leaf, and the pairwise gate ``pairwise_gate`` (all at once and
-chunked).
-Median of --reps calls after a warm-up. Results: markdown table and
-benchmarks/results/aggregation_breakdown.json.
+D = F = 64 gives (3 expert leaves x (C, E, 64, 64); every 7th client does not take part and
+sends NaN), next to the formulations they replaced:
+
+* the per-expert weighted sum sum_c w[c, e] x[c, e]: ``expert_sum`` (a scan over clients of
+  fused multiply-adds) vs a reduction over the client axis (the former ``expert_sum``) vs an
+  einsum with the expert axis as batch axis (XLA transposes x);
+* FedAvg's sum: ``client_sum(w, x, part)`` on the deltas as sent vs the einsum on the
+  zeroed deltas (``where(part, x, 0)``, a copy of x);
+* per-client, per-expert reductions: squared norms as a batched dot; dot products with the
+  consensus as a reduction with initial value -0.0 vs ``jnp.sum``, each alone and in a program
+  that has another 0.0 constant (every real program does: see ``_expert_dots``);
+* the O(N) cosine (``consensus_expert_cosine``, three passes), the pairwise cosines
+  (``pairwise_expert_cosine``: per expert, Gram matmuls) and the pairwise gate (per expert,
+  all clients at once and in chunks).
+
+Median of --reps calls after a warm-up, the cases called in turn. ``--only`` keeps the cases
+whose name contains that text. Results: markdown table and
+benchmarks/results/aggregation_breakdown[_TAG].json.
 """
 
 from __future__ import annotations
@@ -30,16 +41,27 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import block, machine, markdown_table, median, time_calls, write_json  # noqa: E402
+from _common import block, machine, markdown_table, median, write_json  # noqa: E402
 from fedalign.aggregation.moe_blocks import client_sum, expert_sum  # noqa: E402
 from fedalign.algorithms.fedalign import (  # noqa: E402
     consensus_expert_cosine,
-    cosine_last,
     pairwise_expert_cosine,
     pairwise_gate,
 )
 
 D = F = 64
+H = jax.lax.Precision.HIGHEST
+
+
+def _neg0_dots(xs, xbs):
+  return sum(
+      jax.lax.reduce(x * b[None], jnp.float32(-0.0), lambda u, v: u + v, (2, 3))
+      for x, b in zip(xs, xbs)
+  )
+
+
+def _sum_dots(xs, xbs):
+  return sum(jnp.sum(x * b[None], axis=(2, 3)) for x, b in zip(xs, xbs))
 
 
 def main() -> None:
@@ -48,71 +70,128 @@ def main() -> None:
   p.add_argument("--experts", type=int, default=64)
   p.add_argument("--chunk", type=int, default=16)
   p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--only", default="", help="keep the cases whose name contains this")
+  p.add_argument("--tag", default="", help="results file aggregation_breakdown_TAG.json")
   args = p.parse_args()
-  c, e, pdim = args.clients, args.experts, 3 * D * F
-  k = jax.random.split(jax.random.key(0), 6)
-  x = block(jax.random.normal(k[0], (c, e, pdim)))
-  parts = block([x[..., i * D * F : (i + 1) * D * F] + 0.0 for i in range(3)])
-  w = jax.random.uniform(k[1], (c, e))
-  mu = jax.random.normal(k[2], (c, e, D))
-  kernels = jax.random.normal(k[3], (c, D, e))
-  biases = jax.random.normal(k[4], (c, e))
+  c, e = args.clients, args.experts
+  k = jax.random.split(jax.random.key(0), 8)
+  part = jnp.arange(c) % 7 != 3
+  xs = [
+      jnp.where(part[:, None, None, None], jax.random.normal(k[i], (c, e, D, F)), jnp.nan)
+      for i in range(3)
+  ]
+  xs = block(xs)
+  zeroed = block([jnp.nan_to_num(x) for x in xs])  # the former inputs: prepare's zeroed rows
+  w = jnp.where(part[:, None], jax.random.uniform(k[3], (c, e)), 0.0)
+  xbs = block([x[0] for x in xs])
+  mu = jax.random.normal(k[4], (c, e, D))
+  kernels = 0.1 * jax.random.normal(k[5], (c, D, e))
+  biases = jax.random.normal(k[6], (c, e))
+  zero_use = lambda: jnp.zeros(3)  # another 0.0 constant in the program
+  sum_over_clients = lambda w, xs: [jnp.sum(w[:, :, None, None] * x, axis=0) for x in xs]
   cases = {
-      "expert_sum(w, x): sum_c w[c, e] x[c, e] (fused multiply-reduce)": (expert_sum, (w, x)),
-      "same sum as an einsum 'ce,ce...->e...' (HIGHEST)": (
-          lambda w, x: jnp.einsum("ce,cep->ep", w, x, precision=jax.lax.Precision.HIGHEST),
-          (w, x),
+      "expert_sum(w, 3 leaves, part): scan over clients": (
+          lambda w, xs, p: expert_sum(w, xs, p),
+          (w, xs, part),
       ),
-      "client_sum(w, x): FedAvg's weighted sum over clients": (client_sum, (w[:, 0], x)),
-      "concatenate the 3 expert leaves into x": (lambda ps: jnp.concatenate(ps, -1), (parts,)),
-      "cosine_last(x, x_bar): cosine of concatenated leaves": (
-          lambda x, y: cosine_last(x, y[None]),
-          (x, x[0]),
+      "former expert_sum: sum(w * x, axis=0), per leaf (on zeroed x)": (
+          sum_over_clients,
+          (w, zeroed),
       ),
-      "consensus_expert_cosine(3 leaves, w): O(N) cosine, leaf by leaf": (
-          lambda ps, w: consensus_expert_cosine(ps, w),
-          (parts, w),
+      "einsum 'ce,cedf->edf' (HIGHEST), per leaf (on zeroed x)": (
+          lambda w, xs: [jnp.einsum("ce,cedf->edf", w, x, precision=H) for x in xs],
+          (w, zeroed),
       ),
-      "pairwise_expert_cosine(3 leaves): (C, C, E) cosine": (pairwise_expert_cosine, (parts,)),
-      "pairwise_gate: all at once, (C, C, E, E) logits": (
-          lambda m, kk, b: pairwise_gate(m, kk, b),
-          (mu, kernels, biases),
+      "client_sum(w, x, part) (FedAvg), 3 leaves, finite x: the einsum": (
+          lambda w, xs, p: [client_sum(w, x, p) for x in xs],
+          (w[:, 0], zeroed, part),
       ),
-      f"pairwise_gate: chunks of {args.chunk} clients": (
+      "client_sum(w, x, part), 3 leaves, NaN rows: the einsum, then the scan": (
+          lambda w, xs, p: [client_sum(w, x, p) for x in xs],
+          (w[:, 0], xs, part),
+      ),
+      "former client_sum: einsum on where(part, x, 0), 3 leaves": (
+          lambda w, xs, p: [client_sum(w, jnp.where(p[:, None, None, None], x, 0.0)) for x in xs],
+          (w[:, 0], xs, part),
+      ),
+      "squared norms |x[c, e]|^2: batched dot 'cep,cep->ce', 3 leaves": (
+          lambda xs: sum(
+              jnp.einsum("cep,cep->ce", *(2 * [x.reshape(c, e, -1)]), precision=H) for x in xs
+          ),
+          (xs,),
+      ),
+      "<x[c, e], x_bar[e]>: reduce from -0.0, alone": (_neg0_dots, (xs, xbs)),
+      "<x[c, e], x_bar[e]>: reduce from -0.0, program with another 0.0": (
+          lambda xs, xbs: (_neg0_dots(xs, xbs), zero_use()),
+          (xs, xbs),
+      ),
+      "<x[c, e], x_bar[e]>: jnp.sum, alone": (_sum_dots, (xs, xbs)),
+      "<x[c, e], x_bar[e]>: jnp.sum, program with another 0.0": (
+          lambda xs, xbs: (_sum_dots(xs, xbs), zero_use()),
+          (xs, xbs),
+      ),
+      "consensus_expert_cosine(3 leaves, w, part): O(N), 3 passes": (
+          consensus_expert_cosine,
+          (xs, w, part),
+      ),
+      "pairwise_expert_cosine(3 leaves): per expert Gram matmuls": (
+          pairwise_expert_cosine,
+          (zeroed,),
+      ),
+      "pairwise_gate: per expert, all clients at once": (pairwise_gate, (mu, kernels, biases)),
+      f"pairwise_gate: per expert, chunks of {args.chunk} clients": (
           lambda m, kk, b: pairwise_gate(m, kk, b, args.chunk),
           (mu, kernels, biases),
       ),
   }
+  cases = {k: v for k, v in cases.items() if args.only in k}
   info = machine()
-  rows = []
+  compiled = {}
   for name, (fn, fargs) in cases.items():
-    f = jax.jit(fn)
-    first, times = time_calls(lambda: block(f(*fargs)), args.reps)
-    rows.append({"op": name, "median_s": median(times), "times_s": times, "first_s": first})
-    print(f"{name}: {1e3 * median(times):.1f} ms", flush=True)
+    t0 = time.perf_counter()
+    f = jax.jit(fn).lower(*fargs).compile()
+    block(f(*fargs))
+    temp = f.memory_analysis().temp_size_in_bytes / 1e9
+    compiled[name] = (f, fargs, time.perf_counter() - t0, temp)
+  times = {name: [] for name in cases}
+  for _ in range(args.reps):
+    for name, (f, fargs, _, _) in compiled.items():
+      t0 = time.perf_counter()
+      block(f(*fargs))
+      times[name].append(time.perf_counter() - t0)
+  rows = []
+  for name, (_, _, first, temp) in compiled.items():
+    rows.append(
+        {"op": name, "median_s": median(times[name]), "times_s": times[name], "temp_gb": temp}
+    )
+    print(f"{name}: {1e3 * median(times[name]):.1f} ms, temp {temp:.3f} GB", flush=True)
   command = "python " + " ".join([str(pathlib.Path(sys.argv[0]))] + sys.argv[1:])
+  gb = 3 * xs[0].nbytes / 1e9
   header = (
       f"Command: `{command}`  \nMachine: {info['cpu']} ({info['arch']}, {info['cores']} "
       f"cores, no GPU, shared: load average {info['loadavg_at_start'][0]} at start), "
-      f"JAX {info['jax']}.  \nSizes: C = {c} clients, E = {e} experts, x (C, E, P) with "
-      f"P = 3 * {D} * {F} = {pdim} ({x.nbytes / 1e9:.2f} GB), mu (C, E, {D}). Median of "
-      f"{args.reps} calls after a warm-up."
+      f"JAX {info['jax']}.  \nSizes: C = {c} clients, E = {e} experts, 3 expert leaves "
+      f"(C, E, {D}, {F}) ({gb:.2f} GB), mu (C, E, {D}). The cases called in turn, median of "
+      f"{args.reps} calls after a warm-up; temp = XLA's temporary buffers."
   )
   text = (
-      "### FedAlign-MoE aggregation building blocks\n\n"
+      "#### FedAlign-MoE aggregation building blocks\n\n"
       + header
       + "\n\n"
-      + markdown_table(["operation", "median (ms)"], [[r["op"], 1e3 * r["median_s"]] for r in rows])
+      + markdown_table(
+          ["operation", "median (ms)", "temp (GB)"],
+          [[r["op"], 1e3 * r["median_s"], r["temp_gb"]] for r in rows],
+      )
   )
   print("\n" + text)
   path = write_json(
-      "aggregation_breakdown.json",
+      f"aggregation_breakdown{'_' + args.tag if args.tag else ''}.json",
       {
           "command": command,
           "machine": info,
           "clients": c,
           "experts": e,
-          "P": pdim,
+          "deltas_gb": gb,
           "rows": rows,
           "markdown": text,
       },

@@ -1,7 +1,6 @@
 """Aggregation time: FedAlign-MoE (pairwise and O(N)) against FedAvg, 10 to 1000 clients.
 
-Command (2-core CPU: about 5 minutes with the defaults; needs ~17 GB free memory for the
-1000-client x 64-expert pairwise row, which is skipped otherwise)::
+Command (2-core CPU: about 4 minutes with the defaults)::
 
     python benchmarks/aggregation_time.py
     python benchmarks/aggregation_time.py --clients 10 100 --experts 8   # quicker
@@ -14,22 +13,31 @@ expert bias, top-2), so p, c, m, mu are consistent. Client weights n_i random in
 
 Variants: ``fedavg`` (``fedavg_aggregator()``), ``fedalign O(N)``
 (``FedAlignConfig(pairwise=False)``), ``fedalign pairwise`` (``FedAlignConfig()``: pairwise,
-'gate' similarity, gamma built from (C, C, E, E) logits at once) and ``fedalign pairwise
-chunked`` (``pairwise_chunk_size=--chunk``; the gamma logits in chunks of clients under
-lax.map).
+'gate' similarity) and ``fedalign pairwise chunked`` (``pairwise_chunk_size=--chunk``: the
+gate's logits in chunks of clients).
 
 Each variant is lowered and compiled ahead of time (``jax.jit(aggregate).lower(...).compile()``,
 timed as "compile"); XLA's memory analysis of the compiled program gives its temporary
-buffers. A variant whose arguments + temporaries exceed 90% of the memory available at that
-moment is reported as "does not fit" without running it. Then the compiled program is called
-until ``--reps`` calls or ``--budget`` seconds (at least one call); the table gives the median.
-Results: printed markdown table and benchmarks/results/aggregation_time.json.
+buffers, reported against the bytes of the stacked deltas (the arguments). A variant whose
+temporaries exceed 90% of the memory available at that moment is reported as "does not fit"
+without running it. Then the variants of one size are called in turn (call by call, so that
+the load of the shared machine spreads over all of them), ``--reps`` rounds; once ``--budget``
+seconds are spent, only the variants whose call takes under ``--cheap`` seconds go on. The
+table gives medians and ratios to FedAvg.
+A big matmul (``--dot`` square, float32) is timed in the same rounds: the pairwise variant's
+FLOP/s (its Gram matrices and gate logits) is given against it.
+
+Also recorded (JSON ``precision``): whether ``Precision.HIGHEST`` changes XLA's compiled CPU
+program or the result of the einsums the aggregation uses (on CPU a float32 dot is exact
+float32 either way).
+Results: printed markdown tables and benchmarks/results/aggregation_time.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -42,22 +50,28 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import (
+from _common import (  # noqa: E402
     block,
     machine,
     markdown_table,
     mem_available_bytes,
-    median,  # noqa: E402
+    median,
     write_json,
 )
-from fedalign.algorithms.fedalign import FedAlignConfig, fedalign_aggregator  # noqa: E402
+from fedalign.algorithms.fedalign import (  # noqa: E402
+    FedAlignConfig,
+    fedalign_aggregator,
+    gram_row_edges,
+)
 from fedalign.algorithms.fedavg import fedavg_aggregator  # noqa: E402
 from fedalign.models.routing import routing_stats  # noqa: E402
 
 D = F = 64
+LEAVES = 3  # wi_0, wi_1, wo: D * F parameters each per expert
 TOKENS = 256
 TOP_K = 2
 GB = 1e9
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def make_problem(num_clients: int, num_experts: int, seed: int = 0):
@@ -112,6 +126,22 @@ def make_problem(num_clients: int, num_experts: int, seed: int = 0):
   return block((params, deltas, stats, weights))
 
 
+def pairwise_flops(num_clients: int, num_experts: int) -> tuple[float, float]:
+  """(executed, nominal) FLOPs of the pairwise variant's two O(C^2) parts.
+
+  Gram matrices: per expert and leaf, 2 P n_a n_b for the client blocks a <= b that are
+  multiplied (nominal: the full 2 C^2 P). Gate logits: per expert, (C, D) x (D, C E), 2 C^2 E D.
+  """
+  p_expert = LEAVES * D * F
+  edges = gram_row_edges(num_clients)
+  sizes = np.diff(edges)
+  upper = sum(sizes[a] * sizes[b] for a in range(len(sizes)) for b in range(a, len(sizes)))
+  gate = 2.0 * num_clients**2 * num_experts**2 * D
+  executed = 2.0 * upper * p_expert * num_experts + gate
+  nominal = 2.0 * num_clients**2 * p_expert * num_experts + gate
+  return executed, nominal
+
+
 def variants(chunk: int, num_clients: int) -> list[tuple[str, Any]]:
   out = [
       ("fedavg", fedavg_aggregator()),
@@ -128,7 +158,8 @@ def variants(chunk: int, num_clients: int) -> list[tuple[str, Any]]:
   return out
 
 
-def run_variant(agg, problem, reps: int, budget_s: float) -> dict[str, Any]:
+def compile_variant(agg, problem) -> tuple[dict[str, Any], Any]:
+  """(row with compile time, memory analysis and status, callable or None)."""
   params, deltas, stats, weights = problem
   state = agg.init(params)
   row: dict[str, Any] = {}
@@ -148,17 +179,56 @@ def run_variant(agg, problem, reps: int, budget_s: float) -> dict[str, Any]:
             f"does not fit: needs {need / GB:.1f} GB of temporaries, "
             f"{avail / GB:.1f} GB available"
         )
-        return row
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps and (not times or time.perf_counter() - start < budget_s):
-      t0 = time.perf_counter()
-      block(compiled(state, params, deltas, stats, weights))
-      times.append(time.perf_counter() - t0)
-    row.update(status="ok", times_s=times, median_s=median(times), reps=len(times))
+        return row, None
+    row["status"] = "ok"
+    return row, lambda: block(compiled(state, params, deltas, stats, weights))
   except Exception as e:  # noqa: BLE001 - e.g. RESOURCE_EXHAUSTED: record and go on
     row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  return row
+    return row, None
+
+
+def big_dot(n: int):
+  """A jitted (n, n) x (n, n) float32 matmul at HIGHEST precision and its FLOPs."""
+  k1, k2 = jax.random.split(jax.random.key(1))
+  a = block(jax.random.normal(k1, (n, n)))
+  b = block(jax.random.normal(k2, (n, n)))
+  f = jax.jit(lambda a, b: jnp.dot(a, b, precision=HIGHEST)).lower(a, b).compile()
+  block(f(a, b))
+  return (lambda: block(f(a, b))), 2.0 * n**3
+
+
+def precision_check() -> dict[str, Any]:
+  """Does Precision.HIGHEST change the compiled CPU program or the result? (per einsum)."""
+  k = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(k[0], (50, 8, 64, 64))
+  w = jax.random.uniform(k[1], (50,))
+  r = jax.random.normal(k[2], (50, 4096))
+  cases = {
+      "client sum c,c...->...": (
+          lambda p: lambda w, x: jnp.einsum("c,c...->...", w, x, precision=p),
+          (w, x),
+      ),
+      "squared norms cep,cep->ce": (
+          lambda p: lambda x: jnp.einsum("cep,cep->ce", *(2 * [x.reshape(50, 8, -1)]), precision=p),
+          (x,),
+      ),
+      "Gram ip,jp->ij": (lambda p: lambda r: jnp.einsum("ip,jp->ij", r, r, precision=p), (r,)),
+  }
+  out = {}
+  for name, (make, args) in cases.items():
+    texts, results = [], []
+    for p in (None, HIGHEST):
+      compiled = jax.jit(make(p)).lower(*args).compile()
+      text = compiled.as_text()
+      text = re.sub(r"metadata=\{[^}]*\}|, operand_precision=\{[^}]*\}|HloModule \S+", "", text)
+      text = re.sub(r"FileNames.*?StackFrames\n(\d+ \{[^\n]*\n)*", "", text, flags=re.S)
+      texts.append(text)
+      results.append(np.asarray(compiled(*args)))
+    out[name] = {
+        "same_program_but_the_precision_attribute": texts[0] == texts[1],
+        "bitwise_equal_results": bool(np.array_equal(results[0], results[1])),
+    }
+  return out
 
 
 def main() -> None:
@@ -166,17 +236,24 @@ def main() -> None:
   p.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
   p.add_argument("--experts", type=int, nargs="+", default=[8, 64])
   p.add_argument("--chunk", type=int, default=16, help="pairwise_chunk_size of the chunked row")
-  p.add_argument("--reps", type=int, default=5, help="at most this many timed calls")
+  p.add_argument("--reps", type=int, default=5, help="at most this many rounds of calls")
   p.add_argument(
       "--budget",
       type=float,
-      default=15.0,
-      help="stop timing a variant after this many seconds (at least one call)",
+      default=30.0,
+      help="stop the rounds of one size after this many seconds (at least one call each)",
   )
+  p.add_argument(
+      "--cheap",
+      type=float,
+      default=2.0,
+      help="variants whose call takes less (s) are called --reps times whatever the budget",
+  )
+  p.add_argument("--dot", type=int, default=2048, help="size of the reference square matmul")
   p.add_argument(
       "--max-total",
       type=float,
-      default=450.0,
+      default=420.0,
       help="skip the remaining configurations after this many seconds",
   )
   args = p.parse_args()
@@ -184,38 +261,65 @@ def main() -> None:
   info = machine()
   print(f"machine: {info}", flush=True)
   t_start = time.perf_counter()
-  rows = []
+  precision = precision_check()
+  print(f"precision: {precision}", flush=True)
+  dot_fn, dot_flops = big_dot(args.dot)
+  rows, dots = [], []
   for e in args.experts:
     for c in args.clients:
-      deltas_gb = c * (3 * e * D * F + D * e) * 4 / GB
+      deltas_gb = c * (LEAVES * e * D * F + D * e) * 4 / GB
+      base = {"experts": e, "clients": c, "deltas_gb": deltas_gb}
       if time.perf_counter() - t_start > args.max_total:
         for name, _ in variants(args.chunk, c):
-          rows.append(
-              {
-                  "experts": e,
-                  "clients": c,
-                  "variant": name,
-                  "deltas_gb": deltas_gb,
-                  "status": f"skipped: total time budget ({args.max_total:.0f} s) spent",
-              }
-          )
+          rows.append(dict(base, variant=name, status="skipped: total time budget spent"))
         continue
       problem = make_problem(c, e)
-      base = None
+      size_rows, calls = [], []
       for name, agg in variants(args.chunk, c):
-        row = {"experts": e, "clients": c, "variant": name, "deltas_gb": deltas_gb}
-        row.update(run_variant(agg, problem, args.reps, args.budget))
-        if name == "fedavg" and row["status"] == "ok":
-          base = row["median_s"]
-        if row["status"] == "ok" and base:
-          row["vs_fedavg"] = row["median_s"] / base
+        row, fn = compile_variant(agg, problem)
+        row.update(base, variant=name, times_s=[])
+        if "temp_gb" in row:
+          row["temp_vs_deltas"] = row["temp_gb"] / deltas_gb
+        size_rows.append(row)
+        if fn is not None:
+          calls.append((row, fn))
+      dot_row = {"experts": e, "clients": c, "times_s": []}
+      calls.append((dot_row, dot_fn))
+      start = time.perf_counter()
+      for r in range(args.reps):
+        spent = r > 0 and time.perf_counter() - start > args.budget
+        for row, fn in calls:
+          if spent and row["times_s"][-1] > args.cheap:
+            continue  # budget spent: only the cheap calls go on to --reps
+          t0 = time.perf_counter()
+          fn()
+          row["times_s"].append(time.perf_counter() - t0)
+      dot_s = median(dot_row["times_s"])
+      dot_row.update(median_s=dot_s, gflops=dot_flops / dot_s / GB)
+      dots.append(dot_row)
+      fedavg = size_rows[0].get("times_s")
+      for row in size_rows:
+        if row["times_s"]:
+          row.update(median_s=median(row["times_s"]), reps=len(row["times_s"]))
+          if fedavg:
+            row["vs_fedavg"] = row["median_s"] / median(fedavg)
+          if "pairwise" in row["variant"]:
+            executed, nominal = pairwise_flops(c, e)
+            row.update(
+                gflop=executed / GB,
+                gflop_nominal=nominal / GB,
+                gflops=executed / row["median_s"] / GB,
+                vs_big_dot=executed / row["median_s"] / GB / dot_row["gflops"],
+            )
         rows.append(row)
         print(
-            f"[{time.perf_counter() - t_start:.0f}s] E={e} C={c} {name}: "
+            f"[{time.perf_counter() - t_start:.0f}s] E={e} C={c} {row['variant']}: "
             f"{row.get('median_s', float('nan')) * 1e3:.1f} ms ({row['status']}, "
-            f"temp {row.get('temp_gb', float('nan')):.2f} GB)",
+            f"temp {row.get('temp_gb', float('nan')):.3f} GB, "
+            f"{row.get('temp_vs_deltas', float('nan')):.2f}x deltas)",
             flush=True,
         )
+      print(f"    big dot: {dot_row['gflops']:.1f} GFLOP/s", flush=True)
       del problem
   total = time.perf_counter() - t_start
 
@@ -225,11 +329,13 @@ def main() -> None:
       f"cores, no GPU, shared: load average {info['loadavg_at_start'][0]} at start), "
       f"JAX {info['jax']} ({info['backend']}).  \nParams: one MoE layer, D = F = {D}, "
       f"router (D, E) + experts wi_0, wi_1, wo; random deltas; stats from routing_stats "
-      f"of {TOKENS} random tokens per client, top-{TOP_K}.  \nMedian of up to "
-      f"{args.reps} calls of the AOT-compiled aggregate (fewer when one call exceeds "
-      f"{args.budget:.0f} s: see 'calls'); 'x fedavg' = median / FedAvg median at the same "
-      f"size; temp = XLA's temporary buffers of the compiled program. Total script time "
-      f"{total:.0f} s."
+      f"of {TOKENS} random tokens per client, top-{TOP_K}.  \nThe variants of one size "
+      f"called in turn, {args.reps} rounds (past {args.budget:.0f} s, only the calls under "
+      f"{args.cheap:.0f} s go on: see 'calls'); median per variant; 'x fedavg' = median / FedAvg median at the same size; "
+      f"temp = XLA's temporary buffers of the compiled program, also as a multiple of the "
+      f"stacked deltas. Pairwise FLOP/s: executed FLOPs of its Gram matrices and gate logits "
+      f"/ median, against a {args.dot}^3 float32 matmul timed in the same rounds. Total "
+      f"script time {total:.0f} s."
   )
 
   def cell(r, key, scale=1.0):
@@ -246,6 +352,8 @@ def main() -> None:
           "calls",
           "compile (s)",
           "temp (GB)",
+          "temp / deltas",
+          "GFLOP/s (x big dot)",
           "status",
       ],
       [
@@ -259,12 +367,37 @@ def main() -> None:
               r.get("reps", "-"),
               cell(r, "compile_s"),
               cell(r, "temp_gb"),
+              cell(r, "temp_vs_deltas"),
+              f"{r['gflops']:.1f} ({r['vs_big_dot']:.2f})" if "gflops" in r else "-",
               r["status"],
           ]
           for r in rows
       ],
   )
-  text = "### Aggregation time: FedAlign-MoE vs FedAvg\n\n" + header + "\n\n" + table
+  dot_table = markdown_table(
+      ["experts", "clients", f"big dot {args.dot}^3 (ms)", "GFLOP/s", "calls"],
+      [
+          [d["experts"], d["clients"], d["median_s"] * 1e3, d["gflops"], len(d["times_s"])]
+          for d in dots
+      ],
+  )
+  prec = markdown_table(
+      ["einsum", "same compiled program with HIGHEST", "bitwise equal results"],
+      [
+          [k, v["same_program_but_the_precision_attribute"], v["bitwise_equal_results"]]
+          for k, v in precision.items()
+      ],
+  )
+  text = (
+      "#### Aggregation time: FedAlign-MoE vs FedAvg\n\n"
+      + header
+      + "\n\n"
+      + table
+      + "\n\n#### Reference matmul, timed in the same rounds\n\n"
+      + dot_table
+      + "\n\n#### Precision.HIGHEST on CPU (compiled program compared without the precision "
+      "attribute and metadata)\n\n" + prec
+  )
   print("\n" + text)
   path = write_json(
       "aggregation_time.json",
@@ -276,7 +409,10 @@ def main() -> None:
           "tokens_per_client": TOKENS,
           "top_k": TOP_K,
           "chunk": args.chunk,
+          "big_dot_n": args.dot,
           "total_script_s": total,
+          "precision": precision,
+          "big_dot": dots,
           "rows": rows,
           "markdown": text,
       },

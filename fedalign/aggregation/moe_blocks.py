@@ -8,8 +8,11 @@
   This is the one place where excluded clients are masked; the engine only sets their weight
   to 0 (:func:`client_ok`).
 * **Weighted sums with a stated precision**: :func:`client_sum` (sum_c w[c] x[c], an einsum at
-  ``Precision.HIGHEST``) and :func:`expert_sum` (sum_c w[c, e] x[c, e], a fused multiply-
-  reduce: exact float32 on every backend).
+  ``Precision.HIGHEST``) and :func:`expert_sum` (sum_c w[c, e] x[c, e], a scan over clients of
+  fused multiply-adds: exact float32 on every backend). Given ``part``, both read the deltas
+  as the clients sent them (:attr:`Prepared.raw_deltas`) and treat the rows of non-
+  participants as zero without copying the deltas (the cost of an aggregation over many
+  clients is memory traffic: benchmarks/aggregation_time.py).
 * **One server-optimizer path on pytrees** (:func:`init_server_optimizer`,
   :func:`apply_server_update`): the aggregated delta is handed to an optax transformation as
   the negated gradient (FedOpt, Reddi et al. 2021); entries marked ``keep`` (an expert that no
@@ -229,6 +232,11 @@ class Prepared(NamedTuple):
   weights: jax.Array  # (C,) n_i, 0 for clients that do not take part
   nw: jax.Array  # (C,) n_i / sum n over participants; all 0 when nobody takes part
   any_part: jax.Array  # () bool
+  # path tuple -> (C, ...) float32 delta as sent: the rows of non-participants are NOT zeroed
+  # (they may hold NaN). Read with ``part`` (client_sum / expert_sum) or mask what is computed
+  # from them; None frozen. ``flat_deltas`` is this with the rows zeroed, which XLA turns into
+  # a full copy of the deltas wherever the zeroing cannot be fused into the consumer.
+  raw_deltas: dict
 
 
 def prepare(global_params: PyTree, deltas: PyTree, weights: jax.Array) -> Prepared:
@@ -252,11 +260,11 @@ def prepare(global_params: PyTree, deltas: PyTree, weights: jax.Array) -> Prepar
   for key, value in flat_d_raw.items():
     if value is not None and key not in flat_p:
       raise ValueError(f"delta for {path_str(key)!r}, which is not a parameter leaf")
-  flat_d = {}
+  flat_d, raw_d = {}, {}
   for key, p in flat_p.items():
     d = flat_d_raw.get(key)
     if d is None:
-      flat_d[key] = None
+      flat_d[key] = raw_d[key] = None
       continue
     expected = (num_clients,) + tuple(jnp.shape(p))
     if tuple(jnp.shape(d)) != expected:
@@ -264,8 +272,9 @@ def prepare(global_params: PyTree, deltas: PyTree, weights: jax.Array) -> Prepar
           f"delta of {path_str(key)!r} has shape {tuple(jnp.shape(d))}, "
           f"expected {expected} (clients first)"
       )
-    flat_d[key] = mask_clients(part, jnp.asarray(d, jnp.float32))
-  return Prepared(global_params, flat_p, flat_d, part, w_eff, nw, any_part)
+    raw_d[key] = jnp.asarray(d, jnp.float32)
+    flat_d[key] = mask_clients(part, raw_d[key])
+  return Prepared(global_params, flat_p, flat_d, part, w_eff, nw, any_part, raw_d)
 
 
 def block_stats(
@@ -283,22 +292,67 @@ def block_stats(
 # --------------------------------------------------------------------------------------------
 
 
-def client_sum(w: jax.Array, x: jax.Array) -> jax.Array:
-  """sum_c w[c] x[c] for w (C,), x (C, ...): an einsum at ``Precision.HIGHEST``."""
-  return jnp.einsum("c,c...->...", w, x, precision=HIGHEST)
+def client_sum(w: jax.Array, x: jax.Array, part: jax.Array | None = None) -> jax.Array:
+  """sum_c w[c] x[c] for w (C,), x (C, ...): an einsum at ``Precision.HIGHEST``.
+
+  With ``part`` ((C,) bool), rows where it is False count as zero whatever they hold (NaN,
+  inf), as in ``client_sum(w, where(part, x, 0))``, but without that copy of ``x``: the einsum
+  runs on ``x`` as given with those rows' weights set to 0 (0 * finite = 0 exactly), and only
+  if its result is not finite (0 * inf = NaN: a non-participant's non-finite row leaked in) is
+  it recomputed by :func:`expert_sum`'s scan, which zeroes each such row.
+
+  >>> x = jnp.array([[1.0, 2.0], [jnp.nan, 0.0], [3.0, 4.0]])
+  >>> client_sum(jnp.array([0.5, 0.0, 0.5]), x, jnp.array([True, False, True])).tolist()
+  [2.0, 3.0]
+  """
+  if part is None:
+    return jnp.einsum("c,c...->...", w, x, precision=HIGHEST)
+  w = jnp.where(part, w, jnp.zeros((), jnp.result_type(w)))
+  fast = jnp.einsum("c,c...->...", w, x, precision=HIGHEST)
+  return jax.lax.cond(
+      jnp.all(jnp.isfinite(fast)), lambda: fast, lambda: expert_sum(w, x, part).astype(fast.dtype)
+  )
 
 
-def expert_sum(w: jax.Array, x: jax.Array) -> jax.Array:
-  """sum_c w[c, e] x[c, e] for w (C, E), x (C, E, ...).
+def expert_sum(w: jax.Array, x: PyTree, part: jax.Array | None = None) -> PyTree:
+  """sum_c w[c, ...] x[c, ...] for w (C, E) (or (C,)) and x (C, E, ...) or a list/tree of such.
 
-  A fused multiply-and-reduce rather than an einsum: exact float32 on every backend and, on
-  CPU, about 5x faster than a highest-precision einsum (benchmarks/aggregation_breakdown.py).
+  A :func:`jax.lax.scan` over clients of fused multiply-adds, one pass over ``x`` (every leaf
+  of a tree in the same loop): exact float32 on every backend, no temporary of ``x``'s size.
+  (On CPU, the same sum as a reduction over the client axis or as an einsum with the expert
+  axis as a batch axis copies or transposes ``x`` first; at 1000 clients x 64 experts that was
+  tens of seconds: benchmarks/aggregation_breakdown.py.)
+
+  With ``part`` ((C,) bool), rows where it is False count as zero whatever they hold (NaN).
 
   >>> expert_sum(jnp.array([[1.0, 0.0], [1.0, 2.0]]), jnp.ones((2, 2, 3)))[:, 0].tolist()
   [2.0, 2.0]
   """
-  w = w.astype(x.dtype).reshape(w.shape + (1,) * (x.ndim - 2))
-  return jnp.sum(w * x, axis=0)
+  w = jnp.asarray(w)
+  num_clients = w.shape[0]
+  leaves, treedef = jax.tree.flatten(x)
+  for leaf in leaves:
+    if leaf.shape[: w.ndim] != w.shape:
+      raise ValueError(f"expert_sum: x leaf of shape {leaf.shape} does not start with {w.shape}")
+  if part is None:
+    part = jnp.ones((num_clients,), bool)
+    masked = False
+  else:
+    masked = True
+
+  def body(acc, inputs):
+    wc, pc, xs = inputs
+    new = []
+    for a, xc in zip(acc, xs):
+      term = wc.reshape(wc.shape + (1,) * (xc.ndim - wc.ndim)).astype(xc.dtype) * xc
+      if masked:
+        term = jnp.where(pc, term, jnp.zeros((), a.dtype))
+      new.append(a + term)
+    return new, None
+
+  init = [jnp.zeros(leaf.shape[1:], leaf.dtype) for leaf in leaves]
+  out, _ = jax.lax.scan(body, init, (w, part, leaves))
+  return jax.tree.unflatten(treedef, out)
 
 
 def normalize(s: jax.Array, axis: int = 0, fallback: Any = 0.0) -> jax.Array:

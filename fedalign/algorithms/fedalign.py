@@ -356,39 +356,130 @@ def cosine_last(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.clip(safe_div(num, den), -1.0, 1.0)
 
 
-def _per_expert(x: jax.Array) -> jax.Array:
-  """(C, E, ...) -> (C, E, P): a free reshape of one expert leaf."""
-  return x.reshape(x.shape[:2] + (-1,))
+def _expert_axes(x: jax.Array) -> tuple[int, ...]:
+  """The axes of one expert's parameters in a (C, E, ...) leaf."""
+  return tuple(range(2, x.ndim))
+
+
+def _expert_dots(x: jax.Array, y: jax.Array) -> jax.Array:
+  """<x[c, e], y[e]> for a (C, E, ...) leaf and y (E, ...), (C, E): one fused multiply-reduce.
+
+  Written as a reduction from -0.0 (the exact additive identity) with a Python ``+``, which JAX
+  hands to XLA as is, rather than ``jnp.sum``: XLA:CPU (jax 0.10) shares ``jnp.sum``'s 0.0
+  with the program's other 0.0 constants, and then, from a few hundred clients x 64 experts
+  on, runs the reduction about 8x slower (its initial value becomes a runtime operand); a
+  -0.0 of its own keeps it a compile-time constant (benchmarks/aggregation_breakdown.py). An
+  einsum would transpose x (the expert axis is a batch axis of both operands, not x's first).
+  """
+  return jax.lax.reduce(x * y[None], jnp.array(-0.0, x.dtype), lambda a, b: a + b, _expert_axes(x))
+
+
+def _sq_norms(x: jax.Array) -> jax.Array:
+  """|x[c, e]|^2 of a (C, E, ...) leaf, (C, E): a batched dot (one pass, no temporary)."""
+  flat = x.reshape(x.shape[:2] + (-1,))
+  return jnp.einsum("cep,cep->ce", flat, flat, precision=HIGHEST)
+
+
+def _expert_rows(x: jax.Array, e: jax.Array) -> jax.Array:
+  """Expert ``e``'s (C, P) rows of a (C, E, ...) leaf (a copy of one expert's slice)."""
+  return jax.lax.dynamic_index_in_dim(x, e, axis=1, keepdims=False).reshape(x.shape[0], -1)
+
+
+GRAM_BLOCK_ROWS = 256  # target rows per block of the symmetric Gram matrices (pairwise variant)
+
+
+def gram_row_edges(num_clients: int) -> list[int]:
+  """Edges of the client blocks of the pairwise Gram matrices: round(C / GRAM_BLOCK_ROWS)
+  (at least 1) nearly equal blocks. Only the blocks on and above the diagonal are computed.
+
+  >>> gram_row_edges(100), gram_row_edges(1000)
+  ([0, 100], [0, 250, 500, 750, 1000])
+  """
+  nb = max(1, round(num_clients / GRAM_BLOCK_ROWS))
+  return [round(b * num_clients / nb) for b in range(nb + 1)]
+
+
+def _gram(rows: list[jax.Array]) -> jax.Array:
+  """sum_l rows[l] rows[l]^T, (C, C), for (C, P_l) rows: one matmul per leaf and block.
+
+  The Gram matrix is symmetric: of the nb x nb client blocks (:func:`gram_row_edges`) only the
+  nb (nb + 1) / 2 on and above the diagonal are multiplied (62.5% of the FLOPs at 1000
+  clients); up to ~380 clients it is one (C, P) x (P, C) matmul per leaf.
+  """
+  edges = gram_row_edges(rows[0].shape[0])
+  nb = len(edges) - 1
+  if nb == 1:
+    return sum(jnp.einsum("ip,jp->ij", r, r, precision=HIGHEST) for r in rows)
+  part = lambda r, a: r[edges[a] : edges[a + 1]]
+  blocks = {
+      (a, b): sum(jnp.einsum("ip,jp->ij", part(r, a), part(r, b), precision=HIGHEST) for r in rows)
+      for a in range(nb)
+      for b in range(a, nb)
+  }
+  return jnp.concatenate(
+      [
+          jnp.concatenate([blocks[a, b] if a <= b else blocks[b, a].T for b in range(nb)], 1)
+          for a in range(nb)
+      ],
+      0,
+  )
+
+
+def _expert_gram_cosine(leaves: list[jax.Array], e: jax.Array, part: jax.Array | None):
+  """D_ij(e) for one expert e, (C, C): the Gram matrix of the clients' updates of expert e
+  (:func:`_gram` of its (C, P) rows, leaf by leaf, never concatenated) divided by the norms
+  (its diagonal). Rows/columns of clients outside ``part`` are 0 whatever their deltas hold."""
+  gram = _gram([_expert_rows(x, e) for x in leaves])
+  norm = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  if part is not None:
+    gram = jnp.where(part[:, None] & part[None, :], gram, 0.0)
+    norm = jnp.where(part, norm, 0.0)
+  return jnp.clip(safe_div(gram, norm[:, None] * norm[None, :]), -1.0, 1.0)
+
+
+def _experts_map(fn, num_experts: int) -> jax.Array:
+  """[fn(e) for e in range(E)] stacked on a leading axis, one expert at a time (lax.map)."""
+  return jax.lax.map(fn, jnp.arange(num_experts))
 
 
 def pairwise_expert_cosine(leaves: list[jax.Array]) -> jax.Array:
   """D_ij(e): cosine of client i's and client j's update of expert e, (C, C, E).
 
-  The update of an expert is all its trained leaves (each (C, E, ...)); dot products and norms
-  are accumulated leaf by leaf, so the leaves are never concatenated. 0 for zero vectors.
+  The update of an expert is all its trained leaves (each (C, E, ...)). Computed expert by
+  expert: one (C, P_leaf) x (P_leaf, C) Gram matmul per leaf, accumulated over the leaves
+  (never concatenated); the norms are the Gram diagonal. 0 for zero vectors.
 
   >>> x = jnp.array([[[1.0, 0.0]], [[1.0, 1.0]]])  # 2 clients, 1 expert, 2 parameters
   >>> round(float(pairwise_expert_cosine([x[..., :1], x[..., 1:]])[0, 1, 0]), 4)
   0.7071
   """
-  gram = sum(
-      jnp.einsum("iep,jep->ije", _per_expert(x), _per_expert(x), precision=HIGHEST) for x in leaves
-  )
-  norm = jnp.sqrt(sum(jnp.sum(jnp.square(_per_expert(x)), axis=-1) for x in leaves))  # (C, E)
-  return jnp.clip(safe_div(gram, norm[:, None, :] * norm[None, :, :]), -1.0, 1.0)
+  num_experts = leaves[0].shape[1]
+  per_expert = _experts_map(lambda e: _expert_gram_cosine(leaves, e, None), num_experts)
+  return jnp.transpose(per_expert, (1, 2, 0))
 
 
-def consensus_expert_cosine(leaves: list[jax.Array], v: jax.Array) -> jax.Array:
-  """cos(Delta_i(e), sum_j v_j(e) Delta_j(e)) for every client and expert, (C, E), leaf by leaf."""
-  dot = jnp.zeros(v.shape, jnp.float32)
-  sq_i = jnp.zeros(v.shape, jnp.float32)
-  sq_bar = jnp.zeros(v.shape[1:], jnp.float32)
-  for x in leaves:
-    x = _per_expert(x)
-    x_bar = expert_sum(v, x)  # (E, P)
-    dot = dot + jnp.sum(x * x_bar[None], axis=-1)
-    sq_i = sq_i + jnp.sum(jnp.square(x), axis=-1)
-    sq_bar = sq_bar + jnp.sum(jnp.square(x_bar), axis=-1)
+def consensus_expert_cosine(
+    leaves: list[jax.Array], v: jax.Array, part: jax.Array | None = None
+) -> jax.Array:
+  """cos(Delta_i(e), sum_j v_j(e) Delta_j(e)) for every client and expert, (C, E), leaf by leaf.
+
+  Three passes over the deltas, none of which copies them: the consensus (one
+  :func:`expert_sum` scan over clients for all leaves), the clients' squared norms (a batched
+  dot) and their dot products with the consensus (a fused multiply-reduce). With ``part``
+  ((C,) bool; ``v`` must be 0 outside it), the rows of other clients may hold anything (NaN):
+  they get cosine 0.
+
+  >>> x = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # 2 clients, 1 expert
+  >>> consensus_expert_cosine([x], jnp.array([[1.0], [0.0]]))[:, 0].tolist()
+  [1.0, 0.0]
+  """
+  x_bars = expert_sum(v, list(leaves), part)  # [(E, ...)]
+  dot = sum(_expert_dots(x, xb) for x, xb in zip(leaves, x_bars))
+  sq_i = sum(_sq_norms(x) for x in leaves)
+  sq_bar = sum(jnp.sum(jnp.square(xb), axis=tuple(range(1, xb.ndim))) for xb in x_bars)
+  if part is not None:
+    dot = jnp.where(part[:, None], dot, 0.0)
+    sq_i = jnp.where(part[:, None], sq_i, 0.0)
   return jnp.clip(safe_div(dot, jnp.sqrt(sq_i) * jnp.sqrt(sq_bar)[None]), -1.0, 1.0)
 
 
@@ -402,28 +493,96 @@ def diag_gate(mu: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   return jnp.exp(jnp.diagonal(logp, axis1=-2, axis2=-1))
 
 
+def _gate_operands(kernels: jax.Array, biases: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Every client's router as one (D, C * E) matrix and a (C * E,) bias (done once)."""
+  num_clients, dim, num_experts = kernels.shape
+  k_all = jnp.transpose(kernels, (1, 0, 2)).reshape(dim, num_clients * num_experts)
+  return k_all, biases.reshape(num_clients * num_experts)
+
+
+def _expert_gate(
+    mu: jax.Array, k_all: jax.Array, b_all: jax.Array, e: jax.Array, chunk_size: int | None
+) -> jax.Array:
+  """gamma[i, j] = softmax(W_j^T mu_i(e) + b_j)_e for one expert e, (C, C).
+
+  The logits of all clients i against all routers j are one (C, D) x (D, C * E) matmul; with
+  ``chunk_size`` the clients i go through lax.map that many at a time, which bounds the
+  logits at (chunk_size, C, E) instead of (C, C, E).
+  """
+  mu_e = jax.lax.dynamic_index_in_dim(mu, e, axis=1, keepdims=False)  # (C, D)
+  num_clients, num_experts = mu.shape[0], mu.shape[1]
+
+  def rows(m):  # (k, D) -> (k, C)
+    logits = jnp.dot(m, k_all, precision=HIGHEST) + b_all[None]
+    logits = logits.reshape(m.shape[0], num_clients, num_experts)
+    own = jax.lax.dynamic_index_in_dim(logits, e, axis=2, keepdims=False)
+    # softmax_e = 1 / sum_f exp(l_f - l_e): one reduction, no max pass (the sum is >= 1; an
+    # overflowing exp gives inf, i.e. gamma 0, below float32's range anyway); from -0.0 for
+    # the reason given in _expert_dots
+    terms = jnp.exp(logits - own[..., None])
+    return 1.0 / jax.lax.reduce(terms, jnp.array(-0.0, terms.dtype), lambda a, b: a + b, (2,))
+
+  if chunk_size is None or chunk_size >= num_clients:
+    return rows(mu_e)
+  pad = (-num_clients) % chunk_size
+  chunks = jnp.pad(mu_e, ((0, pad), (0, 0))).reshape(-1, chunk_size, mu_e.shape[-1])
+  return jax.lax.map(rows, chunks).reshape(num_clients + pad, num_clients)[:num_clients]
+
+
 def pairwise_gate(
     mu: jax.Array, kernels: jax.Array, biases: jax.Array, chunk_size: int | None = None
 ) -> jax.Array:
   """gamma[i, j, e] = softmax(W_j^T mu_i(e) + b_j)_e for every pair of clients: (C, C, E).
 
-  mu (C, E, D), kernels (C, D, E), biases (C, E). The softmax needs every expert's logit, so
-  all at once this builds (C, C, E, E) logits; with ``chunk_size`` the clients i go through
-  :func:`jax.lax.map` in chunks of that many (the last one zero-padded), which bounds the
-  logits at (chunk_size, C, E, E).
+  mu (C, E, D), kernels (C, D, E), biases (C, E). The softmax needs every expert's logit;
+  computed expert by expert, the logits take (C, C, E) memory at a time, or
+  (chunk_size, C, E) with ``chunk_size`` (clients i in chunks of that many, the last one
+  zero-padded).
 
   >>> mu = jnp.ones((3, 2, 4)); k = jnp.zeros((3, 4, 2)); b = jnp.zeros((3, 2))
   >>> pairwise_gate(mu, k, b, chunk_size=2).shape, float(pairwise_gate(mu, k, b)[0, 1, 0])
   ((3, 3, 2), 0.5)
   """
-  num_clients = mu.shape[0]
-  if chunk_size is None or chunk_size >= num_clients:
-    return diag_gate(mu[:, None], kernels[None], biases[None])
-  pad = (-num_clients) % chunk_size
-  mu_p = jnp.pad(mu, ((0, pad),) + ((0, 0),) * (mu.ndim - 1))
-  chunks = mu_p.reshape(((num_clients + pad) // chunk_size, chunk_size) + mu.shape[1:])
-  out = jax.lax.map(lambda m: diag_gate(m[:, None], kernels[None], biases[None]), chunks)
-  return out.reshape((num_clients + pad,) + out.shape[2:])[:num_clients]
+  k_all, b_all = _gate_operands(kernels, biases)
+  per_expert = _experts_map(lambda e: _expert_gate(mu, k_all, b_all, e, chunk_size), mu.shape[1])
+  return jnp.transpose(per_expert, (1, 2, 0))
+
+
+def _pairwise_consistency(
+    cfg: FedAlignConfig,
+    leaves: list[jax.Array],
+    part: jax.Array,
+    c: jax.Array,
+    mu: jax.Array,
+    kernels: jax.Array | None,
+    biases: jax.Array | None,
+) -> jax.Array:
+  """num[i, e] = sum_{j != i} c_j(e) C_ij(e) with C_ij(e) = gbar_ij(e) (1 + D_ij(e)) / 2 (4.2).
+
+  Expert by expert (lax.map over e), so that no (C, C, E) array exists: per expert, the Gram
+  matmuls of the deltas (:func:`_expert_gram_cosine`), the gate of every client's centroid
+  under every client's router (:func:`_expert_gate`) or the centroid cosines, and the
+  weighted row sums. ``leaves`` are the raw deltas (rows outside ``part`` may be NaN).
+  """
+  num_clients, num_experts = c.shape
+  off = 1.0 - jnp.eye(num_clients, dtype=jnp.float32)
+  if cfg.semantic_similarity == "gate":
+    k_all, b_all = _gate_operands(kernels, biases)
+  else:
+    unit = mu / jnp.maximum(jnp.linalg.norm(mu, axis=-1, keepdims=True), _EPS)
+
+  def one(e):
+    if cfg.semantic_similarity == "gate":
+      gamma = _expert_gate(mu, k_all, b_all, e, cfg.pairwise_chunk_size)
+      gbar = (gamma + gamma.T) / 2
+    else:
+      u = jax.lax.dynamic_index_in_dim(unit, e, axis=1, keepdims=False)
+      gbar = (1.0 + jnp.clip(jnp.einsum("id,jd->ij", u, u, precision=HIGHEST), -1.0, 1.0)) / 2
+    dcos = _expert_gram_cosine(leaves, e, part)
+    c_e = jax.lax.dynamic_index_in_dim(c, e, axis=1, keepdims=False)
+    return jnp.einsum("ij,j->i", gbar * (1.0 + dcos) / 2 * off, c_e, precision=HIGHEST)
+
+  return _experts_map(one, num_experts).T  # (C, E)
 
 
 def _privatize(mu: jax.Array, cfg: FedAlignConfig, key: jax.Array) -> jax.Array:
@@ -520,6 +679,7 @@ def _block_update(
     blk: mb.MoEBlock,
     prep: mb.Prepared,
     flat_d: dict,
+    deltas: dict,
     raw: dict,
     mu: jax.Array,
     p_g: jax.Array,
@@ -528,6 +688,10 @@ def _block_update(
     has_centroids: jax.Array,
 ):
   """4.1-4.3 for one MoE block.
+
+  ``flat_d``: the masked deltas (router leaves are read from it, small); ``deltas``: the same
+  keys as sent (:attr:`mb.Prepared.raw_deltas`, rows of non-participants possibly NaN), from
+  which the expert leaves are read with the participation mask, so that they are never copied.
 
   Returns (agg updates, keep masks, p_g, alpha, centroids, has_centroids, diag).
   """
@@ -555,7 +719,9 @@ def _block_update(
   kernel_d = flat_d[blk.kernel_key]
   bias_d = None if blk.bias_key is None else flat_d[blk.bias_key]
   if kernel_d is not None:
-    agg[blk.kernel_key] = jnp.einsum("ce,cde->de", omega, kernel_d, precision=HIGHEST)
+    # sum_c omega[c, e] Delta_c[:, e] as a scan over clients of (E, D) slices: an einsum with
+    # e as batch axis would transpose the (C, D, E) deltas with the client axis last (slow)
+    agg[blk.kernel_key] = expert_sum(omega, jnp.swapaxes(deltas[blk.kernel_key], 1, 2), part).T
   if bias_d is not None:
     agg[blk.bias_key] = jnp.sum(omega * bias_d, axis=0)
   new_pg = normalize(jnp.sum(omega * p, axis=0), fallback=p_g)
@@ -578,8 +744,8 @@ def _block_update(
   new_has = has_centroids | (gs_tot > 0)
 
   # ---- 4.2-4.3 semantic consistency and selective expert aggregation -----------------------
-  trained = [k for k in blk.expert_keys if flat_d[k] is not None]
-  leaves = [flat_d[k] for k in trained]
+  trained = [k for k in blk.expert_keys if deltas[k] is not None]
+  leaves = [deltas[k] for k in trained]
   diag = {}
   e = blk.num_experts
   if cfg.semantic_selection and trained:
@@ -593,31 +759,23 @@ def _block_update(
         else jnp.asarray(flat_p[blk.bias_key], jnp.float32)
     )
     if cfg.pairwise:
+      kernels = biases = None
       if cfg.semantic_similarity == "gate":
         kernels = kernel_g[None] + (0.0 if kernel_d is None else kernel_d)  # (C, D, E)
         biases = bias_g[None] + (0.0 if bias_d is None else bias_d)  # (C, E)
         kernels = jnp.broadcast_to(kernels, (part.shape[0],) + kernel_g.shape)
         biases = jnp.broadcast_to(biases, (part.shape[0], e))
-        # gamma[i, j, e] = softmax(W_j^T mu_i(e) + b_j)_e
-        gamma = pairwise_gate(mu, kernels, biases, cfg.pairwise_chunk_size)  # (C, C, E)
-        gbar = (gamma + jnp.swapaxes(gamma, 0, 1)) / 2
-      else:
-        unit = mu / jnp.maximum(jnp.linalg.norm(mu, axis=-1, keepdims=True), _EPS)
-        cos_mu = jnp.clip(jnp.einsum("ied,jed->ije", unit, unit, precision=HIGHEST), -1.0, 1.0)
-        gbar = (1.0 + cos_mu) / 2
-      dcos = pairwise_expert_cosine(leaves)  # D_ij(e)
-      cij = gbar * (1.0 + dcos) / 2
-      off = 1.0 - jnp.eye(part.shape[0], dtype=jnp.float32)
-      num = jnp.einsum("je,ije->ie", c, cij * off[:, :, None], precision=HIGHEST)
+      # sum_{j != i} c_j(e) C_ij(e), expert by expert (no (C, C, E) array)
+      num = _pairwise_consistency(cfg, leaves, part, c, mu, kernels, biases)
       den = jnp.sum(c, axis=0)[None, :] - c  # sum_{j != i} c_j(e)
       s_multi = safe_div(num, den)
     else:
       v = normalize(c, axis=0)  # count-weighted consensus weights
-      dcos = consensus_expert_cosine(leaves, v)  # (C, E)
+      dcos = consensus_expert_cosine(leaves, v, part)  # (C, E)
       if cfg.semantic_similarity == "gate":
         kernel_new = kernel_g + agg.get(blk.kernel_key, 0.0)
         bias_new = bias_g + agg.get(blk.bias_key, 0.0) if blk.bias_key is not None else bias_g
-        gbar = diag_gate(mu, kernel_new[None], bias_new[None])  # (C, E)
+        gbar = diag_gate(mu, kernel_new, bias_new)  # (C, E)
       else:
         mu_bar = expert_sum(v, mu)  # (E, D)
         gbar = (1.0 + cosine_last(mu, mu_bar[None])) / 2
@@ -633,9 +791,10 @@ def _block_update(
     # w_i(e) = c S / sum_A c S; all-zero scores in A fall back to counts [ours].
     w = normalize(c * score * a_f, axis=0, fallback=normalize(ca, axis=0))
     kept = jnp.sum(ca, axis=0) <= 0  # A(e) empty: the expert keeps theta_e (and its opt state)
-    for k in trained:
-      agg[k] = expert_sum(w, flat_d[k])
-      keep[k] = kept.reshape((e,) + (1,) * (flat_d[k].ndim - 2))
+    sums = expert_sum(w, leaves, part)  # one scan over clients for every expert leaf
+    for k, value in zip(trained, sums):
+      agg[k] = value
+      keep[k] = kept.reshape((e,) + (1,) * (value.ndim - 1))
     has_p = n_sel > 0
     diag["S_mean"] = safe_div(jnp.sum(score * self_f), jnp.sum(self_f))
     diag["tau_mean"] = safe_div(jnp.sum(jnp.where(has_p, tau, 0.0)), jnp.sum(has_p))
@@ -646,7 +805,7 @@ def _block_update(
       diag.update({"S": score, "tau": tau, "A": a_f, "w": w})
   elif trained:
     for k in trained:
-      agg[k] = client_sum(nw, flat_d[k])
+      agg[k] = client_sum(nw, deltas[k], part)
     diag["kept_frac"] = jnp.where(prep.any_part, 0.0, 1.0)
   else:
     diag["kept_frac"] = jnp.ones(())
@@ -754,7 +913,8 @@ def fedalign_aggregator(config: Any = None, trainable: PyTree | None = None) -> 
           "was init called with these params?"
       )
     rng, noise_key = jax.random.split(state["rng"])
-    flat_d = dict(prep.flat_deltas)
+    flat_d = dict(prep.flat_deltas)  # masked: the router leaves and permutation alignment
+    raw_d = dict(prep.raw_deltas)  # as sent: the expert leaves, read with prep.part
     agg = fedavg_deltas(prep)  # every trained leaf FedAvg by n_i; MoE parts replaced below
     keep: dict = {}
     new_state = {k: dict(state[k]) for k in ("p_g", "alpha", "centroids", "has_centroids")}
@@ -779,12 +939,14 @@ def fedalign_aggregator(config: Any = None, trainable: PyTree | None = None) -> 
             state["has_centroids"][path],
         )
         flat_d.update(new_d)
+        raw_d.update(new_d)  # the aligned deltas are masked already
         diag.update({f"{path}/{k}": v for k, v in pdiag.items()})
       bagg, bkeep, pg, al, cent, has, bdiag = _block_update(
           cfg,
           blk,
           prep,
           flat_d,
+          raw_d,
           raw,
           mu,
           state["p_g"][path],

@@ -33,8 +33,15 @@ PyTree = Any
 
 
 def fedavg_deltas(prep: mb.Prepared) -> dict:
-  """{leaf key: sum_i nw_i Delta_i, or None for a frozen leaf}."""
-  return {k: None if d is None else mb.client_sum(prep.nw, d) for k, d in prep.flat_deltas.items()}
+  """{leaf key: sum_i nw_i Delta_i, or None for a frozen leaf}.
+
+  Reads the deltas as sent (``prep.raw_deltas``) with the participation mask, so that the
+  non-participants' rows are never copied out to be zeroed (:func:`mb.client_sum`).
+  """
+  return {
+      k: None if d is None else mb.client_sum(prep.nw, d, prep.part)
+      for k, d in prep.raw_deltas.items()
+  }
 
 
 def update_norm(agg: dict) -> jax.Array:
