@@ -12,8 +12,9 @@ Mixtral-style MoE (8 experts, top-2, hidden 64) trained from scratch with label-
 (``<bos><text>\nTopic: <label>``, 48 tokens), all 10 clients per round, 20 rounds of 10 local
 AdamW steps (batch 32, lr 1e-3). The paper's protocol (1 local epoch per round) is
 ``--config.train.local_steps=0 --config.train.local_epochs=1`` (about 3x more compute).
-Measured (README.md): 282 s on 2 CPU cores shared with other jobs (load average ~5), 0.44
-final / 0.50 best global test accuracy (chance 0.25). With ``--config.model.moe_impl=dense``
+Measured (README.md, fresh venv): 234 s including the install (the run 150 s) on 2 CPU cores
+shared with the test suite, 0.49 final / 0.49 best global test accuracy (chance 0.25); an
+earlier run before the LM head was gathered (same model function) gave 0.44 / 0.50. With ``--config.model.moe_impl=dense``
 (the former default: the same function, every expert on every token) the same command gives
 0.43 / 0.53 (and took 235 s on a quieter machine): the two accuracy curves agree to 0.01 for
 15 rounds, then float rounding differences grow, as they do from scratch in this regime. From
