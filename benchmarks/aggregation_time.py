@@ -36,6 +36,7 @@ Results: printed markdown tables and benchmarks/results/aggregation_time.json.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import re
 import sys
@@ -295,7 +296,9 @@ def main() -> None:
           fn()
           row["times_s"].append(time.perf_counter() - t0)
       dot_s = median(dot_row["times_s"])
-      dot_row.update(median_s=dot_s, gflops=dot_flops / dot_s / GB)
+      dot_row.update(
+          median_s=dot_s, gflops=dot_flops / dot_s / GB, loadavg_after=os.getloadavg()[0]
+      )
       dots.append(dot_row)
       fedavg = size_rows[0].get("times_s")
       for row in size_rows:
@@ -375,9 +378,23 @@ def main() -> None:
       ],
   )
   dot_table = markdown_table(
-      ["experts", "clients", f"big dot {args.dot}^3 (ms)", "GFLOP/s", "calls"],
       [
-          [d["experts"], d["clients"], d["median_s"] * 1e3, d["gflops"], len(d["times_s"])]
+          "experts",
+          "clients",
+          f"big dot {args.dot}^3 (ms)",
+          "GFLOP/s",
+          "calls",
+          "load average after the size",
+      ],
+      [
+          [
+              d["experts"],
+              d["clients"],
+              d["median_s"] * 1e3,
+              d["gflops"],
+              len(d["times_s"]),
+              d["loadavg_after"],
+          ]
           for d in dots
       ],
   )

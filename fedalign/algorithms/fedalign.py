@@ -74,11 +74,11 @@ class FedAlignConfig:
       ((1 + cos(mu_i, mu_j)) / 2) (4.2) [ours].
     pairwise: True = O(N^2) pairwise S_i(e) (4.2); False = O(N) variant against the
       count-weighted consensus (4.4) [ours].
-    pairwise_chunk_size: pairwise with the 'gate' similarity only: compute gamma[i, j, e]
-      for chunks of this many clients i at a time under :func:`jax.lax.map`, so that the
-      router logits take O(chunk * C * E^2) memory instead of O(C^2 * E^2) (4e9 floats at
-      1000 clients x 64 experts). Same result up to float rounding; 0 or None = all at once
-      [ours, memory].
+    pairwise_chunk_size: pairwise with the 'gate' similarity only: the pairwise variant goes
+      expert by expert, and the router logits of one expert take (C, C, E) memory (6.4e7
+      floats at 1000 clients x 64 experts); with a chunk size, gamma[i, j, e] is computed for
+      chunks of this many clients i at a time under :func:`jax.lax.map`, (chunk, C, E). Same
+      result up to float rounding; 0 or None = all clients at once [ours, memory].
     weight_by_n: multiply s_i(e) by n_i (4.1) [ours, off].
     router_weighting: 'consistency' (s = o * m) [paper], 'uniform' (FedAvg router, n_i),
       'overlap' (s = o), 'margin' (s = m) (ablations).
