@@ -194,9 +194,9 @@ def test_bfloat16_runs_and_is_close():
 # ----------------------------------------------------------------------------- model
 
 
-def test_decoder_logits_and_gradients_equal_dense():
-  cfg = family_config(
-      "mixtral",
+def tiny_decoder_config(**overrides):
+  """A 1-layer Mixtral-family decoder with LoRA, 4 experts top-2 (the decoder/round tests)."""
+  kw = dict(
       vocab_size=32,
       hidden_size=8,
       intermediate_size=12,
@@ -207,8 +207,12 @@ def test_decoder_logits_and_gradients_equal_dense():
       top_k=2,
       moe_intermediate_size=6,
       lora_rank=2,
-      moe_block_size=4,
   )
+  return family_config("mixtral", **{**kw, **overrides})
+
+
+def test_decoder_logits_and_gradients_equal_dense():
+  cfg = tiny_decoder_config(moe_block_size=4)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 6)), jnp.int32)
   mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], bool)
   params = random_params(build_module(cfg), ids, mask)
@@ -237,18 +241,7 @@ def test_decoder_logits_and_gradients_equal_dense():
 
 
 def tiny_round_setup(num_clients, moe_impl):
-  cfg = family_config(
-      "mixtral",
-      vocab_size=32,
-      hidden_size=8,
-      intermediate_size=12,
-      num_layers=1,
-      num_heads=2,
-      num_kv_heads=1,
-      num_experts=4,
-      top_k=2,
-      moe_intermediate_size=6,
-      lora_rank=2,
+  cfg = tiny_decoder_config(
       lora_targets=("experts",),
       moe_block_size=4,
       moe_impl=moe_impl,
