@@ -87,7 +87,7 @@ class CausalLMTask:
     >>> task = CausalLMTask(MoEDecoderLM(cfg))
     >>> batch = {'tokens': jnp.ones((2, 4), jnp.int32), 'mask': jnp.ones((2, 4), bool),
     ...          'target_mask': jnp.ones((2, 4), bool)}
-    >>> loss, aux = task.loss(init_params(cfg), batch, jax.random.key(0))
+    >>> loss, aux = jax.jit(task.loss)(init_params(cfg), batch, jax.random.key(0))
     >>> bool(loss > 0)
     True
   """
@@ -175,7 +175,7 @@ class Seq2SeqTask:
     >>> batch = {'tokens': jnp.ones((2, 6), jnp.int32), 'mask': jnp.ones((2, 6), bool),
     ...          'target_tokens': jnp.array([[5, 1], [7, 1]], jnp.int32),
     ...          'target_mask': jnp.ones((2, 2), bool)}
-    >>> loss, aux = task.loss(init_params(cfg), batch, jax.random.key(0))
+    >>> loss, aux = jax.jit(task.loss)(init_params(cfg), batch, jax.random.key(0))
     >>> bool(loss > 0), sorted(aux['routing'])
     (True, ['decoder/block_1/mlp', 'encoder/block_1/mlp'])
   """

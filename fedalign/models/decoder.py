@@ -19,8 +19,8 @@ Example:
   ...                 num_kv_heads=1, num_experts=4, top_k=2, moe_intermediate_size=8)
   >>> model = MoEDecoderLM(cfg)
   >>> ids = jnp.ones((2, 5), jnp.int32)
-  >>> params = model.init(jax.random.key(0), ids)['params']
-  >>> logits, aux = model.apply({'params': params}, ids)
+  >>> params = jax.jit(model.init)(jax.random.key(0), ids)['params']
+  >>> logits, aux = jax.jit(model.apply)({'params': params}, ids)
   >>> logits.shape, sorted(aux['routing'])
   ((2, 5, 64), ['layers_0/mlp', 'layers_1/mlp'])
 """

@@ -44,9 +44,9 @@ Example:
   >>> cfg = switch_tiny()
   >>> model = SwitchTransformer(cfg)
   >>> ids = jnp.ones((2, 6), jnp.int32)
-  >>> params = model.init(jax.random.key(0), ids)['params']
+  >>> params = jax.jit(model.init)(jax.random.key(0), ids)['params']
   >>> dec = shift_right(jnp.ones((2, 3), jnp.int32), cfg.decoder_start_token_id)
-  >>> logits, aux = model.apply({'params': params}, ids, None, dec)
+  >>> logits, aux = jax.jit(model.apply)({'params': params}, ids, None, dec)
   >>> logits.shape, sorted(aux['routing'])
   ((2, 3, 128), ['decoder/block_1/mlp', 'encoder/block_1/mlp'])
 """
@@ -819,8 +819,9 @@ def score_targets(
   (``shift_right``); padded target positions do not count.
 
   >>> cfg = switch_tiny(); ids = jnp.ones((2, 5), jnp.int32)
-  >>> params = SwitchTransformer(cfg).init(jax.random.key(0), ids)['params']
-  >>> score_targets(params, cfg, ids, None, ids[:, :2], jnp.ones((2, 2), bool)).shape
+  >>> params = jax.jit(SwitchTransformer(cfg).init)(jax.random.key(0), ids)['params']
+  >>> score = jax.jit(score_targets, static_argnums=1)
+  >>> score(params, cfg, ids, None, ids[:, :2], jnp.ones((2, 2), bool)).shape
   (2,)
   """
   tgt = jnp.where(target_mask.astype(bool), target_ids, config.pad_token_id).astype(jnp.int32)
