@@ -32,8 +32,9 @@ _CACHE_DIR = flags.DEFINE_string(
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
-    "Call jax.distributed.initialize() first (multi-host TPU pods, "
-    "multi-node GPUs); see fedalign/federated/distributed.py.",
+    "Call jax.distributed.initialize() first (multi-host TPU pods, multi-node GPUs; "
+    "FEDALIGN_COORDINATOR=host:port, FEDALIGN_NUM_PROCESSES, FEDALIGN_PROCESS_ID, "
+    "FEDALIGN_INIT_TIMEOUT or auto-detection); see docs/scaling.md.",
 )
 
 
@@ -53,6 +54,10 @@ def main(argv: list[str]) -> None:
   from fedalign.federated.server import run_experiment
 
   summary = run_experiment(_CONFIG.value, _WORKDIR.value)
+  import jax
+
+  if jax.process_index() != 0:  # process 0 reports (and wrote summary.json)
+    return
   print(
       f"final_test_accuracy={summary['final_test_accuracy']:.4f} "
       f"best_test_accuracy={summary['best_test_accuracy']:.4f} "

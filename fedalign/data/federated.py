@@ -21,6 +21,7 @@ import os
 import pathlib
 from typing import Any, Callable
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -148,7 +149,15 @@ class FederatedData:
     if config.model.hf_checkpoint:  # the checkpoint's own tokenizer, whatever data.tokenizer
       self.tokenizer = HFTokenizer.from_file(config.model.hf_checkpoint)
     elif d.tokenizer == "bpe":
-      if tok_path.exists():
+      if jax.process_count() > 1:  # process 0 trains and writes it, the others read the file
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0 and not tok_path.exists():
+          client_text = [train.text[i] for c in self.clients for i in c]
+          train_bpe(client_text, d.vocab_size, path=tok_path, added_tokens=label_words)
+        multihost_utils.sync_global_devices("fedalign tokenizer")
+        self.tokenizer = load_tokenizer(tok_path)
+      elif tok_path.exists():
         self.tokenizer = load_tokenizer(tok_path)
       else:
         client_text = [train.text[i] for c in self.clients for i in c]

@@ -177,9 +177,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def check_workdir_config(
+    workdir: pathlib.Path, config: ml_collections.ConfigDict, *, write: bool = True
+) -> None:
   """Refuses a workdir whose saved config differs (except :data:`RESUMABLE_FIELDS`), then
-  writes ``workdir/config.json``.
+  writes ``workdir/config.json`` (``write=False``: checks only, e.g. on processes other than
+  0 of a multi-process run).
 
   >>> import tempfile
   >>> from fedalign.config_files import load_config
@@ -206,4 +209,5 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
           f"workdir {workdir} holds a run of a different config ({details}); "
           "use a new --workdir or the same config to resume."
       )
-  path.write_text(config.to_json(indent=2))
+  if write:
+    path.write_text(config.to_json(indent=2))

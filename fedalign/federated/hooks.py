@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from fedalign.federated.mesh import local_view
+
 log = logging.getLogger("fedalign.federated.server")
 PyTree = Any
 
@@ -95,7 +97,8 @@ class Evaluate:
         "excluded_clients": out["excluded_clients"],
         "round_time_s": out["round_time_s"],
     }
-    ev = self.run.evaluate(state["params"], self.test_examples)
+    params = local_view(state["params"])  # multi-process: this process's copy
+    ev = self.run.evaluate(params, self.test_examples)
     record["test_accuracy"] = float(ev["acc"])
     if config.eval.per_client:
       acc_c = client_accuracy(ev["correct"], self.test_examples["labels"], data.label_counts)
@@ -103,7 +106,7 @@ class Evaluate:
       record["mean_client_accuracy"] = float(jnp.mean(acc_c))
     record.update(diagnostics(out))
     if self.specialization is not None:
-      mi, _ = self.specialization(state["params"])
+      mi, _ = self.specialization(params)
       record["expert_specialization"] = float(np.mean([float(v) for v in mi.values()]))
       record["expert_specialization_per_block"] = {k: float(v) for k, v in mi.items()}
     record["elapsed_s"] = time.time() - self.t0

@@ -33,8 +33,16 @@ import numpy as np
 from fedalign.data.federated import FederatedData
 from fedalign.algorithms import make_algorithm
 from fedalign.federated.client import client_optimizer, make_client_update
+from fedalign.federated.distributed import barrier, is_main
+from fedalign.federated.mesh import (
+    client_sharding,
+    global_arrays,
+    make_mesh,
+    process_rows,
+    replicate,
+    replicated,
+)
 from fedalign.federated.round import (
-    CLIENT_AXIS,
     choose_lanes,
     init_server_state,
     lane_batches,
@@ -155,9 +163,7 @@ class Run:
     """
     config, data = self.config, self.data
     cpr = config.train.clients_per_round
-    ids = sample_clients(config.seed, round_idx, config.data.num_clients, cpr)
-    if self.chunk_size is not None:
-      ids = ids[np.argsort(-data.client_sizes[ids], kind="stable")]
+    ids = self.round_clients(round_idx)
     batches = data.round_batches(config, ids, round_idx)
     weights = data.client_sizes[ids].astype(np.float32)
     if self.lanes:
@@ -183,6 +189,55 @@ class Run:
     ids_in = np.concatenate([ids, np.repeat(ids[:1], extra)])
     return batches, weights, ids_in, ids
 
+  def round_clients(self, round_idx: int) -> np.ndarray:
+    """The sampled clients of round ``round_idx`` in the order of the round's client axis
+    (from ``(seed, round)`` only: the same on every process)."""
+    config = self.config
+    ids = sample_clients(
+        config.seed, round_idx, config.data.num_clients, config.train.clients_per_round
+    )
+    if self.chunk_size is not None:
+      ids = ids[np.argsort(-self.data.client_sizes[ids], kind="stable")]
+    return ids
+
+  def round_arrays(
+      self, round_idx: int
+  ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`round_inputs` as ``round_fn`` takes them: on a mesh, ``batches`` are global
+    arrays sharded over the client axis, of which this process built only the rows its own
+    devices hold (the other processes build theirs); without a mesh, numpy arrays.
+
+    Every row is the one :meth:`round_inputs` builds (the batches of a client derive from
+    ``(seed, round, client)`` only), so a multi-process round equals the single-process one.
+    With ``lanes`` a lane mixes clients: every process builds the whole round's batches and
+    keeps its rows.
+    """
+    if self.mesh is None:
+      return self.round_inputs(round_idx)
+    sharding = client_sharding(self.mesh)
+    if self.lanes:
+      batches, weights, ids_in, ids = self.round_inputs(round_idx)
+      num = len(next(iter(batches.values())))
+      return global_arrays(sharding, num, np.arange(num), batches), weights, ids_in, ids
+    config, data = self.config, self.data
+    cpr = config.train.clients_per_round
+    ids = self.round_clients(round_idx)
+    pad_to = int(math.ceil(cpr / self.pad_step) * self.pad_step)
+    rows = process_rows(sharding, pad_to)
+    real = rows[rows < cpr]
+    # A process whose rows are all padding builds one client's batches for the shapes.
+    built = data.round_batches(config, ids[real] if real.size else ids[:1], round_idx)
+    local = {}
+    for k, v in built.items():
+      out = np.zeros((len(rows),) + v.shape[1:], v.dtype)
+      out[: real.size] = v[: real.size]  # rows are sorted: the real ones come first
+      local[k] = out
+    weights = np.concatenate(
+        [data.client_sizes[ids].astype(np.float32), np.zeros(pad_to - cpr, np.float32)]
+    )
+    ids_in = np.concatenate([ids, np.repeat(ids[:1], pad_to - cpr)])
+    return global_arrays(sharding, pad_to, rows, local), weights, ids_in, ids
+
   def round_lanes(self, steps: np.ndarray) -> int:
     """The lanes of a round whose clients take ``steps`` local steps
     (:func:`~fedalign.federated.round.choose_lanes` from ``train.lanes`` and
@@ -199,7 +254,7 @@ class Run:
 
   def run_round(self, state: PyTree, round_idx: int) -> tuple[PyTree, dict[str, Any], np.ndarray]:
     """One round from ``state``: ``(new state, round_fn's outputs, sampled client ids)``."""
-    batches, weights, ids_in, ids = self.round_inputs(round_idx)
+    batches, weights, ids_in, ids = self.round_arrays(round_idx)
     state, out = self.round_fn(state, batches, jnp.asarray(weights), jnp.asarray(ids_in), round_idx)
     return state, out, ids
 
@@ -221,6 +276,10 @@ def build_run(
       model variants on the same data); built from ``config`` when None.
   """
   workdir = pathlib.Path(workdir)
+  if jax.process_count() > 1 and "pretrain" in config and config.pretrain.enabled:
+    if is_main():  # process 0 pre-trains (or finds the cache); the others then read it
+      maybe_pretrained(config, workdir)
+    barrier("fedalign pretrain")
   config = maybe_pretrained(config, workdir)  # config.pretrain.enabled: the cached checkpoint
   if data is None:
     data = FederatedData(config, workdir)
@@ -231,16 +290,12 @@ def build_run(
 
     scored = max_scored_tokens(data.train["target_mask"], data.train["mask"])
   training = build_training(config, mcfg, params, seq2seq=data.seq2seq, scored_tokens=scored)
-  mesh = None
-  if config.train.use_mesh:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), (CLIENT_AXIS,))
+  mesh = make_mesh(config)  # None without train.use_mesh; checks train.lanes against it
   chunk = config.train.chunk_size or None
   lanes = int(config.train.get("lanes", 0))
-  if lanes and mesh is not None and lanes % mesh.size:
-    raise ValueError(
-        f"config.train.lanes={lanes} is invalid with train.use_mesh=True: expected a multiple "
-        f"of the mesh size ({mesh.size} devices), the lane axis is sharded over the devices."
-    )
+  # On a mesh the new state and the round's outputs come back replicated: every process can
+  # read them (metrics, checkpoints) without a gather of arrays it does not hold.
+  jit_kw = {} if mesh is None else {"out_shardings": replicated(mesh)}
   round_fn = jax.jit(
       make_round_fn(
           training.client_update,
@@ -250,13 +305,16 @@ def build_run(
           chunk_size=chunk,
           mesh=mesh,
           lanes=bool(lanes),
-      )
+      ),
+      **jit_kw,
   )
   # Weight-0 padding clients make the round's client count a multiple of the chunk size and
   # of the number of devices on the mesh (lanes need none: the lane axis is sharded).
   pad_step = 1 if lanes else math.lcm(chunk or 1, mesh.size if mesh is not None else 1)
   evaluate = make_evaluator(data, mcfg, training.module, config.eval.batch_size)
   state = init_server_state(params, training.algorithm, training.mask, config.data.num_clients)
+  if mesh is not None:  # global arrays on every device of every process
+    state = replicate(state, mesh)
   return Run(
       config=config,
       data=data,

@@ -49,6 +49,8 @@ from fedalign.checkpoint import Checkpointer
 from fedalign.compilation import CompileTimer
 from fedalign.federated import hooks
 from fedalign.federated.config_checks import check_workdir_config, validate_config
+from fedalign.federated.distributed import barrier, check_same_config, is_main
+from fedalign.federated.mesh import make_mesh
 from fedalign.federated.run import build_run
 
 log = logging.getLogger(__name__)
@@ -65,9 +67,15 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     >>> summary = run_experiment(cfg, tempfile.mkdtemp())  # doctest: +SKIP
   """
   validate_config(config)
+  check_same_config(config)  # multi-process: every process runs process 0's config
+  make_mesh(config)  # mesh errors (e.g. multi-process without train.use_mesh) before any work
+  main = is_main()  # process 0 writes the files; every process computes and checkpoints
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  check_workdir_config(workdir, config)
+  check_workdir_config(workdir, config, write=False)
+  barrier("fedalign workdir config")  # every process has read config.json before it changes
+  if main:
+    check_workdir_config(workdir, config)
   t0 = time.time()
   compile_timer = CompileTimer()
   with compile_timer:  # compile seconds of the whole run (cache hits cost ~0)
@@ -86,20 +94,22 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       history = list(meta.get("history", []))
       log.info("resumed from round %d (%s)", start_round, ckpt.directory)
     metrics_path = workdir / "metrics.jsonl"
-    hooks.truncate_metrics(metrics_path, start_round)
-
     rounds, cpr = config.train.rounds, config.train.clients_per_round
-    bar = hooks.ProgressBar(config.method, start_round, rounds)
-    actions: list[hooks.PeriodicAction] = [
-        hooks.Evaluate(run, metrics_path, history, t0),
-        hooks.RoutingDump(workdir / "routing_distributions.npz", config),
-        bar,
-        hooks.warn_excluded,
-        hooks.Checkpoint(ckpt, config, history),
-    ]
+    actions: list[hooks.PeriodicAction] = []
+    if main:
+      hooks.truncate_metrics(metrics_path, start_round)
+      bar = hooks.ProgressBar(config.method, start_round, rounds)
+      actions += [
+          hooks.Evaluate(run, metrics_path, history, t0),
+          hooks.RoutingDump(workdir / "routing_distributions.npz", config),
+          bar,
+          hooks.warn_excluded,
+      ]
+    actions.append(hooks.Checkpoint(ckpt, config, history))  # every process takes part
     for r in range(start_round, rounds):
       rt = time.time()
       state, out, ids = run.run_round(state, r)
+      out = jax.tree.map(np.asarray, out)  # replicated on a mesh: every process reads it
       out = dict(out, client_ids=ids, train_loss=float(out["train_loss"]))
       out["excluded_clients"] = [
           int(c) for c, e in zip(ids, np.asarray(out["excluded"])[:cpr]) if e
@@ -107,7 +117,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       out["round_time_s"] = time.time() - rt
       for action in actions:
         out.update(action(r + 1, state, out) or {})
-    bar.close()
+    if main:
+      bar.close()
     ckpt.close()
 
   accs = [h["test_accuracy"] for h in history]
@@ -132,6 +143,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       compile_timer.seconds,
       summary["wall_time_s"],
   )
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  hooks.plot_run(workdir, history, data, config)
+  if main:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    hooks.plot_run(workdir, history, data, config)
   return summary

@@ -1,0 +1,292 @@
+"""Multi-process runs on localhost: 2 processes x 2 fake CPU devices form one 4-device mesh.
+
+Every run here is ``python -m fedalign.main`` in subprocesses (``--distributed`` with
+``FEDALIGN_COORDINATOR=127.0.0.1:<free port>``, ``FEDALIGN_NUM_PROCESSES=2``,
+``FEDALIGN_PROCESS_ID=0|1``; CPU collectives over gloo), on a tiny config: 8 clients, 3 per
+round (padded to 4 rows, one per device: process 1 holds a weight-0 padding row), 2 local
+steps, a 1-layer MoE. The compiled programs go to the pytest run's compilation cache
+(tests/conftest.py).
+
+Tolerance of the comparisons: the runs compute the same function; they differ only in where
+the round's sums over clients run (one device, or partial sums on 4 devices combined across
+processes), i.e. in float32 rounding order. Over 4 rounds of 2 AdamW steps the final
+parameters (magnitudes up to ~1) differ by ~5e-7 (measured); the test allows 2e-5 absolute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--config=configs/default.py:runlocal",
+    "--config.method=fedavg",
+    "--config.data.num_clients=8",
+    "--config.train.clients_per_round=3",
+    "--config.train.local_steps=2",
+    "--config.train.batch_size=8",
+    "--config.train.chunk_size=0",
+    "--config.data.max_train_examples=400",
+    "--config.data.max_test_examples=100",
+    "--config.data.min_client_size=10",
+    "--config.data.seq_len=32",
+    "--config.data.vocab_size=300",
+    "--config.model.num_layers=1",
+    "--config.model.moe_impl=dense",
+    "--config.eval.specialization_examples=0",
+]
+ATOL = 2e-5
+TIMEOUT_S = 600
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("FEDALIGN_") and k != "XLA_FLAGS"}
+  env.update(
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+  )
+  env.update(extra)
+  return env
+
+
+def _cache_args() -> list[str]:
+  cache = jax.config.jax_compilation_cache_dir
+  return [f"--compilation_cache_dir={cache}"] if cache else ["--nocompilation_cache"]
+
+
+def _cmd(workdir: pathlib.Path, *args: str) -> list[str]:
+  return [
+      sys.executable,
+      "-m",
+      "fedalign.main",
+      *TINY,
+      *_cache_args(),
+      f"--workdir={workdir}",
+      *args,
+  ]
+
+
+def launch(
+    workdir: pathlib.Path,
+    *args: str,
+    processes: int = 2,
+    devices: int = 2,
+    env: dict[str, str] | None = None,
+    process_args: dict[int, list[str]] | None = None,
+) -> list[subprocess.Popen]:
+  """Starts the ``processes`` processes of one run (one plain process when 1);
+  ``process_args[i]``: extra flags of process i only."""
+  procs = []
+  port = free_port()
+  for pid in range(processes):
+    extra = dict(env or {})
+    if processes > 1:
+      extra = {
+          "FEDALIGN_COORDINATOR": f"127.0.0.1:{port}",
+          "FEDALIGN_NUM_PROCESSES": str(processes),
+          "FEDALIGN_PROCESS_ID": str(pid),
+          "FEDALIGN_INIT_TIMEOUT": "120",
+          **extra,
+      }
+    flags = list(args) + (["--distributed"] if processes > 1 else [])
+    flags += (process_args or {}).get(pid, [])
+    procs.append(
+        subprocess.Popen(
+            _cmd(workdir, *flags),
+            cwd=REPO,
+            env=_env(devices, **extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    )
+  return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> list[tuple[int, str]]:
+  """``[(returncode, output), ...]``; kills what is still running after ``timeout``."""
+  deadline = time.monotonic() + timeout
+  out = []
+  for p in procs:
+    try:
+      text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      text, _ = p.communicate()
+      text += "\n[killed by the test: timeout]"
+    out.append((p.returncode, text))
+  return out
+
+
+def _ok(results: list[tuple[int, str]]) -> None:
+  for i, (rc, text) in enumerate(results):
+    assert rc == 0, f"process {i} exited with {rc}:\n{text[-4000:]}"
+
+
+def load_params(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
+  """The ``params`` of checkpoint ``step`` as numpy arrays, by path."""
+  import orbax.checkpoint as ocp
+
+  path = workdir / "checkpoints" / str(step) / "state"
+  ck = ocp.StandardCheckpointer()
+  meta = ck.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  is_arr = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree, is_leaf=is_arr)
+  state = ck.restore(path, target)
+  flat, _ = jax.tree_util.tree_flatten_with_path(state["params"])
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def metrics(workdir: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_resume_equal_single_process(tmp_path):
+  """2 processes x 2 devices: 2 rounds, stop, resume to 4 rounds from the round-2
+  checkpoint; params and metrics equal the single-process 4-device run and the 1-device run
+  (no mesh)."""
+  mp, four, one = tmp_path / "mp", tmp_path / "four", tmp_path / "one"
+  t0 = time.monotonic()
+  first = launch(mp, "--config.train.rounds=2", "--config.train.use_mesh=True")
+  singles = launch(
+      four, "--config.train.rounds=4", "--config.train.use_mesh=True", processes=1, devices=4
+  ) + launch(
+      one, "--config.train.rounds=4", "--config.train.use_mesh=False", processes=1, devices=1
+  )
+  _ok(finish(first))
+  assert sorted(int(p.name) for p in (mp / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+  assert [m["round"] for m in metrics(mp)] == [1, 2]
+  resumed = finish(launch(mp, "--config.train.rounds=4", "--config.train.use_mesh=True"))
+  _ok(resumed)
+  assert "resumed from round 2" in resumed[0][1] and "resumed from round 2" in resumed[1][1]
+  # Process 0 reports; process 1 prints no summary line.
+  assert "final_test_accuracy=" in resumed[0][1]
+  assert "final_test_accuracy=" not in resumed[1][1]
+  _ok(finish(singles))
+  cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+  print(f"4 runs: {time.monotonic() - t0:.0f} s wall, {cpu.ru_utime + cpu.ru_stime:.0f} s CPU")
+
+  # metrics.jsonl: one line per round, written by process 0 only, equal across the runs.
+  m_mp, m_four, m_one = metrics(mp), metrics(four), metrics(one)
+  assert [m["round"] for m in m_mp] == [1, 2, 3, 4]
+  for a, b, c in zip(m_mp, m_four, m_one):
+    assert a["test_accuracy"] == b["test_accuracy"] == c["test_accuracy"]
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["train_loss"], c["train_loss"], rtol=1e-5)
+    assert a["client_accuracy"] == b["client_accuracy"]
+  assert json.loads((mp / "summary.json").read_text())["rounds"] == 4
+  assert (mp / "routing_distributions.npz").exists() and (mp / "plots" / "accuracy.png").exists()
+
+  p_mp, p_four, p_one = load_params(mp, 4), load_params(four, 4), load_params(one, 4)
+  assert p_mp.keys() == p_four.keys() == p_one.keys()
+  for k in p_mp:
+    np.testing.assert_allclose(p_mp[k], p_four[k], atol=ATOL, rtol=0, err_msg=k)
+    np.testing.assert_allclose(p_mp[k], p_one[k], atol=ATOL, rtol=0, err_msg=k)
+  # Rounds 3 and 4 (after the resume) moved the parameters by far more than the tolerance.
+  p_two = load_params(mp, 2)
+  moved = max(float(np.max(np.abs(p_mp[k] - p_two[k]))) for k in p_mp)
+  assert moved > 100 * ATOL
+
+
+def test_config_mismatch_across_processes(tmp_path):
+  """Process 1 with another seed: both processes stop with the differing field named, before
+  anything is written."""
+  procs = launch(
+      tmp_path / "w", "--config.train.use_mesh=True", process_args={1: ["--config.seed=1"]}
+  )
+  for rc, text in finish(procs, timeout=300):
+    assert rc != 0
+    assert "differs from process 0's" in text and "seed: 0 -> 1" in text, text[-3000:]
+  assert not (tmp_path / "w" / "config.json").exists()
+
+
+def test_multiprocess_needs_the_mesh(tmp_path):
+  """Two processes without train.use_mesh: a ValueError naming the field."""
+  for rc, text in finish(launch(tmp_path / "w", "--config.train.use_mesh=False"), timeout=300):
+    assert rc != 0 and "config.train.use_mesh=False is invalid" in text, text[-3000:]
+
+
+def test_unreachable_coordinator_times_out(tmp_path):
+  """Process 1 alone (no process 0 hosts the coordinator): a TimeoutError naming the address
+  after FEDALIGN_INIT_TIMEOUT, not a hang."""
+  t0 = time.monotonic()
+  port = free_port()
+  env = {
+      "FEDALIGN_COORDINATOR": f"127.0.0.1:{port}",
+      "FEDALIGN_NUM_PROCESSES": "2",
+      "FEDALIGN_PROCESS_ID": "1",
+      "FEDALIGN_INIT_TIMEOUT": "3",
+  }
+  p = subprocess.Popen(
+      _cmd(tmp_path / "w", "--distributed"),
+      cwd=REPO,
+      env=_env(2, **env),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
+  ((rc, text),) = finish([p], timeout=120)
+  assert rc != 0 and "killed by the test" not in text
+  assert f"the coordinator 127.0.0.1:{port} (FEDALIGN_COORDINATOR) was unreachable for 3 s" in text
+  assert time.monotonic() - t0 < 100
+
+
+def test_bad_cluster_env():
+  from fedalign.federated.distributed import cluster_from_env, timeout_from_env
+
+  base = {"FEDALIGN_COORDINATOR": "h:12", "FEDALIGN_NUM_PROCESSES": "2"}
+  with pytest.raises(ValueError, match="FEDALIGN_PROCESS_ID is not"):
+    cluster_from_env(base)
+  with pytest.raises(ValueError, match="FEDALIGN_PROCESS_ID='x' is invalid"):
+    cluster_from_env({**base, "FEDALIGN_PROCESS_ID": "x"})
+  with pytest.raises(ValueError, match="FEDALIGN_NUM_PROCESSES='0' is invalid"):
+    cluster_from_env({**base, "FEDALIGN_NUM_PROCESSES": "0", "FEDALIGN_PROCESS_ID": "0"})
+  with pytest.raises(ValueError, match="expected host:port"):
+    cluster_from_env({**base, "FEDALIGN_COORDINATOR": "h", "FEDALIGN_PROCESS_ID": "0"})
+  with pytest.raises(ValueError, match="without FEDALIGN_COORDINATOR"):
+    cluster_from_env({"FEDALIGN_PROCESS_ID": "0"})
+  assert cluster_from_env({}) is None
+  with pytest.raises(ValueError, match="FEDALIGN_INIT_TIMEOUT='0' is invalid"):
+    timeout_from_env({"FEDALIGN_INIT_TIMEOUT": "0"})
+
+
+def test_process_rows_and_global_arrays():
+  """One process, 4 of the 8 fake devices: the rows each device holds, the global array
+  assembled from given rows, and the error when a held row is missing."""
+  from fedalign.federated.mesh import client_sharding, global_arrays, process_rows, replicate
+  from fedalign.federated.mesh import local_view
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("clients",))
+  sharding = client_sharding(mesh)
+  assert process_rows(sharding, 8).tolist() == list(range(8))
+  x = np.arange(16, dtype=np.float32).reshape(8, 2)
+  perm = np.array([3, 1, 0, 2, 7, 6, 5, 4])  # rows given in any order
+  g = global_arrays(sharding, 8, perm, {"x": x[perm]})["x"]
+  np.testing.assert_array_equal(np.asarray(g), x)
+  assert [s.data.shape for s in g.addressable_shards] == [(2, 2)] * 4
+  with pytest.raises(ValueError, match=r"rows \[7\] are held"):
+    global_arrays(sharding, 8, np.arange(7), {"x": x[:7]})
+  r = replicate({"w": np.ones(3), "n": None}, mesh)
+  assert r["n"] is None and r["w"].sharding.is_fully_replicated
+  np.testing.assert_array_equal(np.asarray(local_view(r)["w"]), np.ones(3))
