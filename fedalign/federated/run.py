@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedalign.aggregation import robust as robust_lib
 from fedalign.data.federated import FederatedData
 from fedalign.algorithms import make_algorithm
+from fedalign.federated import attacks as attacks_lib
 from fedalign.federated.client import client_optimizer, make_client_update
 from fedalign.federated.round import (
     CLIENT_AXIS,
@@ -241,6 +243,9 @@ def build_run(
         f"config.train.lanes={lanes} is invalid with train.use_mesh=True: expected a multiple "
         f"of the mesh size ({mesh.size} devices), the lane axis is sharded over the devices."
     )
+  # Robust aggregation (server.robust*) and simulated attackers (attack.*), if any.
+  robust = robust_lib.from_config(config, top_k=getattr(mcfg, "top_k", None))
+  attack = attacks_lib.from_config(config, getattr(mcfg, "vocab_size", None), data.candidate_ids)
   round_fn = jax.jit(
       make_round_fn(
           training.client_update,
@@ -250,6 +255,8 @@ def build_run(
           chunk_size=chunk,
           mesh=mesh,
           lanes=bool(lanes),
+          robust=robust,
+          attack=attack,
       )
   )
   # Weight-0 padding clients make the round's client count a multiple of the chunk size and
