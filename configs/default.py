@@ -123,6 +123,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.server.b1 = 0.9
   c.server.b2 = 0.99
   c.server.eps = 1e-3
+  # Robust aggregation (fedalign/aggregation/robust.py, docs/robustness.md); composes with
+  # every method: none | norm_bound | median | trimmed_mean | krum
+  c.server.robust = "none"
+  c.server.robust_norm_bound = 0.0  # norm_bound: L2 bound of a client's update; 0 = the
+  # round's median client norm
+  c.server.trim_fraction = 0.1  # trimmed_mean: fraction cut at each end, in [0, 0.5)
+  c.server.krum_byzantine = 0  # krum: f (needs clients_per_round >= 2 f + 3); 0 = the most
+  # tolerated, floor((n - 3) / 2)
+  c.server.krum_select = 0  # krum: clients kept; 1 = Krum, 0 = n - f (Multi-Krum)
+  c.server.robust_stats = False  # bound and clip the uploaded routing statistics
+  c.server.robust_stats_quantile = 0.5  # robust_stats: per-expert clipping quantile (1 = off)
 
   c.fedprox = ml_collections.ConfigDict()
   c.fedprox.mu = 0.01
@@ -151,6 +162,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fedalign.selection_tol = 1e-6  # slack of A(e) (numerical)
   c.fedalign.identity_bonus = 1e-6  # alignment ties keep the client's index (numerical)
   c.fedalign.detailed_diagnostics = False  # per-(client, expert) omega, S, tau, A, w in metrics
+
+  # Simulated attackers (fedalign/federated/attacks.py): kind none | sign_flip | scale |
+  # gaussian | label_flip | routing_inflation, a fixed fraction of the clients (from seed)
+  c.attack = ml_collections.ConfigDict()
+  c.attack.kind = "none"
+  c.attack.fraction = 0.0  # in [0, 0.5): round(fraction * data.num_clients) attackers
+  c.attack.scale = 10.0  # sign_flip / scale / gaussian: the upload's norm in units of the
+  # honest update's; routing_inflation: the inflation of the counts
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"  # test | validation (needs data.validation_examples)

@@ -13,6 +13,11 @@
   as the clients sent them (:attr:`Prepared.raw_deltas`) and treat the rows of non-
   participants as zero without copying the deltas (the cost of an aggregation over many
   clients is memory traffic: benchmarks/aggregation_time.py).
+* **Robust sums**: inside :func:`fedalign.aggregation.robust.robust_reduction` (the round
+  enters it for ``server.robust`` = median | trimmed_mean), :func:`client_sum` and
+  :func:`expert_sum` return ``sum_c w[c] * location({x[c] : w[c] > 0})`` with the
+  coordinate-wise median or trimmed mean as the location (per expert for (C, E) weights), so
+  every aggregator written with them is robust without a change.
 * **One server-optimizer path on pytrees** (:func:`init_server_optimizer`,
   :func:`apply_server_update`): the aggregated delta is handed to an optax transformation as
   the negated gradient (FedOpt, Reddi et al. 2021); entries marked ``keep`` (an expert that no
@@ -40,6 +45,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from fedalign.aggregation import robust
 from fedalign.models.routing import STAT_NAMES, safe_div
 
 PyTree = Any
@@ -305,6 +311,9 @@ def client_sum(w: jax.Array, x: jax.Array, part: jax.Array | None = None) -> jax
   >>> client_sum(jnp.array([0.5, 0.0, 0.5]), x, jnp.array([True, False, True])).tolist()
   [2.0, 3.0]
   """
+  reduction = robust.active_reduction()
+  if reduction is not None:  # server.robust = median | trimmed_mean (robust.robust_reduction)
+    return robust.robust_sum(w, x, part, kind=reduction[0], trim_fraction=reduction[1])
   if part is None:
     return jnp.einsum("c,c...->...", w, x, precision=HIGHEST)
   w = jnp.where(part, w, jnp.zeros((), jnp.result_type(w)))
@@ -330,6 +339,14 @@ def expert_sum(w: jax.Array, x: PyTree, part: jax.Array | None = None) -> PyTree
   """
   w = jnp.asarray(w)
   num_clients = w.shape[0]
+  reduction = robust.active_reduction()
+  if reduction is not None:  # server.robust = median | trimmed_mean (robust.robust_reduction)
+    return jax.tree.map(
+        lambda leaf: robust.robust_sum(
+            w, leaf, part, kind=reduction[0], trim_fraction=reduction[1]
+        ),
+        x,
+    )
   leaves, treedef = jax.tree.flatten(x)
   for leaf in leaves:
     if leaf.shape[: w.ndim] != w.shape:

@@ -723,7 +723,7 @@ def _block_update(
     # e as batch axis would transpose the (C, D, E) deltas with the client axis last (slow)
     agg[blk.kernel_key] = expert_sum(omega, jnp.swapaxes(deltas[blk.kernel_key], 1, 2), part).T
   if bias_d is not None:
-    agg[blk.bias_key] = jnp.sum(omega * bias_d, axis=0)
+    agg[blk.bias_key] = expert_sum(omega, bias_d, part)
   new_pg = normalize(jnp.sum(omega * p, axis=0), fallback=p_g)
 
   # ---- alpha(e) = exp(-CV(e)) of p_i(e) over the participating clients ----------------------

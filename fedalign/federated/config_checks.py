@@ -13,7 +13,9 @@ from typing import Any
 
 import ml_collections
 
+from fedalign.aggregation import robust as robust_lib
 from fedalign.data.federated import DATASETS
+from fedalign.federated import attacks as attacks_lib
 from fedalign.data.multiple_choice import MC_DATASETS
 from fedalign.algorithms import METHODS
 from fedalign.config_files import flatten_config
@@ -157,6 +159,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("eval.every", config.eval.every, "an integer >= 1")
   if config.checkpoint.every < 0:
     bad("checkpoint.every", config.checkpoint.every, "0 (never) or a positive integer")
+
+  # ---- robust aggregation and simulated attacks (docs/robustness.md)
+  srv = config.server
+  robust_lib.check_fields(
+      srv.get("robust", "none"),
+      srv.get("robust_norm_bound", 0.0),
+      srv.get("trim_fraction", 0.1),
+      srv.get("krum_byzantine", 0),
+      srv.get("krum_select", 0),
+      srv.get("robust_stats_quantile", 0.5),
+      clients_per_round=t.clients_per_round,
+  )
+  if srv.get("robust_stats", False) not in (True, False):
+    bad("server.robust_stats", srv.robust_stats, "True or False")
+  attack = config.get("attack")
+  if attack is not None:
+    attacks_lib.check_fields(attack.kind, attack.fraction, attack.scale)
+    if attack.kind == "label_flip" and (
+        d.dataset in MC_DATASETS or model_type(config) != "decoder"
+    ):
+      bad(
+          "attack.kind",
+          attack.kind,
+          "an upload attack with this task (label_flip permutes the label words of decoder "
+          "classification; multiple choice and Switch seq2seq have none)",
+      )
 
   # ---- the filesystem
   if config.model.hf_checkpoint:

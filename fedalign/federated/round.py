@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedalign.aggregation import robust as robust_lib
 from fedalign.aggregation.moe_blocks import client_ok, mask_clients
 from fedalign.algorithms.base import Algorithm
+from fedalign.federated import attacks as attacks_lib
 from fedalign.federated.client import LANE_KEYS
 from fedalign.models.lora import partition
 
@@ -57,6 +59,8 @@ def make_round_fn(
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
     lanes: bool = False,
+    robust: robust_lib.RobustConfig | None = None,
+    attack: attacks_lib.Attack | None = None,
 ) -> Callable:
   """Returns ``round_fn(server_state, batches, weights, client_ids, round_idx)``.
 
@@ -71,6 +75,10 @@ def make_round_fn(
       (with ``lanes``: the lane axis, whose size must then be a multiple of the mesh size).
     lanes: ``batches`` come in the lane layout of :func:`lane_batches` and the clients run
       in lanes (``client_update.lanes``); exclusive with ``chunk_size``.
+    robust: robust aggregation (``config.server.robust``; :mod:`fedalign.aggregation.robust`)
+      around the algorithm's aggregator; None = none.
+    attack: simulated attackers (``config.attack``; :mod:`fedalign.federated.attacks`);
+      None = none.
 
   ``server_state`` = {'params', 'agg', 'client_states' (N, ...) or None}. ``batches`` maps
   names to (C, steps, ...) arrays incl. ``step_mask`` (C, steps) (with ``lanes``: (L, slots,
@@ -125,9 +133,13 @@ def make_round_fn(
       shard = NamedSharding(mesh, P(CLIENT_AXIS))
       batches = jax.lax.with_sharding_constraint(batches, shard)
     rngs = client_rngs(seed, round_idx, client_ids)
+    if attack is not None:  # simulation: the attackers' labels (label_flip)
+      batches = attacks_lib.flip_batches(attack, batches, client_ids, lanes)
     deltas, stats, metrics, new_cstates = run_clients(
         trainable, frozen, batches, broadcast, cstates, rngs
     )
+    if attack is not None:  # simulation: the attackers' uploads (attack.kind)
+      deltas, stats = attacks_lib.poison_upload(attack, deltas, stats, client_ids, rngs)
     # A client with a non-finite delta, statistic or loss gets weight 0; weight-0 clients
     # (these and the padding) are then ignored by the aggregator (moe_blocks.prepare).
     ok = client_ok(deltas, stats, metrics["train_loss"])
@@ -146,9 +158,20 @@ def make_round_fn(
           server_state["client_states"],
           new_cstates,
       )
-    new_params, agg_state, diagnostics = algorithm.aggregator.aggregate(
-        server_state["agg"], params, deltas, stats, weights, cs_deltas
-    )
+    # ---- robust aggregation (server.robust, server.robust_stats): transforms of the round's
+    # inputs, then the method's aggregator with robust sums (fedalign/aggregation/robust.py)
+    robust_diag, agg_weights = {}, weights
+    if robust is not None:
+      tokens = robust_lib.tokens_bound(batches, rngs.shape[0], lanes) if robust.stats else None
+      deltas, stats, agg_weights, robust_diag = robust_lib.defend(
+          robust, deltas, stats, weights, tokens
+      )
+    with robust_lib.robust_reduction(robust):
+      new_params, agg_state, diagnostics = algorithm.aggregator.aggregate(
+          server_state["agg"], params, deltas, stats, agg_weights, cs_deltas
+      )
+    diagnostics = dict(diagnostics, **robust_diag)
+    # ----
     new_state["params"] = new_params
     new_state["agg"] = agg_state
     losses = jnp.where(part, metrics["train_loss"], 0.0)

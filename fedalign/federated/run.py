@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedalign.aggregation import robust as robust_lib
 from fedalign.data.federated import FederatedData
 from fedalign.algorithms import make_algorithm
+from fedalign.federated import attacks as attacks_lib
 from fedalign.federated.client import client_optimizer, make_client_update
 from fedalign.federated.distributed import barrier, is_main
 from fedalign.federated.mesh import (
@@ -296,6 +298,9 @@ def build_run(
   # On a mesh the new state and the round's outputs come back replicated: every process can
   # read them (metrics, checkpoints) without a gather of arrays it does not hold.
   jit_kw = {} if mesh is None else {"out_shardings": replicated(mesh)}
+  # Robust aggregation (server.robust*) and simulated attackers (attack.*), if any.
+  robust = robust_lib.from_config(config, top_k=getattr(mcfg, "top_k", None))
+  attack = attacks_lib.from_config(config, getattr(mcfg, "vocab_size", None), data.candidate_ids)
   round_fn = jax.jit(
       make_round_fn(
           training.client_update,
@@ -305,6 +310,8 @@ def build_run(
           chunk_size=chunk,
           mesh=mesh,
           lanes=bool(lanes),
+          robust=robust,
+          attack=attack,
       ),
       **jit_kw,
   )
