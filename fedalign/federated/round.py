@@ -57,6 +57,7 @@ def make_round_fn(
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
     lanes: bool = False,
+    privatize: Callable | None = None,
 ) -> Callable:
   """Returns ``round_fn(server_state, batches, weights, client_ids, round_idx)``.
 
@@ -71,6 +72,8 @@ def make_round_fn(
       (with ``lanes``: the lane axis, whose size must then be a multiple of the mesh size).
     lanes: ``batches`` come in the lane layout of :func:`lane_batches` and the clients run
       in lanes (``client_update.lanes``); exclusive with ``chunk_size``.
+    privatize: client-level DP (:func:`fedalign.privacy.make_privatizer`): clips and noises
+      each client's upload right after its update, before the server sees it; None = off.
 
   ``server_state`` = {'params', 'agg', 'client_states' (N, ...) or None}. ``batches`` maps
   names to (C, steps, ...) arrays incl. ``step_mask`` (C, steps) (with ``lanes``: (L, slots,
@@ -128,6 +131,11 @@ def make_round_fn(
     deltas, stats, metrics, new_cstates = run_clients(
         trainable, frozen, batches, broadcast, cstates, rngs
     )
+    dp_info = {}
+    if privatize is not None:  # ---- client-level DP (fedalign/privacy.py): client side
+      deltas, stats, weights, dp_info = privatize(
+          deltas, stats, weights, metrics["train_loss"], rngs
+      )
     # A client with a non-finite delta, statistic or loss gets weight 0; weight-0 clients
     # (these and the padding) are then ignored by the aggregator (moe_blocks.prepare).
     ok = client_ok(deltas, stats, metrics["train_loss"])
@@ -149,6 +157,7 @@ def make_round_fn(
     new_params, agg_state, diagnostics = algorithm.aggregator.aggregate(
         server_state["agg"], params, deltas, stats, weights, cs_deltas
     )
+    diagnostics = dict(diagnostics, **dp_info)
     new_state["params"] = new_params
     new_state["agg"] = agg_state
     losses = jnp.where(part, metrics["train_loss"], 0.0)

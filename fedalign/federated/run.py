@@ -46,6 +46,7 @@ from fedalign.models import build_module
 from fedalign.models.from_config import load_model
 from fedalign.models.lora import partition, trainable_mask
 from fedalign.pretrain import maybe_pretrained
+from fedalign import privacy
 
 PyTree = Any
 
@@ -160,6 +161,7 @@ class Run:
       ids = ids[np.argsort(-data.client_sizes[ids], kind="stable")]
     batches = data.round_batches(config, ids, round_idx)
     weights = data.client_sizes[ids].astype(np.float32)
+    weights[self.dropped(round_idx, ids)] = 0.0  # faults.drop_prob: the update never arrives
     if self.lanes:
       steps = batches["step_mask"].sum(1)
       num_lanes = self.round_lanes(steps)
@@ -182,6 +184,18 @@ class Run:
     weights = np.concatenate([weights, np.zeros(extra, np.float32)])
     ids_in = np.concatenate([ids, np.repeat(ids[:1], extra)])
     return batches, weights, ids_in, ids
+
+  def dropped(self, round_idx: int, ids: np.ndarray) -> np.ndarray:
+    """(len(ids),) bool: the round's clients that drop out mid-round (``faults.drop_prob``,
+    drawn from (seed, round) per client id): they train, but their update never arrives."""
+    c = self.config
+    return privacy.dropped_mask(c.seed, round_idx, ids, c.data.num_clients, privacy.drop_prob(c))
+
+  def uploaded(self, round_idx: int) -> np.ndarray:
+    """The ids of round ``round_idx``'s clients whose update arrives (sampled, not dropped)."""
+    c = self.config
+    ids = sample_clients(c.seed, round_idx, c.data.num_clients, c.train.clients_per_round)
+    return ids[~self.dropped(round_idx, ids)]
 
   def round_lanes(self, steps: np.ndarray) -> int:
     """The lanes of a round whose clients take ``steps`` local steps
@@ -250,6 +264,7 @@ def build_run(
           chunk_size=chunk,
           mesh=mesh,
           lanes=bool(lanes),
+          privatize=privacy.make_privatizer(config),
       )
   )
   # Weight-0 padding clients make the round's client count a multiple of the chunk size and
