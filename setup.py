@@ -29,6 +29,7 @@ setup(
         "tokenizers>=0.15",
         "tqdm",
         "matplotlib",
+        "dp-accounting>=0.4",  # client-level DP accounting (fedalign/privacy.py)
     ],
     extras_require={
         "torch": ["torch==2.13.0", "transformers>=4.57"],

@@ -182,6 +182,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.every = 1
   c.checkpoint.keep = 3
 
+  # Client-level differential privacy (fedalign/privacy.py, docs/privacy.md); off at clip 0.
+  c.dp = ml_collections.ConfigDict()
+  c.dp.clip_norm = 0.0  # > 0: each client's update clipped to this L2 norm (and uniform
+  # client weights)
+  c.dp.noise_multiplier = 0.0  # Gaussian noise std = noise_multiplier x clip_norm
+  c.dp.delta = 1e-5  # dp_epsilon is reported at this delta
+  c.dp.stats_clip_norm = 1.0  # FedAlign-MoE / FedMoE: L2 bound of a client's per-token
+  # routing statistics, noised on the client with std noise_multiplier x stats_clip_norm
+
+  c.faults = ml_collections.ConfigDict()
+  c.faults.drop_prob = 0.0  # each sampled client drops out mid-round with this probability
+
   if "paper" in variants:
     _common().fedalign_paper(c)
   if "runlocal" in variants:

@@ -85,9 +85,13 @@ class FedAlignConfig:
     adaptive_alpha: alpha(e) = exp(-CV(e)) (3.2) [paper: adaptive; ours: form]; False = 1.
     semantic_selection: selective expert aggregation (4.2-4.3); False = experts FedAvg by n_i.
     permutation_alignment: align client experts to the global indices first (4.5) [ours].
-    centroid_clip: clip each mu_i(e) to this L2 norm (3.1 privacy option) [ours]; 0 or None =
-      off. Applied by the server to what it received: it is not a privacy protection.
-    centroid_noise_std: std of Gaussian noise added to each mu_i(e) (after clipping) [ours].
+    centroid_clip: clip each mu_i(e) to this L2 norm [ours]; 0 or None = off. Server-side
+      post-processing of the centroids it already received: NOT a privacy protection and not
+      accounted (kept for existing configs and the golden aggregates). Privacy is
+      ``config.dp`` (:mod:`fedalign.privacy`: clipping and noise on the client side,
+      accounted; docs/privacy.md).
+    centroid_noise_std: std of Gaussian noise the server adds to each received mu_i(e) (after
+      clipping) [ours]; like ``centroid_clip``, a perturbation of the aggregation, not privacy.
     server_optimizer: optax transformation applied to the aggregated delta (used as the
       negated gradient); None = plain averaging (= SGD with lr 1).
     selection_tol: numerical slack of A(e) = {S_i(e) >= tau_e - selection_tol}, so that equal

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -95,8 +96,21 @@ def new_client_control(
 def make_scaffold(
     config: ml_collections.ConfigDict, trainable: PyTree, num_clients: int
 ) -> Algorithm:
-  """SCAFFOLD with the client learning rate ``config.train.learning_rate``."""
+  """SCAFFOLD with the client learning rate ``config.train.learning_rate``.
+
+  Warns (``UserWarning``) when ``config.train.optimizer`` is not 'sgd': option II assumes
+  plain SGD on the client (a warning, not an error, so that existing AdamW runs still run).
+  """
   lr = float(config.train.learning_rate)
+  if config.train.get("optimizer", "sgd") != "sgd":
+    warnings.warn(
+        f"SCAFFOLD with config.train.optimizer={config.train.optimizer!r}: its option-II "
+        "control variate c_i+ = c_i - c - delta / (K * lr) assumes plain SGD on the client, so "
+        "the correction is only an approximation; use --config.train.optimizer=sgd for "
+        "SCAFFOLD as published (docs/algorithms.md).",
+        UserWarning,
+        stacklevel=2,
+    )
   agg = scaffold_aggregator(num_clients, trainable, server_optimizer_from_config(config))
   return Algorithm(
       config.method,

@@ -21,6 +21,7 @@ from fedalign.algorithms import METHODS
 from fedalign.config_files import flatten_config
 from fedalign.models.config import DTYPES, MoEConfig
 from fedalign.models.from_config import MODEL_TYPES, model_type
+from fedalign.privacy import check_dp_config
 
 # Fields that may change between a run and its resumption. model.moe_impl / moe_block_size
 # change how the experts are computed, not what ('dense' and dropless 'sparse' are the same
@@ -159,6 +160,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("eval.every", config.eval.every, "an integer >= 1")
   if config.checkpoint.every < 0:
     bad("checkpoint.every", config.checkpoint.every, "0 (never) or a positive integer")
+  check_dp_config(config)  # dp.* and faults.* (fedalign/privacy.py)
 
   # ---- robust aggregation and simulated attacks (docs/robustness.md)
   srv = config.server

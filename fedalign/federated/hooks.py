@@ -31,6 +31,10 @@ log = logging.getLogger("fedalign.federated.server")
 PyTree = Any
 
 
+# Keys of the loop's ``out`` that :class:`Evaluate` copies into the metrics record when present.
+RECORD_EXTRAS = ("dropped_clients", "dp_epsilon")
+
+
 class PeriodicAction(Protocol):
   """``action(round_num, state, out) -> dict | None``, called after every round."""
 
@@ -97,6 +101,9 @@ class Evaluate:
         "excluded_clients": out["excluded_clients"],
         "round_time_s": out["round_time_s"],
     }
+    for key in RECORD_EXTRAS:  # faults and privacy (fedalign/privacy.py)
+      if key in out:
+        record[key] = out[key]
     params = local_view(state["params"])  # multi-process: this process's copy
     ev = self.run.evaluate(params, self.test_examples)
     record["test_accuracy"] = float(ev["acc"])
@@ -261,14 +268,45 @@ def save_client_routing(
 
 
 def truncate_metrics(path: pathlib.Path, start_round: int) -> None:
-  """Drops metric lines past the resumed round so a resumed file equals an uninterrupted one."""
+  """Drops metric lines past the resumed round so a resumed file equals an uninterrupted one.
+
+  A last line that is not a whole JSON record (the run was killed while writing it, before
+  that round's checkpoint) is dropped with a warning: its round runs again. An unreadable line
+  before the last one is an error naming it (it cannot be told which round it was).
+
+  >>> import tempfile
+  >>> p = pathlib.Path(tempfile.mkdtemp()) / 'metrics.jsonl'
+  >>> _ = p.write_text('{"round": 1}\\n{"round": 2}\\n{"rou')
+  >>> truncate_metrics(p, 2); p.read_text()
+  '{"round": 1}\\n{"round": 2}\\n'
+  """
   if not path.exists():
     return
-  keep = [
-      line
-      for line in path.read_text().splitlines()
-      if line.strip() and json.loads(line)["round"] <= start_round
-  ]
+  lines = path.read_text().splitlines()
+  keep = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      round_num = int(record["round"])
+    except (ValueError, KeyError, TypeError) as e:
+      if i == len(lines) - 1:
+        log.warning(
+            "%s: dropping its last line, which is not a complete metrics record (%s: %r...): "
+            "the run was interrupted while writing it; that round is run again",
+            path,
+            type(e).__name__,
+            line[:60],
+        )
+        continue
+      raise ValueError(
+          f"{path}: line {i + 1} is not a metrics record ({type(e).__name__}: {line[:60]!r}); "
+          "only the last line can be a partial write. Repair or remove that line (or start a "
+          "new --workdir) to resume."
+      ) from e
+    if round_num <= start_round:
+      keep.append(line)
   path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -61,6 +61,7 @@ def make_round_fn(
     lanes: bool = False,
     robust: robust_lib.RobustConfig | None = None,
     attack: attacks_lib.Attack | None = None,
+    privatize: Callable | None = None,
 ) -> Callable:
   """Returns ``round_fn(server_state, batches, weights, client_ids, round_idx)``.
 
@@ -79,6 +80,8 @@ def make_round_fn(
       around the algorithm's aggregator; None = none.
     attack: simulated attackers (``config.attack``; :mod:`fedalign.federated.attacks`);
       None = none.
+    privatize: client-level DP (:func:`fedalign.privacy.make_privatizer`): clips and noises
+      each client's upload right after its update, before the server sees it; None = off.
 
   ``server_state`` = {'params', 'agg', 'client_states' (N, ...) or None}. ``batches`` maps
   names to (C, steps, ...) arrays incl. ``step_mask`` (C, steps) (with ``lanes``: (L, slots,
@@ -138,6 +141,11 @@ def make_round_fn(
     deltas, stats, metrics, new_cstates = run_clients(
         trainable, frozen, batches, broadcast, cstates, rngs
     )
+    dp_info = {}
+    if privatize is not None:  # ---- client-level DP (fedalign/privacy.py): client side
+      deltas, stats, weights, dp_info = privatize(
+          deltas, stats, weights, metrics["train_loss"], rngs
+      )
     if attack is not None:  # simulation: the attackers' uploads (attack.kind)
       deltas, stats = attacks_lib.poison_upload(attack, deltas, stats, client_ids, rngs)
     # A client with a non-finite delta, statistic or loss gets weight 0; weight-0 clients
@@ -170,7 +178,7 @@ def make_round_fn(
       new_params, agg_state, diagnostics = algorithm.aggregator.aggregate(
           server_state["agg"], params, deltas, stats, agg_weights, cs_deltas
       )
-    diagnostics = dict(diagnostics, **robust_diag)
+    diagnostics = dict(diagnostics, **robust_diag, **dp_info)
     # ----
     new_state["params"] = new_params
     new_state["agg"] = agg_state

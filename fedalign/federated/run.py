@@ -56,6 +56,7 @@ from fedalign.models import build_module
 from fedalign.models.from_config import load_model
 from fedalign.models.lora import partition, trainable_mask
 from fedalign.pretrain import maybe_pretrained
+from fedalign import privacy
 
 PyTree = Any
 
@@ -168,6 +169,7 @@ class Run:
     ids = self.round_clients(round_idx)
     batches = data.round_batches(config, ids, round_idx)
     weights = data.client_sizes[ids].astype(np.float32)
+    weights[self.dropped(round_idx, ids)] = 0.0  # faults.drop_prob: the update never arrives
     if self.lanes:
       steps = batches["step_mask"].sum(1)
       num_lanes = self.round_lanes(steps)
@@ -237,8 +239,21 @@ class Run:
     weights = np.concatenate(
         [data.client_sizes[ids].astype(np.float32), np.zeros(pad_to - cpr, np.float32)]
     )
+    weights[:cpr][self.dropped(round_idx, ids)] = 0.0  # faults.drop_prob
     ids_in = np.concatenate([ids, np.repeat(ids[:1], pad_to - cpr)])
     return global_arrays(sharding, pad_to, rows, local), weights, ids_in, ids
+
+  def dropped(self, round_idx: int, ids: np.ndarray) -> np.ndarray:
+    """(len(ids),) bool: the round's clients that drop out mid-round (``faults.drop_prob``,
+    drawn from (seed, round) per client id): they train, but their update never arrives."""
+    c = self.config
+    return privacy.dropped_mask(c.seed, round_idx, ids, c.data.num_clients, privacy.drop_prob(c))
+
+  def uploaded(self, round_idx: int) -> np.ndarray:
+    """The ids of round ``round_idx``'s clients whose update arrives (sampled, not dropped)."""
+    c = self.config
+    ids = sample_clients(c.seed, round_idx, c.data.num_clients, c.train.clients_per_round)
+    return ids[~self.dropped(round_idx, ids)]
 
   def round_lanes(self, steps: np.ndarray) -> int:
     """The lanes of a round whose clients take ``steps`` local steps
@@ -312,6 +327,7 @@ def build_run(
           lanes=bool(lanes),
           robust=robust,
           attack=attack,
+          privatize=privacy.make_privatizer(config),
       ),
       **jit_kw,
   )

@@ -52,6 +52,7 @@ from fedalign.federated.config_checks import check_workdir_config, validate_conf
 from fedalign.federated.distributed import barrier, check_same_config, is_main
 from fedalign.federated.mesh import make_mesh
 from fedalign.federated.run import build_run
+from fedalign import privacy
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       log.info("resumed from round %d (%s)", start_round, ckpt.directory)
     metrics_path = workdir / "metrics.jsonl"
     rounds, cpr = config.train.rounds, config.train.clients_per_round
+    dp_on = privacy.DPConfig.from_config(config).enabled  # config.dp: client-level DP
+    accountant = privacy.Accountant(config, run.uploaded) if dp_on else None
     actions: list[hooks.PeriodicAction] = []
     if main:
       hooks.truncate_metrics(metrics_path, start_round)
@@ -115,6 +118,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
           int(c) for c, e in zip(ids, np.asarray(out["excluded"])[:cpr]) if e
       ]
       out["round_time_s"] = time.time() - rt
+      out["dropped_clients"] = sorted(int(c) for c in ids[run.dropped(r, ids)])  # faults
+      if accountant is not None:
+        out["dp_epsilon"] = accountant.epsilon(r + 1)
       for action in actions:
         out.update(action(r + 1, state, out) or {})
     if main:
@@ -135,6 +141,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       "compilations": compile_timer.compilations,
       "config": json.loads(reported_config.to_json()),
   }
+  if accountant is not None:
+    summary["dp_epsilon"] = accountant.epsilon(rounds)
+    summary["dp"] = accountant.describe()
   if config.model.hf_checkpoint:
     summary["checkpoint"] = str(config.model.hf_checkpoint)
   log.info(

@@ -101,6 +101,7 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
       mcfg = model_config_from(config, tokenizer.vocab_size)
     return mcfg, init_params(mcfg, jax.random.key(config.seed), seq_len=config.data.seq_len)
   from fedalign.models.hf import load_pretrained, read_config
+  from fedalign.models.hf_files import CheckpointError
 
   raw = read_config(pathlib.Path(m.hf_checkpoint))
   is_switch = raw.get("model_type") == "switch_transformers"
@@ -123,7 +124,16 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
       overrides["moe_block_size"] = int(m.moe_block_size)
     if m.get("capacity_factor", 0.0):
       overrides["capacity_factor"] = float(m.capacity_factor)
-  model = load_pretrained(m.hf_checkpoint, m.get("dtype", "float32"), seed=config.seed, **overrides)
+  try:
+    model = load_pretrained(
+        m.hf_checkpoint, m.get("dtype", "float32"), seed=config.seed, **overrides
+    )
+  except CheckpointError as e:  # an unreadable shipped or pre-trained checkpoint
+    raise CheckpointError(
+        f"config.model.hf_checkpoint={m.hf_checkpoint!r} could not be loaded: {e} Download or "
+        "write the checkpoint again; a fedalign pre-training cache (config.pretrain.dir, "
+        "default WORKDIR/pretrained) is rebuilt when you delete that directory."
+    ) from e
   if tokenizer.vocab_size > model.config.vocab_size:
     raise ValueError(
         f"the tokenizer of {m.hf_checkpoint} has {tokenizer.vocab_size} tokens but the model "
