@@ -139,7 +139,7 @@ class Runner:
     validate_config(config)
     dkey = (cell.alpha, cell.seed)
     if dkey not in self.data:
-      tmp = pathlib.Path(tempfile.mkdtemp(prefix="robust_data_", dir=self.workdir))
+      tmp = pathlib.Path(tempfile.mkdtemp(prefix="robust_data_"))  # tokenizer files
       self.data[dkey] = FederatedData(config, tmp)
     data = self.data[dkey]
     mcfg, params = load_model(config, data.tokenizer)
