@@ -248,7 +248,8 @@ def is_finished(entry_dir: pathlib.Path, config: ml_collections.ConfigDict) -> b
     return False
   acc = summary.get("final_test_accuracy")
   return (
-      summary.get("config") == json.loads(config.to_json())
+      isinstance(summary.get("config"), dict)
+      and not config_files.config_differences(summary["config"], config)
       and isinstance(acc, (int, float))
       and math.isfinite(acc)
   )

@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from fedalign.aggregation import robust as robust_lib
-from fedalign.config_files import load_config
+from fedalign.config_files import config_differences, load_config
 from fedalign.data.federated import FederatedData
 from fedalign.federated import attacks as attacks_lib
 from fedalign.federated.config_checks import validate_config
@@ -216,7 +216,7 @@ def is_finished(path: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
     rec = read_json(path)
   except (OSError, ValueError):
     return False
-  return rec.get("config") == json.loads(config.to_json())
+  return isinstance(rec.get("config"), dict) and not config_differences(rec["config"], config)
 
 
 # ------------------------------------------------------------------------------------ tables

@@ -76,3 +76,49 @@ def flatten_config(
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+# Fields added after runs had been saved, as {switch: (value before it existed, the fields that
+# only matter when the switch is on)}. A saved config without these fields is the same run as
+# one with the switch at that value, whatever its dependent fields say: old workdirs resume and
+# finished grid entries are not run again.
+LATER_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "train.lanes": (0, ("train.lanes_min_useful",)),
+    "server.robust": (
+        "none",
+        (
+            "server.robust_norm_bound",
+            "server.trim_fraction",
+            "server.krum_byzantine",
+            "server.krum_select",
+        ),
+    ),
+    "server.robust_stats": (False, ("server.robust_stats_quantile",)),
+    "attack.kind": ("none", ("attack.fraction", "attack.scale")),
+    "dp.clip_norm": (0.0, ("dp.noise_multiplier", "dp.delta", "dp.stats_clip_norm")),
+    "faults.drop_prob": (0.0, ()),
+}
+
+
+def config_differences(
+    old: Mapping[str, Any] | ml_collections.ConfigDict,
+    new: Mapping[str, Any] | ml_collections.ConfigDict,
+    ignore: tuple[str, ...] = (),
+) -> list[str]:
+  """The dotted fields whose values differ between two configs (nested or flat), sorted.
+
+  A field of :data:`LATER_FIELDS` missing from ``old`` (saved before it existed) counts as
+  its value from then, and its dependent fields as unchanged while it is at that value.
+
+  >>> config_differences({'seed': 0}, {'seed': 0, 'faults': {'drop_prob': 0.0}})
+  []
+  >>> config_differences({'seed': 0}, {'seed': 1, 'faults': {'drop_prob': 0.5}})
+  ['faults.drop_prob', 'seed']
+  """
+  old, new = flatten_config(old), flatten_config(new)
+  skip = set(ignore)
+  for switch, (before, dependents) in LATER_FIELDS.items():
+    if switch not in old and new.get(switch, before) == before:
+      skip.add(switch)
+      skip.update(d for d in dependents if d not in old)
+  return sorted(k for k in set(old) | set(new) if k not in skip and old.get(k) != new.get(k))

@@ -18,7 +18,7 @@ from fedalign.data.federated import DATASETS
 from fedalign.federated import attacks as attacks_lib
 from fedalign.data.multiple_choice import MC_DATASETS
 from fedalign.algorithms import METHODS
-from fedalign.config_files import flatten_config
+from fedalign.config_files import config_differences, flatten_config
 from fedalign.models.config import DTYPES, MoEConfig
 from fedalign.models.from_config import MODEL_TYPES, model_type
 from fedalign.privacy import check_dp_config
@@ -230,9 +230,7 @@ def check_workdir_config(
   new = flatten_config(config)
   if path.exists():
     old = flatten_config(json.loads(path.read_text()))
-    diff = sorted(
-        k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)
-    )
+    diff = config_differences(old, new, RESUMABLE_FIELDS)
     if diff:
       details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:10])
       raise ValueError(
