@@ -19,8 +19,8 @@ Example (one process; the rows of every device are local):
   >>> process_rows(client_sharding(mesh), 4).tolist()
   [0, 1, 2, 3]
   >>> x = global_arrays(client_sharding(mesh), 4, np.arange(4), {'x': np.arange(8).reshape(4, 2)})
-  >>> x['x'].sharding.spec, np.asarray(x['x'][3]).tolist()
-  (PartitionSpec('clients',), [6, 7])
+  >>> tuple(x['x'].sharding.spec), np.asarray(x['x'][3]).tolist()
+  (('clients',), [6, 7])
 """
 
 from __future__ import annotations
