@@ -204,7 +204,7 @@ def main() -> None:
   info = json.loads(info_file.read_text()) if info_file.exists() else {}
   cfg = res["config"]
   lines = [
-      f"Checkpoint `{ckpt}`: {cfg.family}, hidden {cfg.hidden_size}, {cfg.num_layers} layers "
+      f"Checkpoint `{os.path.relpath(ckpt)}`: {cfg.family}, hidden {cfg.hidden_size}, {cfg.num_layers} layers "
       f"(MoE layers {list(cfg.moe_layer_ids)}), {cfg.num_experts} routed experts of "
       f"{cfg.moe_intermediate_size}, top-{cfg.top_k}, shared expert "
       f"{cfg.shared_expert_intermediate_size}, vocab {cfg.vocab_size}.",
