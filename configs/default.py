@@ -29,7 +29,8 @@ rounds); from the 250-step pre-training snapshot lr 1e-3 and ``--config.train.tr
 with all rows, ``--config.data.num_clients=1 --config.data.partition=iid
 --config.train.clients_per_round=1 --config.train.local_steps=0 --config.train.rounds=3
 --config.method=fedavg``, 3 epochs): 0.7765 test accuracy (docs/pretraining.md). The
-from-scratch default this replaces (``:base``, FedAvg, 20 rounds) measured 0.49 final test accuracy in 150 s.
+from-scratch default this replaces (``:base``, FedAvg, 20 rounds) measured 0.49 final test
+accuracy in 150 s.
 
 ``:base`` is the previous from-scratch default (random-init 2-layer Mixtral-style MoE, BPE
 trained on the clients' text, FedAvg): the base every other config edits
