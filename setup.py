@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fedalign", "fedalign.*"]),
-    package_data={"fedalign": ["data/embedded/*", "data/embedded/**/*"]},
+    package_data={"fedalign": ["data/embedded/*", "data/embedded/**/*", "pretrained/*/*"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.4.30",

@@ -26,12 +26,13 @@ REPO = CONFIGS.parent
 
 
 def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """``configs/default.py``'s ``get_config(arg)``: the base every other config edits.
+  """``configs/default.py``'s ``get_config('base,' + arg)``: the base every other config edits
+  (the from-scratch fields, without the default's pre-trained start).
 
   >>> default_config().train.rounds, default_config('runlocal').train.rounds
   (20, 3)
   """
-  return load_config(CONFIGS / "default.py", arg)
+  return load_config(CONFIGS / "default.py", "base" + (f",{arg}" if arg else ""))
 
 
 # The most literal reading of the paper for each FedAlign-MoE option it leaves open

@@ -163,7 +163,7 @@ def variant_config(
   >>> variant_config({'fedalign.no_such_option': 1}, Hyper(), 1e-3) is None
   True
   """
-  c = load_config("configs/default.py:paper")
+  c = load_config("configs/default.py:base,paper")
   c.train.learning_rate = lr
   c.train.optimizer = "adamw"
   c.train.load_balance_coef = hp.load_balance_coef

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -59,6 +60,7 @@ INFO_FILE = "pretrain_info.json"
 # config.model fields that do not change the pretrained checkpoint (fine-tuning / compute).
 _NOT_IN_KEY = (
     "hf_checkpoint",
+    "check_checkpoint",
     "lora_rank",
     "lora_alpha",
     "moe_impl",
@@ -72,7 +74,9 @@ def _pretrain_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   p = config.pretrain
   model = {k: v for k, v in config.model.to_dict().items() if k not in _NOT_IN_KEY}
   return {
-      "pretrain": {k: v for k, v in p.to_dict().items() if k not in ("enabled", "dir")},
+      "pretrain": {
+          k: v for k, v in p.to_dict().items() if k not in ("enabled", "dir", "save_every")
+      },
       "model": model,
       "vocab_size": config.data.vocab_size,
       "load_balance_coef": config.train.load_balance_coef,
@@ -255,6 +259,7 @@ def pretrain(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> p
     ] or [float(eval_ce(params, val))]
     return float(np.mean(losses))
 
+  token_ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
   val_before = val_loss(params)
   losses = []
   per_epoch = len(train) // int(p.batch_size)
@@ -268,16 +273,15 @@ def pretrain(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> p
     if s % 50 == 0 or s == p.steps - 1:
       losses.append((s + 1, float(ce)))
       log.info("pretrain step %d/%d loss %.4f", s + 1, p.steps, losses[-1][1])
+    every = int(p.get("save_every", 0))
+    if every and (s + 1) % every == 0 and s + 1 < p.steps:
+      # Intermediate checkpoints (step_N/): the specialisation-vs-training-length record.
+      snap = out_dir / f"step_{s + 1}"
+      save_pretrained(MoEModel(cfg, params), snap, extra_config=token_ids)
+      shutil.copy(out_dir / "tokenizer.json", snap / "tokenizer.json")
+      log.info("intermediate checkpoint %s", snap)
   val_after = val_loss(params)
-  save_pretrained(
-      MoEModel(cfg, params),
-      out_dir,
-      extra_config={
-          "bos_token_id": tok.bos_id,
-          "eos_token_id": tok.eos_id,
-          "pad_token_id": tok.pad_id,
-      },
-  )
+  save_pretrained(MoEModel(cfg, params), out_dir, extra_config=token_ids)
   info = {
       "fields": _pretrain_fields(config),
       "documents": len(docs),

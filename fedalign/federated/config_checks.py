@@ -89,8 +89,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("train.batch_size", t.batch_size, "an integer >= 1")
   if t.optimizer not in ("adamw", "sgd"):
     bad("train.optimizer", t.optimizer, "one of ('adamw', 'sgd')")
-  if t.trainable not in ("full", "lora"):
-    bad("train.trainable", t.trainable, "one of ('full', 'lora')")
+  if t.trainable not in ("full", "lora", "body"):
+    bad("train.trainable", t.trainable, "one of ('full', 'lora', 'body')")
   if t.trainable == "lora" and config.model.lora_rank < 1 and not config.model.hf_checkpoint:
     bad("model.lora_rank", config.model.lora_rank, "an integer >= 1 when train.trainable='lora'")
   if t.chunk_size < 0:

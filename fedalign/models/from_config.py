@@ -124,6 +124,9 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
       overrides["moe_block_size"] = int(m.moe_block_size)
     if m.get("capacity_factor", 0.0):
       overrides["capacity_factor"] = float(m.capacity_factor)
+  from fedalign.pretrained import verify_if_shipped
+
+  verify_if_shipped(m.hf_checkpoint)
   try:
     model = load_pretrained(
         m.hf_checkpoint, m.get("dtype", "float32"), seed=config.seed, **overrides
@@ -134,12 +137,62 @@ def load_model(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[Any, 
         "write the checkpoint again; a fedalign pre-training cache (config.pretrain.dir, "
         "default WORKDIR/pretrained) is rebuilt when you delete that directory."
     ) from e
+  if m.get("check_checkpoint", False):
+    check_checkpoint_matches(config, model.config, tokenizer)
   if tokenizer.vocab_size > model.config.vocab_size:
     raise ValueError(
         f"the tokenizer of {m.hf_checkpoint} has {tokenizer.vocab_size} tokens but the model "
         f"only {model.config.vocab_size} embeddings: not the checkpoint's own tokenizer?"
     )
   return model.config, model.params
+
+
+# config.model fields compared with the checkpoint by ``model.check_checkpoint``.
+CHECKED_FIELDS = (
+    "family",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "num_experts",
+    "top_k",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
+
+
+def check_checkpoint_matches(
+    config: ml_collections.ConfigDict, checkpoint_config: Any, tokenizer: Any
+) -> None:
+  """Raises ValueError naming the config's and the checkpoint's values where they differ.
+
+  With ``config.model.check_checkpoint`` (configs/default.py), the ``config.model`` sizes
+  (:data:`CHECKED_FIELDS`) must be the checkpoint's architecture and ``config.data.vocab_size``
+  its tokenizer's size, so that a config never silently runs another model than it states.
+  """
+  m = config.model
+  diffs = [
+      f"model.{f}: config {m[f]!r} vs checkpoint {getattr(checkpoint_config, f)!r}"
+      for f in CHECKED_FIELDS
+      if f in m and m[f] != getattr(checkpoint_config, f)
+  ]
+  if config.data.vocab_size != tokenizer.vocab_size:
+    diffs.append(
+        f"data.vocab_size: config {config.data.vocab_size!r} vs the checkpoint's tokenizer "
+        f"{tokenizer.vocab_size!r}"
+    )
+  if tokenizer.vocab_size > checkpoint_config.vocab_size:
+    diffs.append(
+        f"tokenizer size {tokenizer.vocab_size} vs checkpoint vocab_size "
+        f"{checkpoint_config.vocab_size}"
+    )
+  if diffs:
+    raise ValueError(
+        f"config.model.hf_checkpoint={m.hf_checkpoint!r} does not match the config "
+        f"(config.model.check_checkpoint=True): {'; '.join(diffs)}. Set the config fields to "
+        "the checkpoint's, or use the checkpoint the config was written for."
+    )
 
 
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MoEConfig:

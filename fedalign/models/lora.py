@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 PyTree = Any
-MODES = ("full", "lora", "router")
+MODES = ("full", "lora", "router", "body")
 
 
 def _keys(path) -> list[str]:
@@ -44,7 +44,8 @@ def trainable_mask(params: PyTree, mode: str = "full", train_router: bool = True
   Args:
     params: the model's params.
     mode: 'full' (everything), 'lora' (adapters, plus routers if ``train_router``),
-      'router' (routers only).
+      'router' (routers only), 'body' (all but the token embeddings and the LM head: the
+      label words' output rows stay the pre-trained ones, FedBABU-style).
     train_router: with 'lora', also train the router kernels/biases.
   """
   if mode not in MODES:
@@ -61,6 +62,8 @@ def trainable_mask(params: PyTree, mode: str = "full", train_router: bool = True
       return True
     if mode == "router":
       return is_router_path(keys)
+    if mode == "body":
+      return keys[0] not in ("embed", "lm_head")
     return is_lora_path(keys) or (train_router and is_router_path(keys))
 
   return jax.tree_util.tree_map_with_path(pick, params)
