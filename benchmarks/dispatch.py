@@ -12,7 +12,7 @@ ones: it is the speed/quality trade-off Switch and GShard make.
 
 Command (about 5 minutes on 2 CPU cores)::
 
-    python benchmarks/dispatch.py [--config=configs/default.py] [--reps=5] \\
+    python benchmarks/dispatch.py [--config=configs/default.py:base] [--reps=5] \\
         [--impls=dense,sparse] [--capacity_factors=1.25] [--threads=2]
 
 Writes ``benchmarks/results/dispatch.json`` and prints a markdown table (copied into
@@ -40,7 +40,7 @@ from fedalign.config_files import load_config  # noqa: E402
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="configs/default.py")
+  ap.add_argument("--config", default="configs/default.py:base")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--impls", default="dense,sparse", help="dropless model.moe_impl values")
   ap.add_argument("--capacity_factors", default="1.25")

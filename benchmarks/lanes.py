@@ -64,7 +64,7 @@ LANES = (1, 2, 5, 10)
 
 def bench_config(seed: int = 0, max_train_examples: int = 0):
   """configs/default.py, FedAvg, one local epoch (no fixed local steps), all at once."""
-  cfg = load_config(REPO / "configs" / "default.py")
+  cfg = load_config(REPO / "configs" / "default.py", "base")
   cfg.seed = seed
   cfg.method = "fedavg"
   cfg.train.local_steps = 0

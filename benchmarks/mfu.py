@@ -17,7 +17,7 @@ interleaved call by call, medians. Writes ``benchmarks/results/mfu_<tag>.json``.
 
 Command (from the repository root; ~1-2 min on 2 cores)::
 
-    python benchmarks/mfu.py [--config=configs/default.py] [--reps=5] [--tag=default] \\
+    python benchmarks/mfu.py [--config=configs/default.py:base] [--reps=5] [--tag=default] \\
         [--set model.moe_impl=dense ...]
 """
 
@@ -71,7 +71,7 @@ def step_flops(mcfg: Any, params: Any, batch: int, seq: int, scored: float) -> d
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="configs/default.py")
+  ap.add_argument("--config", default="configs/default.py:base")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--tag", default="default")
   ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")

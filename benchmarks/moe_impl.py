@@ -216,7 +216,7 @@ def main() -> None:
 
   step_md, step_raw = "", {}
   if not args.no_step:
-    config = load_config(REPO / "configs" / "default.py")
+    config = load_config(REPO / "configs" / "default.py", "base")
     chunk = max(1, int(config.train.chunk_size))
     step_blocks = [int(b) for b in args.step_block_sizes.split(",") if b]
     vs = variants(step_blocks or [int(config.model.moe_block_size)])

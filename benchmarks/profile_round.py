@@ -15,7 +15,7 @@ and prints markdown tables (copied into benchmarks/README.md).
 
 Command (from the repository root; ~1-2 min on 2 cores)::
 
-    python benchmarks/profile_round.py [--config=configs/default.py] [--reps=2] [--tag=default] \\
+    python benchmarks/profile_round.py [--config=configs/default.py:base] [--reps=2] [--tag=default] \\
         [--set model.moe_impl=dense ...]
 """
 
@@ -87,7 +87,7 @@ def categorize(op_name: str) -> tuple[str, str]:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="configs/default.py")
+  ap.add_argument("--config", default="configs/default.py:base")
   ap.add_argument("--reps", type=int, default=2, help="traced round calls")
   ap.add_argument("--tag", default="default")
   ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")

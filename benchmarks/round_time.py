@@ -66,7 +66,7 @@ def default_config(
     vocab: int | None = None,
 ):
   """configs/default.py with a method, a fixed number of local steps and optional sizes."""
-  cfg = load_config(REPO / "configs" / "default.py")
+  cfg = load_config(REPO / "configs" / "default.py", "base")
   cfg.method = method
   cfg.train.local_steps = steps
   if batch:

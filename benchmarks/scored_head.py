@@ -85,7 +85,7 @@ def compiled_info(fn, *args) -> dict:
 
 
 def bench_vocab(vocab: int, args) -> dict:
-  cfg = load_config(REPO / "configs" / "default.py")
+  cfg = load_config(REPO / "configs" / "default.py", "base")
   cfg.train.local_steps = args.steps
   cfg.data.vocab_size = vocab
   mcfg = model_config_from(cfg, vocab)
@@ -158,7 +158,7 @@ def main() -> None:
         ]
     )
   total = time.perf_counter() - t_start
-  cfg = load_config(REPO / "configs" / "default.py")
+  cfg = load_config(REPO / "configs" / "default.py", "base")
   header = (
       f"Command: `python benchmarks/scored_head.py {' '.join(sys.argv[1:])}`".rstrip() + "  \n"
       f"Machine: {info.get('cpu', '?')}, load average {info['loadavg_at_start'][0]} at start, "

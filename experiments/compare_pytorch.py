@@ -11,7 +11,7 @@ and ``--noise_seeds`` fedalign runs with seeds seed+1, ... as the seed-noise ref
 
 Command (from the repository root)::
 
-    python -m experiments.compare_pytorch --config=configs/default.py \\
+    python -m experiments.compare_pytorch --config=configs/default.py:base \\
         --workdir=/tmp/pt_vs_jax --config.data.num_clients=4 ... [--timing_reps=6] \\
         [--noise_seeds=1] [--threads=2] [--out=benchmarks/pytorch_vs_jax.md]
 """
