@@ -121,3 +121,30 @@ def tiny_federation(
   c.train.chunk_size = 0
   c.checkpoint.every = 1
   return c
+
+
+# The architecture of the shipped pre-trained ``fedalign/pretrained/moe-small``
+# (configs/pretrain_small.py trains it, configs/default.py fine-tunes it): DeepSeek-MoE-shaped,
+# a dense first layer, 16 routed experts top-2 plus one shared expert.
+MOE_SMALL_MODEL = dict(
+    family="deepseek_moe",
+    hidden_size=96,
+    intermediate_size=192,  # the dense first layer
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    num_experts=16,
+    top_k=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=64,
+)
+
+
+def moe_small_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``c.model`` at the moe-small architecture (:data:`MOE_SMALL_MODEL`).
+
+  >>> moe_small_model(default_config()).model.num_experts
+  16
+  """
+  c.model.update(MOE_SMALL_MODEL)
+  return c

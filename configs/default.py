@@ -237,16 +237,7 @@ def pretrained_start(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.method = "fedalign"
   c.model.hf_checkpoint = str(pretrained.path("moe-small", verify=False))
   c.model.check_checkpoint = True  # the sizes below must be the checkpoint's
-  c.model.family = "deepseek_moe"
-  c.model.hidden_size = 96
-  c.model.intermediate_size = 192
-  c.model.num_layers = 3
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.num_experts = 16
-  c.model.top_k = 2
-  c.model.moe_intermediate_size = 32
-  c.model.shared_expert_intermediate_size = 64
+  _common().moe_small_model(c)
   c.data.vocab_size = 2052  # the checkpoint's tokenizer: 2,048 BPE tokens + 4 label words
   c.data.seq_len = 64
   c.train.rounds = 15

@@ -38,16 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = common.default_config()
   c.data.vocab_size = 2048
   c.data.seq_len = 128
-  c.model.family = "deepseek_moe"
-  c.model.hidden_size = 96
-  c.model.intermediate_size = 192  # the dense first layer
-  c.model.num_layers = 3
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.num_experts = 16
-  c.model.top_k = 2
-  c.model.moe_intermediate_size = 32
-  c.model.shared_expert_intermediate_size = 64
+  common.moe_small_model(c)
   c.train.load_balance_coef = 0.01
 
   c.pretrain = ml_collections.ConfigDict()

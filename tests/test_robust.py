@@ -295,7 +295,6 @@ def test_routing_inflation_captures_expert_weight_undefended_not_defended():
   assert np.all(np.delete(w_def, 1, axis=0).sum(0)[used] > 0.65)
 
 
-@pytest.mark.slow
 def test_gaussian_attack_noise_has_the_scaled_norm():
   atk = attacks.Attack("gaussian", 3.0, np.array([True] * 6))
   honest, _ = toy_round("fedavg")

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedalign.privacy import add_row_noise
+
 PyTree = Any
 ATTACK_KINDS = ("none", "sign_flip", "scale", "gaussian", "label_flip", "routing_inflation")
 UPLOAD_ATTACKS = ("sign_flip", "scale", "gaussian", "routing_inflation")
@@ -191,17 +193,10 @@ def poison_upload(
     size = sum(math.prod(x.shape[1:]) for x in leaves)
     std = s * jnp.sqrt(sq / max(size, 1))  # (C,)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, _NOISE_SALT))(rngs)
-    flat, treedef = jax.tree.flatten(deltas, is_leaf=lambda x: x is None)
-    noisy = []
-    for i, x in enumerate(flat):
-      if x is None:
-        noisy.append(None)
-        continue
-      z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype))(
-          keys
-      )
-      noisy.append(z * _rows(std, z).astype(x.dtype))
-    poisoned = jax.tree.unflatten(treedef, noisy)
+    zeros = jax.tree.map(
+        lambda x: None if x is None else jnp.zeros_like(x), deltas, is_leaf=lambda x: x is None
+    )
+    poisoned = add_row_noise(zeros, std, keys)
   deltas = jax.tree.map(
       lambda x, p: None if x is None else jnp.where(_rows(att, x), p, x),
       deltas,
