@@ -17,9 +17,10 @@ below an error naming both. Label-word scoring (``<bos><text>\nTopic: <label>``,
 the text cut from the left), all 10 clients per round, 15 rounds of 10 local AdamW steps
 (batch 32, lr 1e-3), FedAlign-MoE with its defaults (``regularizer_form='conditional'``).
 
-Measured (issue #14, one seed, 2 CPU cores shared with 3 other jobs, so times are upper
-bounds): this command, 0.5745 final / 0.607 best global test accuracy (chance 0.25), 432 s
-(compile 26 s with a warm compilation cache; rounds 12-45 s); ``--config.method=fedavg`` 0.5245
+Measured (issue #14, one seed): this command, 0.5745 final / 0.607 best global test accuracy
+(chance 0.25), 173 s in a fresh venv on 2 quiet CPU cores (about 7 s a round plus evaluation;
+the XLA compilation cache was warm) and 432 s on cores shared with 3 other jobs (compile 26 s
+with a warm compilation cache; rounds 12-45 s); ``--config.method=fedavg`` 0.5245
 / 0.5315 in 739 s (a parallel run shared the cores). The 0.70 goal of issue #14 is NOT reached.
 The accuracy swings between rounds (0.28-0.61 over rounds 7-15), the alpha = 0.1 client drift.
 Choices on the validation split (``--config.data.validation_examples=1000
