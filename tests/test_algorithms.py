@@ -81,7 +81,13 @@ def test_scaffold_padded_round_keeps_every_control_variate():
   np.testing.assert_allclose(state["agg"]["control"]["w"], ci.sum(0) / 5, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", [pytest.param("fedmoe", marks=pytest.mark.slow), "fedalign_perm"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("fedmoe", marks=pytest.mark.slow),
+        pytest.param("fedalign_perm", marks=pytest.mark.slow),
+    ],
+)
 def test_padded_moe_round_equals_unpadded_round(case):
   method, trainable, overrides = g.CASES[case]
   config = g.base_config(method, trainable, overrides)

@@ -40,6 +40,7 @@ def summaries(workdir, names):
 
 
 # ----------------------------------------------------------------------------- real tiny grid
+@pytest.mark.slow  # 50 s; the report logic and failure records: the two tests below
 def test_tiny_grid_tables_from_files_resume_and_failure(tmp_path, monkeypatch):
   """2 methods x 1 alpha x 2 seeds, 2 rounds; fedalign seed 1 is forced to fail."""
   real = reproduce.run_experiment
