@@ -202,6 +202,15 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   assert f"{gain:+.1f}%" in table_row(md, "FedAlign-MoE")
   assert "failed: s0: KeyError" in table_row(md, "broken")
   assert "(n=1; failed: s1: FloatingPointError" in table_row(md, "FedProx")
+  # Paired differences against FedAvg over the seeds both finished (same seed = same partition).
+  paired = md.split("## Paired difference against FedAvg")[1].split("## ")[0]
+  d = reproduce.paired_difference(fedalign_last5, fedavg_last5)
+  assert d["n"] == 2 and d["mean"] == pytest.approx(0.1)
+  assert table_row(paired, "FedAlign-MoE").startswith(
+      "| FedAlign-MoE | +0.100 [+0.100, +0.100] (n=2)"
+  )
+  assert table_row(paired, "FedProx").startswith("| FedProx | +0.000 [-] (n=1)")  # s1 failed
+  assert "| FedAvg |" not in paired
   abl = md.split("## Ablation")[1]
   for row in reproduce.ABLATION_DESCRIPTIONS:
     assert f"| {row} |" in abl
@@ -244,6 +253,22 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- CLI
+def test_paired_difference_matches_scipy():
+  """The interval is scipy's t interval of the per-seed differences; mismatched pairs fail."""
+  from scipy import stats
+
+  a, b = [0.71, 0.64, 0.69, 0.75, 0.66], [0.66, 0.65, 0.61, 0.70, 0.60]
+  d = reproduce.paired_difference(a, b)
+  diff = np.subtract(a, b)
+  lo, hi = stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=stats.sem(diff))
+  assert (d["mean"], d["lo"], d["hi"]) == pytest.approx((diff.mean(), lo, hi))
+  assert d["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue) and d["p"] < 0.05
+  one = reproduce.paired_difference([0.7], [0.6])
+  assert one["n"] == 1 and math.isnan(one["lo"]) and one["mean"] == pytest.approx(0.1)
+  with pytest.raises(ValueError, match="2 values vs 3 references"):
+    reproduce.paired_difference([0.1, 0.2], [0.1, 0.2, 0.3])
+
+
 def test_cli_writes_header_and_records_failures(tmp_path):
   """Every entry fails config validation (no compute): exit 1, FAILED.txt, tables say so."""
   docs = tmp_path / "docs" / "results.md"
