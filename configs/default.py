@@ -142,6 +142,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.server.b1 = 0.9
   c.server.b2 = 0.99
   c.server.eps = 1e-3
+  c.server.lr_schedule = "constant"  # constant | cosine (decay over train.rounds)
+  c.server.lr_final_fraction = 0.0  # cosine: the last rounds' lr / server.learning_rate
   # Robust aggregation (fedalign/aggregation/robust.py, docs/robustness.md); composes with
   # every method: none | norm_bound | median | trimmed_mean | krum
   c.server.robust = "none"

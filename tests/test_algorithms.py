@@ -36,6 +36,41 @@ def test_fedopt_name_and_a_different_server_optimizer_is_an_error():
     make_algorithm(make_config("fedavg", optimizer="lamb"), None, 4)
 
 
+@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
+def test_cosine_server_learning_rate_scales_each_rounds_step(method):
+  """server.lr_schedule='cosine': round r moves the params by lr(r) x the step plain averaging
+  takes from the same params (the schedule's step count lives in the server optimizer state,
+  every method gets it from server_optimizer_from_config)."""
+  params = {"w": jnp.array([0.5, -1.0, 2.0], jnp.float32)}
+  mask = {"w": True}
+  batches, weights, ids = toy_data(clients=3), jnp.array([1.0, 2.0, 1.0]), jnp.arange(3)
+
+  def round_fn(server):
+    config = make_config(method, **server)
+    config.train.rounds = 4
+    alg = make_algorithm(config, partition(params, mask)[0], 3)
+    cu = make_client_update(LinearTask(), alg, optax.sgd(LR), load_balance_coef=0.0)
+    return alg, jax.jit(make_round_fn(cu, alg, mask, seed=0))
+
+  alg, cosine = round_fn(dict(lr_schedule="cosine", learning_rate=0.8, lr_final_fraction=0.25))
+  plain_alg, plain = round_fn({})
+  lr = optax.cosine_decay_schedule(0.8, decay_steps=4, alpha=0.25)
+  state = init_server_state(params, alg, mask, 3)
+  for r in range(3):
+    new, _ = cosine(state, batches, weights, ids, r)
+    ref, _ = plain(init_server_state(state["params"], plain_alg, mask, 3), batches, weights, ids, r)
+    np.testing.assert_allclose(
+        new["params"]["w"] - state["params"]["w"],
+        float(lr(r)) * (ref["params"]["w"] - state["params"]["w"]),
+        rtol=2e-5,
+        atol=1e-7,
+    )
+    state = new
+  assert int(state["agg"]["opt"][1].count) == 3 and float(lr(2)) == pytest.approx(0.5)
+  with pytest.raises(ValueError, match=r"server.lr_schedule='step'.*\('constant', 'cosine'\)"):
+    make_algorithm(make_config(method, lr_schedule="step"), partition(params, mask)[0], 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # A padded round equals the unpadded one (weight-0 copies of the first client, as the server
 # pads to a multiple of the chunk size / mesh size).

@@ -21,6 +21,7 @@ from fedalign.aggregation.base import Aggregator
 
 PyTree = Any
 SERVER_OPTIMIZERS = ("none", "sgd", "momentum", "adam", "yogi", "adagrad")
+SERVER_LR_SCHEDULES = ("constant", "cosine")
 
 
 def no_broadcast(state: PyTree) -> PyTree:
@@ -93,11 +94,12 @@ def server_optimizer_from_config(
   """The run's server optimizer from ``config.server`` (None = plain averaging).
 
   Args:
-    config: reads ``method`` and ``server.{optimizer, learning_rate, momentum, b1, b2, eps}``.
+    config: reads ``method``, ``train.rounds`` and ``server.{optimizer, learning_rate,
+      lr_schedule, lr_final_fraction, momentum, b1, b2, eps}``.
     implied: the optimizer a FedOpt method name stands for (``fedadam`` -> 'adam'); then
       ``server.optimizer`` must be 'none' or the same name (one way to ask for each thing).
 
-  'none' or 'sgd' with learning rate 1 is plain averaging (returns None).
+  'none' or 'sgd' with a constant learning rate 1 is plain averaging (returns None).
   """
   srv = config.server
   name = srv.optimizer
@@ -113,8 +115,38 @@ def server_optimizer_from_config(
           f"'none', or use method='fedavg' with server.optimizer={name!r}."
       )
     name = implied
-  if name in ("none", "sgd") and srv.learning_rate == 1.0:
+  schedule = srv.get("lr_schedule", "constant")
+  if schedule not in SERVER_LR_SCHEDULES:
+    raise ValueError(
+        f"config.server.lr_schedule={schedule!r} is invalid: expected one of "
+        f"{SERVER_LR_SCHEDULES}."
+    )
+  if name in ("none", "sgd") and srv.learning_rate == 1.0 and schedule == "constant":
     return None
+  lr = srv.learning_rate
+  if schedule != "constant":
+    lr = server_learning_rate(lr, schedule, config.train.rounds, srv.get("lr_final_fraction", 0.0))
   return server_optimizer(
-      "sgd" if name == "none" else name, srv.learning_rate, srv.momentum, srv.b1, srv.b2, srv.eps
+      "sgd" if name == "none" else name, lr, srv.momentum, srv.b1, srv.b2, srv.eps
+  )
+
+
+def server_learning_rate(
+    learning_rate: float, schedule: str, rounds: int, final_fraction: float = 0.0
+) -> float | optax.Schedule:
+  """The server learning rate over rounds: ``constant``, or ``cosine`` decay from
+  ``learning_rate`` at the first round to ``final_fraction * learning_rate`` after ``rounds``
+  (optax's ``cosine_decay_schedule``; the step is the number of rounds applied so far, kept in
+  the server optimizer state, so a resumed run continues the schedule).
+
+  >>> lr = server_learning_rate(1.0, 'cosine', 10, 0.1)
+  >>> [round(float(lr(r)), 3) for r in (0, 5, 9)]
+  [1.0, 0.55, 0.122]
+  """
+  if schedule == "constant":
+    return learning_rate
+  if schedule == "cosine":
+    return optax.cosine_decay_schedule(learning_rate, decay_steps=rounds, alpha=final_fraction)
+  raise ValueError(
+      f"config.server.lr_schedule={schedule!r} is invalid: expected one of {SERVER_LR_SCHEDULES}."
   )

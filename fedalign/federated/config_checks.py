@@ -18,6 +18,7 @@ from fedalign.data.federated import DATASETS
 from fedalign.federated import attacks as attacks_lib
 from fedalign.data.multiple_choice import MC_DATASETS
 from fedalign.algorithms import METHODS
+from fedalign.algorithms.base import SERVER_LR_SCHEDULES
 from fedalign.config_files import config_differences, flatten_config
 from fedalign.models.config import DTYPES, MoEConfig
 from fedalign.models.from_config import MODEL_TYPES, model_type
@@ -164,6 +165,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   # ---- robust aggregation and simulated attacks (docs/robustness.md)
   srv = config.server
+  if srv.get("lr_schedule", "constant") not in SERVER_LR_SCHEDULES:
+    bad("server.lr_schedule", srv.lr_schedule, f"one of {SERVER_LR_SCHEDULES}")
+  if not 0.0 <= srv.get("lr_final_fraction", 0.0) <= 1.0:
+    bad("server.lr_final_fraction", srv.lr_final_fraction, "a number in [0, 1]")
   robust_lib.check_fields(
       srv.get("robust", "none"),
       srv.get("robust_norm_bound", 0.0),
