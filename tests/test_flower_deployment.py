@@ -94,11 +94,12 @@ def test_flower_deployment_equals_engine(tmp_path):
       FLWR_HOME=str(tmp_path / "flwr_home"),
       JAX_PLATFORMS="cpu",
   )
-  fleet, control, serverappio = _free_port(), _free_port(), _free_port()
+  # flwr 1.42: the SuperLink serves its Fleet, Control and Runtime APIs on one HTTP port.
+  link_port = _free_port()
   (tmp_path / "flwr_home").mkdir()
   (tmp_path / "flwr_home" / "config.toml").write_text(
       f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-      f'address = "127.0.0.1:{control}"\ninsecure = true\n'
+      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
   )
   app = tmp_path / "app"
   app.mkdir()
@@ -119,21 +120,19 @@ def test_flower_deployment_equals_engine(tmp_path):
         [
             bindir / "flower-superlink",
             "--insecure",
-            f"--fleet-api-address=127.0.0.1:{fleet}",
-            f"--control-api-address=127.0.0.1:{control}",
-            f"--port={serverappio}",
+            "--host=127.0.0.1",
+            f"--port={link_port}",
             f"--database={tmp_path / 'state.db'}",
         ],
     )
-    _wait_port(fleet, link, "flower-superlink")
-    _wait_port(control, link, "flower-superlink")
+    _wait_port(link_port, link, "flower-superlink")
     for i in range(3):
       start(
           f"supernode{i}",
           [
               bindir / "flower-supernode",
               "--insecure",
-              f"--superlink=127.0.0.1:{fleet}",
+              f"--superlink=127.0.0.1:{link_port}",
               f"--port={_free_port()}",
               f"--node-config=partition-id={i}",
           ],

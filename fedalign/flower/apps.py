@@ -41,6 +41,7 @@ from fedalign.flower import core
 log = logging.getLogger(__name__)
 ARRAYS, DTYPES, CONFIG, METRICS = "arrays", "dtypes", "config", "metrics"
 STATE_KEY = "fedalign_client_state"
+SCALARS = "__scalars__"  # in the dtypes ConfigRecord: the names of 0-d arrays
 
 
 # ---------------------------------------------------------------- named arrays <-> records
@@ -48,14 +49,19 @@ STATE_KEY = "fedalign_client_state"
 
 def to_records(named: Mapping[str, np.ndarray]) -> tuple[ArrayRecord, ConfigRecord]:
   """Named arrays as an ``ArrayRecord``; dtypes numpy cannot save without pickle (bfloat16)
-  travel as their bits (uint) with the dtype name in the ``ConfigRecord``."""
-  arrays, dtypes = {}, {}
+  travel as their bits (uint) with the dtype name in the ``ConfigRecord``, and 0-d arrays
+  (which arrive as shape (1,)) are listed under ``SCALARS`` there."""
+  arrays, dtypes, scalars = {}, {}, []
   for name, a in named.items():
     a = np.asarray(a)
+    if a.ndim == 0:
+      scalars.append(name)
     if a.dtype.kind == "V" or a.dtype.name == "bfloat16" or a.dtype.name.startswith("float8"):
       dtypes[name] = a.dtype.name
       a = a.view(np.dtype(f"uint{8 * a.dtype.itemsize}"))
     arrays[name] = Array(np.ascontiguousarray(a))
+  if scalars:
+    dtypes[SCALARS] = scalars
   return ArrayRecord(arrays), ConfigRecord(dtypes)
 
 
@@ -63,12 +69,14 @@ def from_records(arrays: ArrayRecord, dtypes: ConfigRecord | None) -> dict[str, 
   """The inverse of :func:`to_records`."""
   import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy)
 
+  dtypes = dtypes if dtypes is not None else {}
+  scalars = set(dtypes.get(SCALARS, []))
   out = {}
   for name, arr in arrays.items():
     a = arr.numpy()
-    if dtypes is not None and name in dtypes:
+    if name in dtypes:
       a = a.view(np.dtype(str(dtypes[name])))
-    out[name] = a
+    out[name] = a.reshape(()) if name in scalars else a
   return out
 
 
@@ -116,11 +124,13 @@ def train(msg: Message, context: Context) -> Message:
   cfg = msg.content[CONFIG]
   arrays = from_records(msg.content[ARRAYS], msg.content.get(DTYPES))
   if client.client_state is not None and STATE_KEY in context.state:
-    saved = from_records(context.state[STATE_KEY], None)
+    saved = from_records(context.state[STATE_KEY], context.state.get(STATE_KEY + "_dtypes"))
     client.client_state = core.tree_from_named(saved, client.client_state, "state")
   res = client.train(arrays, int(cfg["round"]), str(cfg["frozen_fingerprint"]))
   if client.client_state is not None:
-    context.state[STATE_KEY] = to_records(core.named_arrays(client.client_state, "state"))[0]
+    state_rec, state_meta = to_records(core.named_arrays(client.client_state, "state"))
+    context.state[STATE_KEY] = state_rec
+    context.state[STATE_KEY + "_dtypes"] = state_meta
   rec, dtypes = to_records(res["arrays"])
   metrics = MetricRecord(
       {
