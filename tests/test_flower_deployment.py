@@ -84,7 +84,7 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 12
   raise TimeoutError(f"{what} did not listen on {port} in {timeout} s")
 
 
-@pytest.mark.slow  # ~2-3 min on 2 CPU cores: 5 processes importing JAX and compiling
+@pytest.mark.slow  # 300 s measured on 2 shared CPU cores: ClientApp processes import JAX and compile
 def test_flower_deployment_equals_engine(tmp_path):
   bindir = _flower_bin()
   env = dict(os.environ)
