@@ -33,6 +33,10 @@ setup(
     ],
     extras_require={
         "torch": ["torch==2.13.0", "transformers>=4.57"],
+        # The Flower deployment path (fedalign/flower/apps.py, docs/scaling.md). flwr pins
+        # protobuf < 7, rich < 15, typer < 0.21: installing it downgrades those (checked with
+        # pip install --dry-run), so it is an extra, not a core dependency.
+        "flower": ["flwr>=1.20,<2"],
         "test": [
             "pytest>=7",
             "pytest-xdist",
