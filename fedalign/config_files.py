@@ -97,6 +97,7 @@ LATER_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "attack.kind": ("none", ("attack.fraction", "attack.scale")),
     "dp.clip_norm": (0.0, ("dp.noise_multiplier", "dp.delta", "dp.stats_clip_norm")),
     "faults.drop_prob": (0.0, ()),
+    "train.mesh_shape": ("", ()),
 }
 
 
