@@ -74,8 +74,8 @@ widths, the per-MoE-layer increment times 27):
   parameters, float32 temporaries as above; ``benchmarks/paper_memory.py --batch 2 --seq 512
   --block_size 64 --dtype bfloat16 --experts K``): 1 device 33.1 GB weights + 26.9 GB temp =
   60.0 GB; 8 x H100 (``experts:8``) 6.6 + 30.9 = 37.5 GB; v4-32 / v5e-16 (16 chips,
-  ``experts:16``) 4.8 + 30.9 = 35.7 GB: over a v5e chip's 16 GiB and at a v4 chip's 32 GiB in
-  this float32 accounting (the temporaries do not shrink: every device still computes every
+  ``experts:16``) 4.8 + 30.9 = 35.7 GB: over a v5e chip's 16 GiB and just over a v4 chip's
+  32 GiB in this float32 accounting (the temporaries do not shrink: every device still computes every
   routed block, docs/scaling.md). Alternatively ``use_mesh=True`` without ``mesh_shape`` and
   ``--config.train.chunk_size=N`` shards each chunk of N clients over a ``('clients',)`` mesh
   of N GPUs, each holding the full weights. Mesh paths tested on fake CPU devices only.
