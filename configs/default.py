@@ -130,6 +130,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.chunk_size = 2  # clients per vmapped chunk (0 = all at once); chunks
   # group clients of similar size: less padded work
   c.train.use_mesh = False  # shard clients over all devices on a 'clients' mesh
+  c.train.mesh_shape = ""  # with use_mesh: '' = one 'clients' axis over every device;
+  # 'clients:4,experts:2' = a 2-D mesh, the routed experts' (E, ...) weights, LoRA adapters and
+  # optimizer state sharded over 'experts', all else replicated (docs/scaling.md)
   c.train.lanes = 0  # > 0: at most this many vmapped lanes, each training its clients one
   # after another (no padding to the longest client; needs chunk_size=0); 0 = off
   c.train.lanes_min_useful = 0.9  # lanes: the fewest-slot lane count <= train.lanes whose

@@ -98,6 +98,7 @@ LATER_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "dp.clip_norm": (0.0, ("dp.noise_multiplier", "dp.delta", "dp.stats_clip_norm")),
     "faults.drop_prob": (0.0, ()),
     "server.lr_schedule": ("constant", ("server.lr_final_fraction",)),
+    "train.mesh_shape": ("", ()),
 }
 
 

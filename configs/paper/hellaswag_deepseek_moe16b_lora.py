@@ -42,8 +42,12 @@ figures from XLA's accounting of one compiled training step on CPU, as in the MM
   (float32 logits 1,536 x 102,400), plus ~5.6 GB (float32) of transient per-block expert
   weights (capacity dispatch at 1.25: 0.90 GB per MoE layer, no transient weights).
 * Peak ~60-70 GB with ``train.chunk_size=1``: one 80 GB H100 (or A100-80GB);
-  ``--config.train.batch_size=4`` needs ~50 GB. Mesh: none (one device); several GPUs as in the MMLU config (``use_mesh=True``,
-  ``chunk_size`` = the number of GPUs, a divisor of 10; each GPU holds the full frozen weights).
+  ``--config.train.batch_size=4`` needs ~50 GB. Mesh: none (one device); several devices as
+  in the MMLU config. Per device with the 2-D mesh (``--config.train.use_mesh=True
+  --config.train.mesh_shape=clients:1,experts:K``; XLA's memory analysis on fake CPU devices,
+  ``benchmarks/paper_memory.py --batch 8 --seq 192 --block_size 64 --dtype bfloat16
+  --experts K``): 1 device 33.1 GB weights + 32.2 GB temp = 65.3 GB; 8 x H100 (``experts:8``)
+  6.6 + 38.2 = 44.8 GB; v4-32 / v5e-16 (``experts:16``) 4.8 + 38.2 = 43.0 GB (docs/scaling.md).
 * Time, FLOP basis ~2.8B active parameters per token: XLA counts 13.2 GFLOP per training
   token (12.1 with capacity dispatch). A round is one epoch over 8,111 x 192 tokens = 1.56M
   tokens, ~2.1e16 FLOP: 50-140 s on one H100 at 15-40% of its bfloat16 peak; the weight

@@ -62,6 +62,7 @@ def make_round_fn(
     robust: robust_lib.RobustConfig | None = None,
     attack: attacks_lib.Attack | None = None,
     privatize: Callable | None = None,
+    param_shardings: PyTree | None = None,
 ) -> Callable:
   """Returns ``round_fn(server_state, batches, weights, client_ids, round_idx)``.
 
@@ -82,6 +83,11 @@ def make_round_fn(
       None = none.
     privatize: client-level DP (:func:`fedalign.privacy.make_privatizer`): clips and noises
       each client's upload right after its update, before the server sees it; None = off.
+    param_shardings: optional params-structured tree of ``NamedSharding`` on ``mesh`` (a 2-D
+      ``('clients', 'experts')`` mesh: :func:`fedalign.federated.mesh.state_shardings`); the
+      params are constrained to it and the client-stacked deltas to it with the client axis
+      over ``'clients'`` in front, so the aggregation runs on the sharded deltas. None = no
+      constraint (the 1-D mesh: replicated params).
 
   ``server_state`` = {'params', 'agg', 'client_states' (N, ...) or None}. ``batches`` maps
   names to (C, steps, ...) arrays incl. ``step_mask`` (C, steps) (with ``lanes``: (L, slots,
@@ -125,6 +131,8 @@ def make_round_fn(
 
   def round_fn(server_state, batches, weights, client_ids, round_idx):
     params = server_state["params"]
+    if param_shardings is not None:
+      params = _constrain(params, param_shardings)
     trainable, frozen = partition(params, trainable_mask)
     broadcast = algorithm.broadcast(server_state["agg"])
     has_cstate = algorithm.init_client_state is not None
@@ -141,6 +149,8 @@ def make_round_fn(
     deltas, stats, metrics, new_cstates = run_clients(
         trainable, frozen, batches, broadcast, cstates, rngs
     )
+    if param_shardings is not None:  # 2-D mesh: (C, E, ...) deltas over clients x experts
+      deltas = _constrain(deltas, param_shardings, stacked=True)
     dp_info = {}
     if privatize is not None:  # ---- client-level DP (fedalign/privacy.py): client side
       deltas, stats, weights, dp_info = privatize(
@@ -194,6 +204,20 @@ def make_round_fn(
     return new_state, out
 
   return round_fn
+
+
+def _constrain(tree: PyTree, shardings: PyTree, stacked: bool = False) -> PyTree:
+  """``jax.lax.with_sharding_constraint`` of every non-None leaf of a params-structured tree
+  (``stacked``: a leading client axis, sharded over ``'clients'``, in front of each)."""
+
+  def one(x, s):
+    if x is None:
+      return None
+    if stacked:
+      s = NamedSharding(s.mesh, P(CLIENT_AXIS, *s.spec))
+    return jax.lax.with_sharding_constraint(x, s)
+
+  return jax.tree.map(one, tree, shardings, is_leaf=lambda x: x is None)
 
 
 def init_server_state(

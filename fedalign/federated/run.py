@@ -37,12 +37,15 @@ from fedalign.federated import attacks as attacks_lib
 from fedalign.federated.client import client_optimizer, make_client_update
 from fedalign.federated.distributed import barrier, is_main
 from fedalign.federated.mesh import (
+    EXPERT_AXIS,
+    client_axis_size,
     client_sharding,
     global_arrays,
     make_mesh,
+    place,
     process_rows,
-    replicate,
     replicated,
+    state_shardings,
 )
 from fedalign.federated.round import (
     choose_lanes,
@@ -129,7 +132,7 @@ class Run:
   """Everything a federated run needs, built by :func:`build_run`.
 
   ``round_fn(state, batches, weights, client_ids, round_idx) -> (state, out)`` is jitted;
-  ``pad_step`` = lcm(chunk size, mesh size): the number of clients given to ``round_fn`` is
+  ``pad_step`` = lcm(chunk size, 'clients' axis size): the number of clients given to ``round_fn`` is
   rounded up to a multiple of it with weight-0 padding clients. ``lanes`` > 0
   (``train.lanes``): ``round_fn`` takes the lane layout and no client is padded.
   """
@@ -258,8 +261,8 @@ class Run:
   def round_lanes(self, steps: np.ndarray) -> int:
     """The lanes of a round whose clients take ``steps`` local steps
     (:func:`~fedalign.federated.round.choose_lanes` from ``train.lanes`` and
-    ``train.lanes_min_useful``; a multiple of the mesh size)."""
-    multiple = self.mesh.size if self.mesh is not None else 1
+    ``train.lanes_min_useful``; a multiple of the 'clients' axis size)."""
+    multiple = client_axis_size(self.mesh)
     return choose_lanes(steps, self.lanes, min_useful=self.lanes_min_useful, multiple_of=multiple)
 
   def population_steps(self) -> np.ndarray:
@@ -310,9 +313,19 @@ def build_run(
   mesh = make_mesh(config)  # None without train.use_mesh; checks train.lanes against it
   chunk = config.train.chunk_size or None
   lanes = int(config.train.get("lanes", 0))
-  # On a mesh the new state and the round's outputs come back replicated: every process can
-  # read them (metrics, checkpoints) without a gather of arrays it does not hold.
-  jit_kw = {} if mesh is None else {"out_shardings": replicated(mesh)}
+  state = init_server_state(params, training.algorithm, training.mask, config.data.num_clients)
+  # On a mesh the round's outputs come back replicated: every process can read them (metrics)
+  # without a gather of arrays it does not hold. The new state comes back in the state's own
+  # layout: replicated on a 1-D mesh; on a 2-D mesh the expert leaves sharded over 'experts'
+  # (mesh.state_shardings), which is also how it is placed here and restored from checkpoints.
+  jit_kw, param_shardings = {}, None
+  if mesh is not None:
+    shardings = state_shardings(state, mesh)
+    state = place(state, shardings)  # global arrays on every device of every process
+    jit_kw = {"out_shardings": replicated(mesh)}
+    if EXPERT_AXIS in mesh.axis_names:
+      jit_kw = {"out_shardings": (shardings, replicated(mesh))}
+      param_shardings = shardings["params"]
   # Robust aggregation (server.robust*) and simulated attackers (attack.*), if any.
   robust = robust_lib.from_config(config, top_k=getattr(mcfg, "top_k", None))
   attack = attacks_lib.from_config(config, getattr(mcfg, "vocab_size", None), data.candidate_ids)
@@ -328,16 +341,14 @@ def build_run(
           robust=robust,
           attack=attack,
           privatize=privacy.make_privatizer(config),
+          param_shardings=param_shardings,
       ),
       **jit_kw,
   )
   # Weight-0 padding clients make the round's client count a multiple of the chunk size and
-  # of the number of devices on the mesh (lanes need none: the lane axis is sharded).
-  pad_step = 1 if lanes else math.lcm(chunk or 1, mesh.size if mesh is not None else 1)
+  # of the 'clients' axis size (lanes need none: the lane axis is sharded).
+  pad_step = 1 if lanes else math.lcm(chunk or 1, client_axis_size(mesh))
   evaluate = make_evaluator(data, mcfg, training.module, config.eval.batch_size)
-  state = init_server_state(params, training.algorithm, training.mask, config.data.num_clients)
-  if mesh is not None:  # global arrays on every device of every process
-    state = replicate(state, mesh)
   return Run(
       config=config,
       data=data,
