@@ -162,18 +162,57 @@ def metrics(workdir: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_resume_equal_single_process(tmp_path):
+class Background:
+  """A run started in the background; :meth:`wait` finishes it (once) and returns its
+  workdir."""
+
+  def __init__(self, workdir: pathlib.Path, *args: str, **kw):
+    self.workdir, self.args, self.kw, self.procs, self.done = workdir, args, kw, None, False
+
+  def start(self) -> "Background":
+    if self.procs is None:
+      self.procs = launch(self.workdir, *self.args, **self.kw)
+    return self
+
+  def wait(self) -> pathlib.Path:
+    if not self.done:
+      _ok(finish(self.start().procs))
+      self.done = True
+    return self.workdir
+
+  def kill(self) -> None:
+    for p in self.procs or []:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  """The 1-device reference (no mesh, 4 rounds of TINY), shared by the multi-process tests:
+  started by the first test that needs it, in parallel with that test's own runs."""
+  run = Background(
+      tmp_path_factory.mktemp("one"),
+      "--config.train.rounds=4",
+      "--config.train.use_mesh=False",
+      processes=1,
+      devices=1,
+  )
+  yield run
+  run.kill()
+
+
+def test_two_processes_resume_equal_single_process(tmp_path, one_device):
   """2 processes x 2 devices: 2 rounds, stop, resume to 4 rounds from the round-2
   checkpoint; params and metrics equal the single-process 4-device run and the 1-device run
   (no mesh)."""
-  mp, four, one = tmp_path / "mp", tmp_path / "four", tmp_path / "one"
+  mp, four = tmp_path / "mp", tmp_path / "four"
   t0 = time.monotonic()
   first = launch(mp, "--config.train.rounds=2", "--config.train.use_mesh=True")
   singles = launch(
       four, "--config.train.rounds=4", "--config.train.use_mesh=True", processes=1, devices=4
-  ) + launch(
-      one, "--config.train.rounds=4", "--config.train.use_mesh=False", processes=1, devices=1
   )
+  one_device.start()
   _ok(finish(first))
   assert sorted(int(p.name) for p in (mp / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
   assert [m["round"] for m in metrics(mp)] == [1, 2]
@@ -184,6 +223,7 @@ def test_two_processes_resume_equal_single_process(tmp_path):
   assert "final_test_accuracy=" in resumed[0][1]
   assert "final_test_accuracy=" not in resumed[1][1]
   _ok(finish(singles))
+  one = one_device.wait()
   cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
   print(f"4 runs: {time.monotonic() - t0:.0f} s wall, {cpu.ru_utime + cpu.ru_stime:.0f} s CPU")
 
@@ -207,6 +247,68 @@ def test_two_processes_resume_equal_single_process(tmp_path):
   p_two = load_params(mp, 2)
   moved = max(float(np.max(np.abs(p_mp[k] - p_two[k]))) for k in p_mp)
   assert moved > 100 * ATOL
+
+
+MESH_2D = ["--config.train.use_mesh=True", "--config.train.mesh_shape=clients:4,experts:2"]
+
+
+def test_two_processes_2d_mesh_resume_equal_one_device(tmp_path, one_device):
+  """2 processes x 4 devices, one (clients 4, experts 2) mesh over the 8: each process holds
+  2 client rows and both expert shards of each (the experts axis within a process), process 0
+  evaluates on its own 4 devices' shards. 1 round, stop, resume to 2 from the round-1
+  checkpoint (orbax restores the expert-sharded leaves on both processes); params and metrics
+  equal the 1-device run's rounds 1-2."""
+  mp = tmp_path / "mp2d"
+  t0 = time.monotonic()
+  first = launch(mp, "--config.train.rounds=1", *MESH_2D, devices=4)
+  one_device.start()
+  _ok(finish(first))
+  assert sorted(int(p.name) for p in (mp / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+  # Both processes wrote their part of the sharded checkpoint.
+  assert {p.name for p in (mp / "checkpoints" / "1" / "state").glob("ocdbt.process_*")} == {
+      "ocdbt.process_0",
+      "ocdbt.process_1",
+  }
+  resumed = finish(launch(mp, "--config.train.rounds=2", *MESH_2D, devices=4))
+  _ok(resumed)
+  assert "resumed from round 1" in resumed[0][1] and "resumed from round 1" in resumed[1][1]
+  assert "final_test_accuracy=" in resumed[0][1]
+  assert "final_test_accuracy=" not in resumed[1][1]
+  print(f"2 runs of 2 processes: {time.monotonic() - t0:.0f} s wall")
+  one = one_device.wait()
+
+  m_mp, m_one = metrics(mp), metrics(one)[:2]
+  assert [m["round"] for m in m_mp] == [1, 2]
+  for a, c in zip(m_mp, m_one):
+    assert a["test_accuracy"] == c["test_accuracy"]
+    assert a["client_accuracy"] == c["client_accuracy"]
+    np.testing.assert_allclose(a["train_loss"], c["train_loss"], rtol=1e-5)
+  p_mp, p_one = load_params(mp, 2), load_params(one, 2)
+  assert p_mp.keys() == p_one.keys()
+  assert any("'experts'" in k for k in p_mp)
+  for k in p_mp:
+    np.testing.assert_allclose(p_mp[k], p_one[k], atol=ATOL, rtol=0, err_msg=k)
+  worst = max(float(np.max(np.abs(p_mp[k] - p_one[k]))) for k in p_mp)
+  print(f"2-D mesh, 2 processes vs 1 device: params within {worst:.1e}")
+  # Round 2 (after the resume) moved the parameters by far more than the tolerance.
+  p_1 = load_params(mp, 1)
+  assert max(float(np.max(np.abs(p_mp[k] - p_1[k]))) for k in p_mp) > 100 * ATOL
+
+
+def test_2d_mesh_experts_across_processes_refused(tmp_path):
+  """2 processes x 1 device with an experts axis of 2 (each expert group spans both
+  processes): a ValueError naming config.train.mesh_shape on both, before any work."""
+  procs = launch(
+      tmp_path / "w",
+      "--config.train.use_mesh=True",
+      "--config.train.mesh_shape=clients:1,experts:2",
+      devices=1,
+  )
+  for rc, text in finish(procs, timeout=300):
+    assert rc != 0
+    assert "config.train.mesh_shape='clients:1,experts:2' is invalid in this 2-process" in text
+    assert "divides each process's device count (1)" in text, text[-3000:]
+  assert not (tmp_path / "w" / "config.json").exists()
 
 
 def test_config_mismatch_across_processes(tmp_path):
