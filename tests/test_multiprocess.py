@@ -392,3 +392,17 @@ def test_process_rows_and_global_arrays():
   r = replicate({"w": np.ones(3), "n": None}, mesh)
   assert r["n"] is None and r["w"].sharding.is_fully_replicated
   np.testing.assert_array_equal(np.asarray(local_view(r)["w"]), np.ones(3))
+
+
+def test_local_view_single_process_2d_mesh_unchanged():
+  """One process: every experts group is local, and local_view returns expert-sharded
+  arrays as they are (evaluation runs sharded over all devices, as before)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from fedalign.federated.mesh import experts_within_process, local_view
+
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("clients", "experts"))
+  assert experts_within_process(mesh)
+  w = jax.device_put(np.arange(8.0).reshape(4, 2), NamedSharding(mesh, P("experts")))
+  view = local_view({"w": w})
+  assert view["w"] is w and view["w"].sharding.spec == P("experts")

@@ -14,8 +14,10 @@ which rows this process's devices hold.
 Multi-process runs (``jax.distributed``, :mod:`fedalign.federated.distributed`): every
 process builds only the rows of the client axis that its own devices hold
 (:func:`process_rows`) and :func:`global_arrays` assembles the global arrays from them with
-:func:`jax.make_array_from_callback`; :func:`local_view` gives the single-device copy of a
-replicated array that host-side code (evaluation, metrics) reads on one process.
+:func:`jax.make_array_from_callback`; :func:`local_view` gives the arrays that host-side code
+(evaluation) of one process runs on: a replicated array's copy on its first device, an
+expert-sharded array's shards held by its devices (an ``'experts'`` axis must lie within each
+process, :func:`experts_within_process`).
 
 Example (one process; the rows of every device are local):
   >>> import numpy as np
