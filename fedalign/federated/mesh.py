@@ -151,14 +151,6 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = Non
         f"divides model.num_experts={num_experts} (got {experts})."
     )
   mesh = Mesh(np.array(devices).reshape(tuple(sizes.values())), tuple(sizes))
-  if not experts_within_process(mesh):
-    raise ValueError(
-        f"config.train.mesh_shape={spec!r} is invalid in this {jax.process_count()}-process "
-        f"run: expected an experts axis size that divides each process's device count "
-        f"({jax.local_device_count()}), so that every process holds all expert shards; "
-        "process 0 evaluates on its own devices' shards. An experts axis spanning processes "
-        "needs an evaluation run by every process (a follow-up, docs/scaling.md)."
-    )
   lanes = int(t.get("lanes", 0))
   if lanes and lanes % client_axis_size(mesh):
     raise ValueError(
