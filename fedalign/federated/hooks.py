@@ -71,6 +71,12 @@ class Evaluate:
   per-client accuracies (``config.eval.per_client``), aggregator diagnostics
   (``agg/...``), routing divergence / expert role preservation, expert specialization
   (``config.eval.specialization_examples`` > 0) and elapsed_s.
+
+  Multi-process runs: process 0 evaluates on its own devices' copy of the params
+  (:func:`~fedalign.federated.mesh.local_view`), unless the ``'experts'`` mesh axis spans
+  processes (:func:`on_every_process`): then every process runs this action (``write=False``
+  on all but process 0, which alone writes and returns the record) and the evaluation is one
+  jitted program over the globally sharded params with replicated outputs.
   """
 
   def __init__(

@@ -16,8 +16,9 @@ process builds only the rows of the client axis that its own devices hold
 (:func:`process_rows`) and :func:`global_arrays` assembles the global arrays from them with
 :func:`jax.make_array_from_callback`; :func:`local_view` gives the arrays that host-side code
 (evaluation) of one process runs on: a replicated array's copy on its first device, an
-expert-sharded array's shards held by its devices (an ``'experts'`` axis must lie within each
-process, :func:`experts_within_process`).
+expert-sharded array's shards held by its devices when the ``'experts'`` axis lies within
+each process (:func:`experts_within_process`; otherwise every process takes part in the
+evaluation on the global arrays: :class:`fedalign.federated.hooks.Evaluate`).
 
 Example (one process; the rows of every device are local):
   >>> import numpy as np
@@ -120,9 +121,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = Non
       whole round alone); ``train.mesh_shape`` set with ``train.use_mesh=False``, malformed,
       not a factorization of the device count, or with an experts axis that does not divide
       ``model.num_experts`` (checked again against every MoE block of the loaded model by
-      :func:`state_shardings`), or an experts axis spanning processes (its size must divide
-      each process's device count, :func:`experts_within_process`); ``train.lanes``
-      not a multiple of the ``'clients'`` axis size.
+      :func:`state_shardings`); ``train.lanes`` not a multiple of the ``'clients'`` axis
+      size. (An experts axis may span processes: :func:`experts_within_process`.)
   """
   t = config.train
   spec = t.get("mesh_shape", "")
@@ -334,7 +334,7 @@ def local_view(tree: PyTree) -> PyTree:
 
   Raises:
     ValueError: a shard of an array lies on another process only (an experts axis spanning
-      processes).
+      processes: evaluate on the global arrays with every process instead).
 
   >>> import jax.numpy as jnp
   >>> local_view({'w': jnp.ones(2)})['w'].tolist()
