@@ -11,6 +11,11 @@ Tolerance of the comparisons: the runs compute the same function; they differ on
 the round's sums over clients run (one device, or partial sums on 4 devices combined across
 processes), i.e. in float32 rounding order. Over 4 rounds of 2 AdamW steps the final
 parameters (magnitudes up to ~1) differ by ~5e-7 (measured); the test allows 2e-5 absolute.
+
+The 2-D ('clients', 'experts') mesh on 2 processes (LAYOUTS_2D): 4 fake devices each with the
+experts axis within a process, and (-m slow) 2 each with it across processes; 2 rounds with a
+stop and resume, against the same 1-device run (the module's ``one_device`` fixture, computed
+once): params within the same 2e-5 (measured 8.4e-7 and 4.7e-7).
 """
 
 from __future__ import annotations
