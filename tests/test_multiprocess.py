@@ -422,3 +422,23 @@ def test_local_view_single_process_2d_mesh_unchanged():
   w = jax.device_put(np.arange(8.0).reshape(4, 2), NamedSharding(mesh, P("experts")))
   view = local_view({"w": w})
   assert view["w"] is w and view["w"].sharding.spec == P("experts")
+
+
+def test_experts_within_process_layouts():
+  """The two layouts of LAYOUTS_2D on 2 processes, with stand-in devices (process_index only):
+  the experts groups lie within a process for (4, 2) on 2 x 4 devices, not for (1, 4) on
+  2 x 2 (nor for an experts axis outermost over a process boundary)."""
+  from types import SimpleNamespace
+
+  from fedalign.federated.mesh import experts_within_process
+
+  def mesh(per_process, shape, axes=("clients", "experts")):
+    devs = [SimpleNamespace(process_index=i // per_process) for i in range(2 * per_process)]
+    grid = np.empty(len(devs), object)
+    grid[:] = devs
+    return SimpleNamespace(devices=grid.reshape(shape), axis_names=axes)
+
+  assert experts_within_process(mesh(4, (4, 2)))
+  assert not experts_within_process(mesh(2, (1, 4)))
+  assert not experts_within_process(mesh(2, (2, 2), ("experts", "clients")))
+  assert experts_within_process(mesh(2, (4,), ("clients",)))
