@@ -11,6 +11,11 @@ Tolerance of the comparisons: the runs compute the same function; they differ on
 the round's sums over clients run (one device, or partial sums on 4 devices combined across
 processes), i.e. in float32 rounding order. Over 4 rounds of 2 AdamW steps the final
 parameters (magnitudes up to ~1) differ by ~5e-7 (measured); the test allows 2e-5 absolute.
+
+The 2-D ('clients', 'experts') mesh on 2 processes (LAYOUTS_2D): 4 fake devices each with the
+experts axis within a process, and (-m slow) 2 each with it across processes; 2 rounds with a
+stop and resume, against the same 1-device run (the module's ``one_device`` fixture, computed
+once): params within the same 2e-5 (measured 8.4e-7 and 4.7e-7).
 """
 
 from __future__ import annotations
@@ -162,18 +167,57 @@ def metrics(workdir: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_resume_equal_single_process(tmp_path):
+class Background:
+  """A run started in the background; :meth:`wait` finishes it (once) and returns its
+  workdir."""
+
+  def __init__(self, workdir: pathlib.Path, *args: str, **kw):
+    self.workdir, self.args, self.kw, self.procs, self.done = workdir, args, kw, None, False
+
+  def start(self) -> "Background":
+    if self.procs is None:
+      self.procs = launch(self.workdir, *self.args, **self.kw)
+    return self
+
+  def wait(self) -> pathlib.Path:
+    if not self.done:
+      _ok(finish(self.start().procs))
+      self.done = True
+    return self.workdir
+
+  def kill(self) -> None:
+    for p in self.procs or []:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  """The 1-device reference (no mesh, 4 rounds of TINY), shared by the multi-process tests:
+  started by the first test that needs it, in parallel with that test's own runs."""
+  run = Background(
+      tmp_path_factory.mktemp("one"),
+      "--config.train.rounds=4",
+      "--config.train.use_mesh=False",
+      processes=1,
+      devices=1,
+  )
+  yield run
+  run.kill()
+
+
+def test_two_processes_resume_equal_single_process(tmp_path, one_device):
   """2 processes x 2 devices: 2 rounds, stop, resume to 4 rounds from the round-2
   checkpoint; params and metrics equal the single-process 4-device run and the 1-device run
   (no mesh)."""
-  mp, four, one = tmp_path / "mp", tmp_path / "four", tmp_path / "one"
+  mp, four = tmp_path / "mp", tmp_path / "four"
   t0 = time.monotonic()
   first = launch(mp, "--config.train.rounds=2", "--config.train.use_mesh=True")
   singles = launch(
       four, "--config.train.rounds=4", "--config.train.use_mesh=True", processes=1, devices=4
-  ) + launch(
-      one, "--config.train.rounds=4", "--config.train.use_mesh=False", processes=1, devices=1
   )
+  one_device.start()
   _ok(finish(first))
   assert sorted(int(p.name) for p in (mp / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
   assert [m["round"] for m in metrics(mp)] == [1, 2]
@@ -184,6 +228,7 @@ def test_two_processes_resume_equal_single_process(tmp_path):
   assert "final_test_accuracy=" in resumed[0][1]
   assert "final_test_accuracy=" not in resumed[1][1]
   _ok(finish(singles))
+  one = one_device.wait()
   cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
   print(f"4 runs: {time.monotonic() - t0:.0f} s wall, {cpu.ru_utime + cpu.ru_stime:.0f} s CPU")
 
@@ -207,6 +252,79 @@ def test_two_processes_resume_equal_single_process(tmp_path):
   p_two = load_params(mp, 2)
   moved = max(float(np.max(np.abs(p_mp[k] - p_two[k]))) for k in p_mp)
   assert moved > 100 * ATOL
+
+
+# The 2-D layouts on 2 processes: (devices per process, train.mesh_shape).
+LAYOUTS_2D = {
+    # Each process holds 2 client rows and both expert shards of each: process 0 evaluates
+    # on its own 4 devices (mesh.local_view).
+    "experts_within": (4, "clients:4,experts:2"),
+    # Each expert shard on one of the 4 devices of both processes: every process takes part
+    # in the evaluation on the globally sharded params (hooks.Evaluate, write=False on 1).
+    "experts_across": (2, "clients:1,experts:4"),
+}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "experts_within",
+        # Another ~75 s (two more 2-process runs); the same comparison.
+        pytest.param("experts_across", marks=pytest.mark.slow),
+    ],
+)
+def test_two_processes_2d_mesh_resume_equal_one_device(tmp_path, one_device, layout):
+  """2 processes, one ('clients', 'experts') mesh over their devices (LAYOUTS_2D): 1 round,
+  stop, resume to 2 from the round-1 checkpoint (both processes write and restore their
+  expert shards); params and metrics equal the 1-device run's rounds 1-2."""
+  t0, cpu0 = time.monotonic(), _child_cpu_s()
+  devices, shape = LAYOUTS_2D[layout]
+  mp = tmp_path / layout
+  flags = ["--config.train.use_mesh=True", f"--config.train.mesh_shape={shape}"]
+  first = launch(mp, "--config.train.rounds=1", *flags, devices=devices)
+  one_device.start()
+  _ok(finish(first))
+  ckpts = mp / "checkpoints"
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [1]
+  # Both processes wrote their part of the sharded checkpoint.
+  assert {p.name for p in (ckpts / "1" / "state").glob("ocdbt.process_*")} == {
+      "ocdbt.process_0",
+      "ocdbt.process_1",
+  }
+  out = finish(launch(mp, "--config.train.rounds=2", *flags, devices=devices))
+  _ok(out)
+  assert "resumed from round 1" in out[0][1] and "resumed from round 1" in out[1][1]
+  assert "final_test_accuracy=" in out[0][1]
+  assert "final_test_accuracy=" not in out[1][1]
+  spmd = "every process takes part in the evaluation"
+  assert (spmd in out[1][1]) == (layout == "experts_across")
+  one = one_device.wait()
+  print(
+      f"{layout}: {time.monotonic() - t0:.0f} s wall, {_child_cpu_s() - cpu0:.0f} s CPU of the "
+      "subprocesses (with the 1-device reference when it ran here)"
+  )
+
+  m_mp, m_one = metrics(mp), metrics(one)[:2]
+  assert [m["round"] for m in m_mp] == [1, 2]
+  for a, c in zip(m_mp, m_one):
+    assert a["test_accuracy"] == c["test_accuracy"]
+    assert a["client_accuracy"] == c["client_accuracy"]
+    np.testing.assert_allclose(a["train_loss"], c["train_loss"], rtol=1e-5)
+  p_mp, p_one = load_params(mp, 2), load_params(one, 2)
+  assert p_mp.keys() == p_one.keys()
+  assert any("'experts'" in k for k in p_mp)
+  for k in p_mp:
+    np.testing.assert_allclose(p_mp[k], p_one[k], atol=ATOL, rtol=0, err_msg=k)
+  worst = max(float(np.max(np.abs(p_mp[k] - p_one[k]))) for k in p_mp)
+  print(f"2-D mesh {layout}, 2 processes vs 1 device: params within {worst:.1e}")
+  # Round 2 (after the resume) moved the parameters by far more than the tolerance.
+  p_1 = load_params(mp, 1)
+  assert max(float(np.max(np.abs(p_mp[k] - p_1[k]))) for k in p_mp) > 100 * ATOL
+
+
+def _child_cpu_s() -> float:
+  cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return cpu.ru_utime + cpu.ru_stime
 
 
 def test_config_mismatch_across_processes(tmp_path):
@@ -290,3 +408,37 @@ def test_process_rows_and_global_arrays():
   r = replicate({"w": np.ones(3), "n": None}, mesh)
   assert r["n"] is None and r["w"].sharding.is_fully_replicated
   np.testing.assert_array_equal(np.asarray(local_view(r)["w"]), np.ones(3))
+
+
+def test_local_view_single_process_2d_mesh_unchanged():
+  """One process: every experts group is local, and local_view returns expert-sharded
+  arrays as they are (evaluation runs sharded over all devices, as before)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from fedalign.federated.mesh import experts_within_process, local_view
+
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("clients", "experts"))
+  assert experts_within_process(mesh)
+  w = jax.device_put(np.arange(8.0).reshape(4, 2), NamedSharding(mesh, P("experts")))
+  view = local_view({"w": w})
+  assert view["w"] is w and view["w"].sharding.spec == P("experts")
+
+
+def test_experts_within_process_layouts():
+  """The two layouts of LAYOUTS_2D on 2 processes, with stand-in devices (process_index only):
+  the experts groups lie within a process for (4, 2) on 2 x 4 devices, not for (1, 4) on
+  2 x 2 (nor for an experts axis outermost over a process boundary)."""
+  from types import SimpleNamespace
+
+  from fedalign.federated.mesh import experts_within_process
+
+  def mesh(per_process, shape, axes=("clients", "experts")):
+    devs = [SimpleNamespace(process_index=i // per_process) for i in range(2 * per_process)]
+    grid = np.empty(len(devs), object)
+    grid[:] = devs
+    return SimpleNamespace(devices=grid.reshape(shape), axis_names=axes)
+
+  assert experts_within_process(mesh(4, (4, 2)))
+  assert not experts_within_process(mesh(2, (1, 4)))
+  assert not experts_within_process(mesh(2, (2, 2), ("experts", "clients")))
+  assert experts_within_process(mesh(2, (4,), ("clients",)))

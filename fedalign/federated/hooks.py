@@ -20,12 +20,13 @@ import pathlib
 import time
 from typing import Any, Callable, Protocol
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from fedalign.federated.mesh import local_view
+from fedalign.federated.mesh import experts_within_process, local_view, replicated
 
 log = logging.getLogger("fedalign.federated.server")
 PyTree = Any
@@ -70,6 +71,12 @@ class Evaluate:
   per-client accuracies (``config.eval.per_client``), aggregator diagnostics
   (``agg/...``), routing divergence / expert role preservation, expert specialization
   (``config.eval.specialization_examples`` > 0) and elapsed_s.
+
+  Multi-process runs: process 0 evaluates on its own devices' copy of the params
+  (:func:`~fedalign.federated.mesh.local_view`), unless the ``'experts'`` mesh axis spans
+  processes (:func:`on_every_process`): then every process runs this action (``write=False``
+  on all but process 0, which alone writes and returns the record) and the evaluation is one
+  jitted program over the globally sharded params with replicated outputs.
   """
 
   def __init__(
@@ -78,14 +85,29 @@ class Evaluate:
       metrics_path: pathlib.Path,
       history: list[dict[str, Any]],
       t0: float,
+      *,
+      write: bool = True,
   ):
     self.run, self.metrics_path, self.history, self.t0 = run, metrics_path, history, t0
+    self.write = write
     config = run.config
     self.due = every_n(config.eval.every, config.train.rounds)
+    self.evaluate = run.evaluate
     self.test_examples = {k: jnp.asarray(v) for k, v in run.data.test.items()}
     self.specialization = make_specialization(
         run.data, run.module, config.eval.specialization_examples
     )
+    self.spmd = on_every_process(run)
+    if self.spmd:
+      # The experts axis spans processes: no process holds every expert shard, so every
+      # process runs the evaluation on the globally sharded params (host test data, the same
+      # on every process) and reads its replicated outputs from its own devices.
+      log.info("the experts axis spans processes: every process takes part in the evaluation")
+      rep = replicated(run.mesh)
+      self.evaluate = jax.jit(run.evaluate, out_shardings=rep)
+      self.test_examples = {k: np.asarray(v) for k, v in run.data.test.items()}
+      if self.specialization is not None:
+        self.specialization = jax.jit(self.specialization, out_shardings=rep)
 
   def __call__(self, round_num: int, state: PyTree, out: dict[str, Any]) -> dict[str, Any] | None:
     from fedalign.metrics.evaluation import client_accuracy
@@ -104,16 +126,21 @@ class Evaluate:
     for key in RECORD_EXTRAS:  # faults and privacy (fedalign/privacy.py)
       if key in out:
         record[key] = out[key]
-    params = local_view(state["params"])  # multi-process: this process's copy
-    ev = self.run.evaluate(params, self.test_examples)
+    # Multi-process: this process's copy (the global params when every process evaluates).
+    params = state["params"] if self.spmd else local_view(state["params"])
+    ev = local_view(self.evaluate(params, self.test_examples))
+    if self.specialization is not None:
+      spec = local_view(self.specialization(params))
+    if not self.write:
+      return None
     record["test_accuracy"] = float(ev["acc"])
     if config.eval.per_client:
-      acc_c = client_accuracy(ev["correct"], self.test_examples["labels"], data.label_counts)
+      acc_c = client_accuracy(ev["correct"], data.test["labels"], data.label_counts)
       record["client_accuracy"] = [round(float(a), 5) for a in acc_c]
       record["mean_client_accuracy"] = float(jnp.mean(acc_c))
     record.update(diagnostics(out))
     if self.specialization is not None:
-      mi, _ = self.specialization(params)
+      mi, _ = spec
       record["expert_specialization"] = float(np.mean([float(v) for v in mi.values()]))
       record["expert_specialization_per_block"] = {k: float(v) for k, v in mi.items()}
     record["elapsed_s"] = time.time() - self.t0
@@ -132,6 +159,12 @@ class Evaluate:
         out["round_time_s"],
     )
     return record
+
+
+def on_every_process(run: Any) -> bool:
+  """True when :class:`Evaluate` must run on every process (``write=False`` but on process
+  0): a multi-process run whose ``'experts'`` mesh axis spans processes."""
+  return run.mesh is not None and not experts_within_process(run.mesh)
 
 
 class RoutingDump:

@@ -14,8 +14,11 @@ which rows this process's devices hold.
 Multi-process runs (``jax.distributed``, :mod:`fedalign.federated.distributed`): every
 process builds only the rows of the client axis that its own devices hold
 (:func:`process_rows`) and :func:`global_arrays` assembles the global arrays from them with
-:func:`jax.make_array_from_callback`; :func:`local_view` gives the single-device copy of a
-replicated array that host-side code (evaluation, metrics) reads on one process.
+:func:`jax.make_array_from_callback`; :func:`local_view` gives the arrays that host-side code
+(evaluation) of one process runs on: a replicated array's copy on its first device, an
+expert-sharded array's shards held by its devices when the ``'experts'`` axis lies within
+each process (:func:`experts_within_process`; otherwise every process takes part in the
+evaluation on the global arrays: :class:`fedalign.federated.hooks.Evaluate`).
 
 Example (one process; the rows of every device are local):
   >>> import numpy as np
@@ -118,8 +121,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = Non
       whole round alone); ``train.mesh_shape`` set with ``train.use_mesh=False``, malformed,
       not a factorization of the device count, or with an experts axis that does not divide
       ``model.num_experts`` (checked again against every MoE block of the loaded model by
-      :func:`state_shardings`), or an experts axis > 1 in a multi-process run; ``train.lanes``
-      not a multiple of the ``'clients'`` axis size.
+      :func:`state_shardings`); ``train.lanes`` not a multiple of the ``'clients'`` axis
+      size. (An experts axis may span processes: :func:`experts_within_process`.)
   """
   t = config.train
   spec = t.get("mesh_shape", "")
@@ -146,12 +149,6 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = Non
     raise ValueError(
         f"config.train.mesh_shape={spec!r} is invalid: expected an experts axis size that "
         f"divides model.num_experts={num_experts} (got {experts})."
-    )
-  if experts > 1 and jax.process_count() > 1:
-    raise ValueError(
-        f"config.train.mesh_shape={spec!r} is invalid in a multi-process run: expected no "
-        "experts axis (or size 1); process 0 evaluates on its own copy of the parameters, "
-        "which sharded experts do not give it (docs/scaling.md, follow-ups)."
     )
   mesh = Mesh(np.array(devices).reshape(tuple(sizes.values())), tuple(sizes))
   lanes = int(t.get("lanes", 0))
@@ -313,24 +310,80 @@ def state_shardings(state: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree_util.tree_map_with_path(one, state)
 
 
+def experts_within_process(mesh: Mesh) -> bool:
+  """True when every ``'experts'`` group of ``mesh`` (the devices along the experts axis at one
+  ``'clients'`` index) lies on one process, so each process holds every expert shard on its own
+  devices (:func:`local_view`); always true for one process or a mesh without ``'experts'``."""
+  if EXPERT_AXIS not in mesh.axis_names:
+    return True
+  groups = np.moveaxis(mesh.devices, mesh.axis_names.index(EXPERT_AXIS), -1)
+  groups = groups.reshape(-1, groups.shape[-1])
+  return all(len({d.process_index for d in g}) == 1 for g in groups)
+
+
 def local_view(tree: PyTree) -> PyTree:
-  """Each replicated global array as its copy on this process's first device (host-side code
-  of one process, e.g. evaluation, may then run jitted functions on it alone); arrays that
-  are fully addressable are returned as they are.
+  """``tree``'s global arrays as arrays on this process's devices only (host-side code of one
+  process, e.g. evaluation on process 0, may then run jitted functions on them alone); a tree
+  whose arrays are all fully addressable (one process) is returned as it is.
+
+  Replicated trees (the 1-D mesh) become each array's copy on this process's first device.
+  With arrays sharded over ``'experts'`` (the 2-D mesh) whose every shard this process holds
+  (:func:`experts_within_process`), each array becomes the same shards, not copied, on a mesh
+  of this process's devices with the same axes and partition spec: evaluation then runs
+  sharded over the local devices, as one process does over all of them.
+
+  Raises:
+    ValueError: a shard of an array lies on another process only (an experts axis spanning
+      processes: evaluate on the global arrays with every process instead).
 
   >>> import jax.numpy as jnp
   >>> local_view({'w': jnp.ones(2)})['w'].tolist()
   [1.0, 1.0]
   """
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  remote = [x for x in leaves if not x.is_fully_addressable]
+  if not remote:
+    return tree
+  if all(x.is_fully_replicated for x in remote):
+    return jax.tree.map(
+        lambda x: x.addressable_data(0)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable
+        else x,
+        tree,
+    )
+  meshes = {x.sharding.mesh for x in remote if isinstance(x.sharding, NamedSharding)}
+  if len(meshes) != 1 or len(remote) != sum(isinstance(x.sharding, NamedSharding) for x in remote):
+    raise ValueError("local_view needs the arrays of one mesh (NamedSharding)")
+  local = _local_mesh(meshes.pop())
 
   def one(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      if not x.is_fully_replicated:
-        raise ValueError(
-            f"local_view needs replicated arrays; got one of shape {x.shape} sharded as "
-            f"{x.sharding}"
-        )
-      return x.addressable_data(0)
-    return x
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return x
+    sharding = NamedSharding(local, x.sharding.spec)
+    want = sharding.devices_indices_map(x.shape)
+    have = x.sharding.devices_indices_map(x.shape)
+    if any(have[d] != idx for d, idx in want.items()):
+      raise ValueError(
+          f"local_view: an array of shape {x.shape} sharded as {x.sharding.spec} has shards "
+          "on other processes only (an experts axis spanning processes)"
+      )
+    shards = {s.device: s.data for s in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [shards[d] for d in local.devices.flat]
+    )
 
   return jax.tree.map(one, tree)
+
+
+def _local_mesh(mesh: Mesh) -> Mesh:
+  """This process's devices of a ``('clients', 'experts')`` mesh as a mesh with the same
+  axes: the ``'clients'`` rows whose every device this process holds, stacked."""
+  me = jax.process_index()
+  rows = mesh.devices.reshape(-1, mesh.devices.shape[-1])  # experts innermost (MESH_AXES)
+  mine = [r for r in rows if all(d.process_index == me for d in r)]
+  if mesh.axis_names[-1] != EXPERT_AXIS or not mine:
+    raise ValueError(
+        f"local_view: process {me} holds no whole 'experts' group of the mesh {mesh.shape} "
+        "(an experts axis spanning processes)"
+    )
+  return Mesh(np.array(mine).reshape((len(mine),) + mesh.devices.shape[1:]), mesh.axis_names)

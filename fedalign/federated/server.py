@@ -108,6 +108,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
           bar,
           hooks.warn_excluded,
       ]
+    elif hooks.on_every_process(run):  # an experts axis across processes: a joint evaluation
+      actions.append(hooks.Evaluate(run, metrics_path, history, t0, write=False))
     actions.append(hooks.Checkpoint(ckpt, config, history))  # every process takes part
     for r in range(start_round, rounds):
       rt = time.time()
