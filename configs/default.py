@@ -246,7 +246,20 @@ def pretrained_start(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _common().moe_small_model(c)
   c.data.vocab_size = 2052  # the checkpoint's tokenizer: 2,048 BPE tokens + 4 label words
   c.data.seq_len = 64
-  c.train.rounds = 15
-  c.train.local_steps = 10
-  c.train.learning_rate = 1e-3
+  # Chosen on the validation split (1,000 held-out train rows; table in the module docstring):
+  # at alpha = 0.1 nearly every client holds one class, and 10 local AdamW steps a round
+  # (FedAlign-MoE's earlier default) fit the client's own label and stalled at 0.45-0.53.
+  # One clipped SGD step a client (its gradient is the upload) and a server Adam with a cosine
+  # learning-rate decay (FedAdam, Reddi et al. 2021) reached 0.74.
+  c.train.rounds = 200
+  c.train.local_steps = 1
+  c.train.optimizer = "sgd"
+  c.train.learning_rate = 1.0  # with train.grad_clip = 1: the upload is the clipped gradient
+  c.server.optimizer = "adam"
+  c.server.learning_rate = 3e-3
+  c.server.eps = 1e-8
+  c.server.lr_schedule = "cosine"
+  c.server.lr_final_fraction = 0.1
+  c.eval.every = 20
+  c.checkpoint.every = 20
   return c
