@@ -71,6 +71,36 @@ def test_cosine_server_learning_rate_scales_each_rounds_step(method):
     make_algorithm(make_config(method, lr_schedule="step"), partition(params, mask)[0], 3)
 
 
+def test_cosine_schedule_refuses_resuming_with_other_rounds(tmp_path):
+  """A run's cosine schedule spans its train.rounds: resuming it with more rounds is refused
+  (it would change the rounds already run); a constant schedule may be extended."""
+  from fedalign.config_files import load_config
+  from fedalign.federated.config_checks import check_workdir_config, validate_config
+
+  cfg = load_config("configs/default.py:runlocal")
+  cfg.server.lr_schedule = "cosine"
+  check_workdir_config(tmp_path, cfg)
+  cfg.train.rounds += 5
+  with pytest.raises(ValueError, match=r"train.rounds=3.*lr_schedule='cosine'.*same train.rounds"):
+    check_workdir_config(tmp_path, cfg)
+  cfg.server.lr_schedule = "constant"
+  with pytest.raises(ValueError, match=r"server.lr_schedule: 'cosine' -> 'constant'"):
+    check_workdir_config(tmp_path, cfg)
+  constant = load_config("configs/default.py:runlocal")
+  (tmp_path / "c").mkdir()
+  check_workdir_config(tmp_path / "c", constant)
+  constant.train.rounds += 5
+  check_workdir_config(tmp_path / "c", constant)  # resumable
+  for field, value, accepted in [
+      ("lr_schedule", "linear", r"one of \('constant', 'cosine'\)"),
+      ("lr_final_fraction", 1.5, r"\[0, 1\]"),
+  ]:
+    bad = load_config("configs/default.py:runlocal")
+    bad.server[field] = value
+    with pytest.raises(ValueError, match=rf"config.server.{field}=.*{accepted}"):
+      validate_config(bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # A padded round equals the unpadded one (weight-0 copies of the first client, as the server
 # pads to a multiple of the chunk size / mesh size).

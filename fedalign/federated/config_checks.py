@@ -235,7 +235,18 @@ def check_workdir_config(
   new = flatten_config(config)
   if path.exists():
     old = flatten_config(json.loads(path.read_text()))
-    diff = config_differences(old, new, RESUMABLE_FIELDS)
+    resumable = RESUMABLE_FIELDS
+    if new.get("server.lr_schedule", "constant") != "constant":
+      # The schedule spans train.rounds: more rounds would change the rounds already run.
+      resumable = tuple(f for f in resumable if f != "train.rounds")
+    diff = config_differences(old, new, resumable)
+    if diff == ["train.rounds"] and resumable != RESUMABLE_FIELDS:
+      raise ValueError(
+          f"workdir {workdir} holds a run of train.rounds={old.get('train.rounds')!r}, and "
+          f"config.server.lr_schedule={new['server.lr_schedule']!r} decays over train.rounds: "
+          f"train.rounds={new['train.rounds']!r} would change the learning rate of the rounds "
+          "already run. Use a new --workdir, or the same train.rounds to resume."
+      )
     if diff:
       details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:10])
       raise ValueError(
