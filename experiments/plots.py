@@ -245,3 +245,109 @@ def make_grid_plots(
   for n in notes:
     log.info("plots: %s", n)
   return written, notes
+
+
+DIAGNOSTIC_ARRAYS = (
+    ("omega", "omega_i(e): router weight"),
+    ("S", "S_i(e): semantic consistency"),
+    ("A", "A(e): client selected"),
+)
+
+
+def diagnostic_blocks(records: Sequence[dict]) -> list[str]:
+  """The MoE blocks whose per-(client, expert) FedAlign-MoE diagnostics the records hold
+  (runs with ``fedalign.detailed_diagnostics=True``: keys ``agg/<block>/omega`` etc.).
+
+  >>> diagnostic_blocks([{'agg/layers_1/mlp/omega': [[0.5]], 'agg/layers_1/mlp/omega_mean': 0.5}])
+  ['layers_1/mlp']
+  """
+  blocks = []
+  for r in records:
+    for k, v in r.items():
+      if k.startswith("agg/") and k.endswith("/omega") and isinstance(v, list):
+        blocks.append(k[len("agg/") : -len("/omega")])
+  return sorted(set(blocks))
+
+
+def plot_fedalign_diagnostics(
+    records: Sequence[dict], block: str, rounds: Sequence[int], path: str | pathlib.Path
+) -> pathlib.Path | None:
+  """Heatmaps of omega_i(e), S_i(e) and A(e) (clients x experts) and the bars of tau_e for one
+  MoE block at a few rounds (rows), from a run with ``fedalign.detailed_diagnostics=True``;
+  None when the records hold none of those rounds.
+
+  >>> import tempfile
+  >>> rec = {'round': 1, 'agg/b/omega': [[0.5, 0.2], [0.5, 0.8]], 'agg/b/S': [[1, 0.4], [1, 0.6]],
+  ...        'agg/b/A': [[1, 0], [1, 1]], 'agg/b/tau': [0.9, 0.5]}
+  >>> plot_fedalign_diagnostics([rec], 'b', [1], pathlib.Path(tempfile.mkdtemp()) / 'd.png').name
+  'd.png'
+  """
+  by_round = {int(r["round"]): r for r in records if f"agg/{block}/omega" in r}
+  rows = [r for r in rounds if r in by_round]
+  if not rows:
+    return None
+  plt = _pyplot()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  cols = len(DIAGNOSTIC_ARRAYS) + 1
+  fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 2.6 * len(rows)), squeeze=False)
+  for i, rnd in enumerate(rows):
+    rec = by_round[rnd]
+    for j, (key, title) in enumerate(DIAGNOSTIC_ARRAYS):
+      ax = axes[i, j]
+      value = rec.get(f"agg/{block}/{key}")
+      if value is None:
+        ax.axis("off")
+        continue
+      im = ax.imshow(np.asarray(value, np.float64), aspect="auto", cmap="viridis")
+      fig.colorbar(im, ax=ax, fraction=0.046)
+      ax.set_title(f"round {rnd}: {title}", fontsize=8)
+      ax.set_xlabel("expert", fontsize=7)
+      ax.set_ylabel("client", fontsize=7)
+    ax = axes[i, cols - 1]
+    tau = rec.get(f"agg/{block}/tau")
+    if tau is not None:
+      ax.bar(np.arange(len(tau)), np.asarray(tau, np.float64))
+      ax.set_title(f"round {rnd}: tau_e (selection threshold)", fontsize=8)
+      ax.set_xlabel("expert", fontsize=7)
+    else:
+      ax.axis("off")
+  fig.suptitle(f"FedAlign-MoE aggregation diagnostics, {block}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_diagnostics(
+    run_dir: str | pathlib.Path, rounds: Sequence[int], out_dir: str | pathlib.Path
+) -> list[pathlib.Path]:
+  """:func:`plot_fedalign_diagnostics` of every MoE block of a run: ``out_dir/diagnostics_<block>.png``."""
+  records = read_metrics(run_dir)
+  written = []
+  for block in diagnostic_blocks(records):
+    slug = block.replace("/", "_")
+    p = plot_fedalign_diagnostics(
+        records, block, rounds, pathlib.Path(out_dir) / f"diagnostics_{slug}.png"
+    )
+    if p is not None:
+      written.append(p)
+  return written
+
+
+if __name__ == "__main__":
+  import argparse
+
+  parser = argparse.ArgumentParser(
+      description="Per-(client, expert) FedAlign-MoE diagnostics of a run made with "
+      "--config.fedalign.detailed_diagnostics=True, e.g. python -m experiments.plots "
+      "--run /tmp/fa --rounds 20,100,200 --out docs/plots/diagnostics"
+  )
+  parser.add_argument("--run", required=True, help="the run's workdir (metrics.jsonl)")
+  parser.add_argument("--rounds", required=True, help="comma-separated evaluated rounds")
+  parser.add_argument("--out", required=True, help="output folder")
+  args = parser.parse_args()
+  paths = write_diagnostics(args.run, [int(r) for r in args.rounds.split(",")], args.out)
+  if not paths:
+    raise SystemExit(f"{args.run}: no detailed diagnostics at rounds {args.rounds}")
+  print("\n".join(str(p) for p in paths))
