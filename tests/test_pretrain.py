@@ -95,6 +95,9 @@ def test_pretrain_learns_and_is_cached(tmp_path, shared_data):
   assert json.loads((out / "pretrain_info.json").read_text())["fields"]["pretrain"]["steps"] == 61
 
 
+# 49 s: -m slow. The federated start from a pre-trained checkpoint is in the default run through
+# the shipped one (tests/test_pretrained.py, the demo notebook's test).
+@pytest.mark.slow
 def test_federated_run_from_pretrained(tmp_path, shared_data):
   cfg = _config()
   cfg.pretrain.data_dir = str(shared_data)
