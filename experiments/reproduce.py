@@ -372,13 +372,23 @@ def run_grid(
 
 
 def _pretrain_info(base: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """What the grid's shared pre-training did (its ``pretrain_info.json``), or None."""
-  if "pretrain" not in base or not base.pretrain.enabled:
+  """What the grid's shared pre-training did (its ``pretrain_info.json``), or None: the
+  in-run pre-training (``pretrain.enabled``) or a ``model.hf_checkpoint`` that carries one
+  (the shipped ``fedalign/pretrained/moe-small``)."""
+  if "pretrain" in base and base.pretrain.enabled:
+    where, seed = base.pretrain.dir, base.pretrain.seed
+    sources = base.pretrain.sources
+  elif base.model.get("hf_checkpoint"):
+    where = base.model.hf_checkpoint
+  else:
     return None
-  path = pathlib.Path(base.pretrain.dir) / "pretrain_info.json"
+  path = pathlib.Path(where) / "pretrain_info.json"
   if not path.exists():
     return None
   info = json.loads(path.read_text())
+  if not ("pretrain" in base and base.pretrain.enabled):
+    fields = info.get("fields", {}).get("pretrain", {})
+    seed, sources = fields.get("seed", "?"), fields.get("sources", "?")
   keep = (
       "documents",
       "tokens_seen",
@@ -387,12 +397,9 @@ def _pretrain_info(base: ml_collections.ConfigDict) -> dict[str, Any] | None:
       "validation_loss_after",
       "wall_time_s",
   )
-  return {
-      "dir": base.pretrain.dir,
-      "seed": base.pretrain.seed,
-      "sources": base.pretrain.sources,
-      **{k: info[k] for k in keep},
-  }
+  rel = os.path.relpath(where)  # the shipped checkpoint: its path in the repository
+  where = rel if not rel.startswith("..") else str(where)
+  return {"dir": where, "seed": seed, "sources": sources, **{k: info[k] for k in keep}}
 
 
 def _write_plan(
