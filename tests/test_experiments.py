@@ -232,7 +232,8 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   assert "results_plots/routing_heatmap_alpha_0.1.png" in docs
   assert (tmp_path / "docs" / "results_plots" / "accuracy_alpha_0.1.png").exists()
   assert rep["markdown"] in docs
-  assert "- start: random initialisation (no pre-training)" in docs
+  # configs/default.py starts from the shipped checkpoint: the header names it and its record
+  assert "- start: the checkpoint `fedalign/pretrained/moe-small` pre-trained once" in docs
   # A hand-written reading below the marker survives regeneration.
   (tmp_path / "docs" / "results.md").write_text(
       docs + "\n" + reproduce.KEEP_MARKER + "\n## Reading\nFedAlign wins by 0.1.\n"
