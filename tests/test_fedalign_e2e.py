@@ -28,6 +28,7 @@ def reduce(c):
   c.model.update(tiny.model)
   c.train.update(tiny.train)
   c.eval.specialization_examples = 64
+  c.eval.every = 1  # the default evaluates every 20 rounds
   return c
 
 
