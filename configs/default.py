@@ -24,8 +24,8 @@ Measured (issue #14; `python -m experiments.reproduce --config=configs/default.p
 --workdir=W --methods=fedavg,fedalign --alphas=0.1 --seeds=0,1,2,3,4`, docs/results_pretrained.md,
 run files in experiments/results/pretrained_grid): seed 0 (this command) 0.761 final / 0.761
 best global test accuracy (chance 0.25); ``--config.method=fedavg`` 0.763 / 0.766. Over 5 seeds
-the two are within noise of each other (docs/results_pretrained.md: paired differences with
-95% intervals). Central reference (one client with all rows, ``--config.data.num_clients=1
+FedAlign-MoE 0.746 +/- 0.029 final, FedAvg 0.763 +/- 0.004; paired difference -0.017, 95% CI
+[-0.048, +0.014] (docs/results_pretrained.md). Central reference (one client with all rows, ``--config.data.num_clients=1
 --config.data.partition=iid --config.train.clients_per_round=1 --config.train.local_steps=0
 --config.train.rounds=3 --config.method=fedavg`` on the previous training settings: 3 epochs
 of local AdamW at lr 1e-3 with ``--config.train.optimizer=adamw --config.train.learning_rate=1e-3
