@@ -249,15 +249,29 @@ def make_specialization(data: Any, module: Any, max_examples: int) -> Any:
   return lambda params: fn(params, tokens, mask, labels)
 
 
+# FedAlign-MoE's per-(client, expert) arrays (``fedalign.detailed_diagnostics=True``): written
+# whole, whatever their size (experiments/plots.py plots them); other arrays above 64 entries are
+# written as their mean.
+DETAILED_DIAGNOSTICS = ("omega", "S", "A", "tau", "w")
+
+
 def diagnostics(out: dict[str, Any]) -> dict[str, Any]:
-  """Scalar diagnostics of the aggregator plus routing divergence and role preservation."""
+  """Diagnostics of the aggregator (scalars; :data:`DETAILED_DIAGNOSTICS` arrays whole) plus
+  routing divergence and role preservation.
+
+  >>> rec = diagnostics({'diagnostics': {'b/omega': np.full((10, 16), 0.1), 'b/x': np.ones(100)},
+  ...                    'routing_stats': {}})
+  >>> len(rec['agg/b/omega']), len(rec['agg/b/omega'][0]), rec['agg/b/x']
+  (10, 16, 1.0)
+  """
   from fedalign.metrics import routing_metrics as rm
   from fedalign.models.routing import finalize_stats
 
   rec: dict[str, Any] = {}
   for k, v in out["diagnostics"].items():
     v = np.asarray(v)
-    rec[f"agg/{k}"] = to_py(v) if v.size <= 64 else float(v.mean())
+    whole = v.size <= 64 or k.rsplit("/", 1)[-1] in DETAILED_DIAGNOSTICS
+    rec[f"agg/{k}"] = to_py(v) if whole else float(v.mean())
   divs, roles = [], []
   for path, s in out["routing_stats"].items():
     if path.startswith("_"):
