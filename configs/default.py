@@ -30,7 +30,8 @@ FedAlign-MoE 0.746 +/- 0.029 final, FedAvg 0.763 +/- 0.004; paired difference -0
 --config.train.rounds=3 --config.method=fedavg`` on the previous training settings: 3 epochs
 of local AdamW at lr 1e-3 with ``--config.train.optimizer=adamw --config.train.learning_rate=1e-3
 --config.server.optimizer=none --config.server.lr_schedule=constant``): 0.7765
-(docs/pretraining.md). Time: this command in a fresh venv on 2 quiet CPU cores, 246 s (about
+(docs/pretraining.md; measured with the former default's settings, which these overrides
+restore; not rerun since). Time: this command in a fresh venv on 2 quiet CPU cores, 246 s (about
 0.9 s a round; compile 28 s with a cold compilation cache) after a 72 s install; final 0.7610.
 
 Choices on the validation split (``--config.data.validation_examples=1000
