@@ -66,13 +66,26 @@ DEFAULT_METHODS = ("fedavg", "fedprox", "fedmoe", "fedalign", "fedalign_perm")
 # Grid methods that are not config.method values: name -> dotted overrides.
 METHOD_VARIANTS: dict[str, dict[str, Any]] = {
     "fedalign_perm": {"method": "fedalign", "fedalign.permutation_alignment": True},
+    # configs/common.py FEDALIGN_PAPER: the paper's literal reading (Science I's `paper` preset).
+    "fedalign_paper": {
+        "method": "fedalign",
+        **{
+            f"fedalign.{k}": v
+            for k, v in config_files.load_module(
+                pathlib.Path(__file__).resolve().parents[1] / "configs" / "common.py"
+            ).FEDALIGN_PAPER.items()
+        },
+    },
 }
+# Config sections read only by the method of the same name (fedalign/algorithms/<method>.py).
+METHOD_SECTIONS = ("fedalign", "fedprox")
 METHOD_LABELS = {
     "fedavg": "FedAvg",
     "fedprox": "FedProx",
     "fedmoe": "FedMoE",
     "fedalign": "FedAlign-MoE",
     "fedalign_perm": "FedAlign-MoE + perm. align",
+    "fedalign_paper": "FedAlign-MoE (paper preset)",
     "scaffold": "SCAFFOLD",
     "fedavgm": "FedAvgM",
     "fedadam": "FedAdam",
@@ -190,12 +203,19 @@ def method_overrides(method: str) -> dict[str, Any]:
 
 
 def make_plan(
-    methods: Sequence[str], alphas: Sequence[float], seeds: Sequence[int], ablation: bool = False
+    methods: Sequence[str],
+    alphas: Sequence[float],
+    seeds: Sequence[int],
+    ablation: bool = False,
+    rows: Sequence[str] | None = None,
 ) -> list[Entry]:
-  """The entries of methods x alphas x seeds, then (``ablation``) the ablation rows x seeds.
+  """The entries of methods x alphas x seeds, then (``ablation``) the ablation rows x seeds
+  (``rows``: a subset of ``configs/ablation.py``'s rows, e.g. to run the grid in parts).
 
   >>> [e.name for e in make_plan(['fedavg'], [1.0, 0.1], [0])]
   ['fedavg_a1.0_s0', 'fedavg_a0.1_s0']
+  >>> [e.name for e in make_plan([], [0.1], [0], ablation=True, rows=['consistency'])]
+  ['ablation_consistency_a0.1_s0']
   """
   plan = [
       Entry(entry_name(m, a, s), "grid", m, float(a), int(s), method_overrides(m))
@@ -204,7 +224,13 @@ def make_plan(
       for s in seeds
   ]
   if ablation:
-    for row, ov in ablation_overrides().items():
+    all_rows = ablation_overrides()
+    unknown = sorted(set(rows or ()) - set(all_rows))
+    if unknown:
+      raise ValueError(f"ablation rows {unknown} are unknown: expected some of {list(all_rows)}")
+    for row, ov in all_rows.items():
+      if rows and row not in rows:
+        continue
       for s in seeds:
         plan.append(
             Entry(
@@ -219,21 +245,60 @@ def make_plan(
   return plan
 
 
+def effective_config_key(config: ml_collections.ConfigDict) -> str:
+  """What a run computes, as a string: the config less what its method never reads.
+
+  The sections of :data:`METHOD_SECTIONS` count only for their own method, and FedProx with
+  ``train.local_steps == 1`` is FedAvg: its one local step starts at the global parameters,
+  where the proximal term and its gradient are 0 (tests/test_experiments.py checks the
+  equality on one round).
+
+  >>> c = load_config('configs/default.py')
+  >>> c.method = 'fedprox'; k_prox = effective_config_key(c)
+  >>> c.method = 'fedavg'; c.fedalign.lambda_reg = 0.5
+  >>> k_prox == effective_config_key(c)
+  True
+  """
+  flat = config_files.flatten_config(config)
+  if flat.get("method") == "fedprox" and flat.get("train.local_steps") == 1:
+    flat["method"] = "fedavg"
+  flat = {
+      k: v
+      for k, v in flat.items()
+      if k.split(".")[0] not in METHOD_SECTIONS or k.split(".")[0] == flat.get("method")
+  }
+  return json.dumps(flat, sort_keys=True, default=str)
+
+
 def dedupe_plan(plan: list[Entry], base: ml_collections.ConfigDict) -> list[Entry]:
-  """A copy of ``plan`` where an ablation entry whose config equals a grid entry's points at
-  that entry's directory."""
+  """A copy of ``plan`` where an entry that computes what an earlier one computes
+  (:func:`effective_config_key`) points at that entry's directory: an ablation row equal to a
+  grid method, FedProx at one local step and FedAvg."""
   plan = [dataclasses.replace(e) for e in plan]
   by_config: dict[str, str] = {}
   for e in plan:
     try:
-      key = e.make_config(base).to_json(sort_keys=True)
+      key = effective_config_key(e.make_config(base))
     except Exception:  # noqa: BLE001 - a bad override fails later, when the entry runs
       continue
-    if e.group == "grid":
-      by_config.setdefault(key, e.name)
-    elif key in by_config:
-      e.name = by_config[key]
+    e.name = by_config.setdefault(key, e.name)
   return plan
+
+
+def shared_runs(plan: list[Entry]) -> dict[str, str]:
+  """``{'label (alpha a)': 'the label whose runs it reuses'}`` for the deduplicated entries."""
+  owner = {e.name: e for e in plan if e.name == _own_name(e)}
+  out: dict[str, str] = {}
+  for e in plan:
+    if e.name != _own_name(e) and e.name in owner:
+      out[f"{_label(e.label)} (alpha {e.alpha})"] = _label(owner[e.name].label)
+  return out
+
+
+def _own_name(e: Entry) -> str:
+  if e.group == "grid":
+    return entry_name(e.label, e.alpha, e.seed)
+  return f"ablation_{e.label}_a{e.alpha}_s{e.seed}"
 
 
 # ----------------------------------------------------------------------------- running
@@ -597,6 +662,7 @@ def collect_results(
       "entries_wall_time_s": wall,
       "seeds": sorted({e.seed for e in entries}),
       "entries": {e.name: res(e) for e in entries},
+      "shared_runs": shared_runs(entries),
   }
 
 
@@ -697,6 +763,15 @@ def render_markdown(res: dict[str, Any]) -> str:
           f"; last invocation {info['invocation_wall_time_s']:.1f} s"
           if "invocation_wall_time_s" in info
           else ""
+      ),
+      *(
+          [
+              "- shared runs (same effective config, so one run each: "
+              "`experiments/reproduce.py: effective_config_key`): "
+              + "; ".join(f"{k} = {v}" for k, v in res["shared_runs"].items())
+          ]
+          if res.get("shared_runs")
+          else []
       ),
       "",
   ]
@@ -906,6 +981,7 @@ def _define_flags():
   flags.DEFINE_list("alphas", ["1.0", "0.1"], "Dirichlet concentrations.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
   flags.DEFINE_bool("ablation", False, "Also run the rows of configs/ablation.py at alpha=0.1.")
+  flags.DEFINE_list("ablation_rows", [], "With --ablation: only these rows (default: all).")
   flags.DEFINE_float("target_accuracy", 0.6, "Accuracy for the rounds-to-target table.")
   flags.DEFINE_string("docs_out", None, "Also write the tables here (e.g. docs/results.md).")
   flags.DEFINE_bool("tables_only", False, "Only rewrite the tables and plots.")
@@ -940,7 +1016,10 @@ def main(argv: list[str]) -> None:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError as e:
     raise app.UsageError(f"--alphas/--seeds: {e}") from e
-  plan = make_plan(FLAGS.methods, alphas, seeds, FLAGS.ablation)
+  try:
+    plan = make_plan(FLAGS.methods, alphas, seeds, FLAGS.ablation, FLAGS.ablation_rows)
+  except ValueError as e:
+    raise app.UsageError(f"--ablation_rows: {e}") from e
   base = FLAGS.config
   overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
   if FLAGS.tiny:

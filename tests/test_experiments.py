@@ -179,6 +179,7 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
       reproduce.METHOD_VARIANTS, "broken", {"method": "fedalign", "fedalign.no_such_field": 1}
   )
   base = reproduce.load_config("configs/default.py")
+  base.train.local_steps = 2  # at 1 local step FedProx is FedAvg (shared runs, tested below)
   plan = reproduce.make_plan(
       ["fedavg", "fedprox", "fedalign", "broken"], [0.1], [0, 1], ablation=True
   )
@@ -251,6 +252,75 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   base.train.rounds = 11
   reproduce.run_grid(base, plan, tmp_path)
   assert "fedavg_a0.1_s0" in calls and len(calls) == 14
+
+
+def test_fedprox_at_one_local_step_shares_the_fedavg_runs(tmp_path, monkeypatch):
+  """At train.local_steps = 1 (the default) FedProx's entries point at FedAvg's directories and
+  the page says so; the paper preset is a separate method; ablation rows equal to a method
+  (direct_averaging = FedAvg, semantic = FedAlign-MoE, permutation = + perm.) run once."""
+  calls = []
+  monkeypatch.setattr(
+      reproduce, "run_experiment", fake_runner(lambda c: [0.3, 0.5 + 0.01 * c.seed], calls)
+  )
+  base = reproduce.load_config("configs/default.py")
+  assert base.train.local_steps == 1
+  methods = ["fedavg", "fedprox", "fedalign", "fedalign_paper", "fedalign_perm"]
+  plan = reproduce.make_plan(methods, [0.1], [0, 1], ablation=True)
+  out = reproduce.run_grid(base, plan, tmp_path)
+  # 4 distinct methods + the 3 ablation rows that are no method (uniform_gating, consistency,
+  # adaptive_alpha), 2 seeds each
+  assert sorted(calls) == sorted(
+      [f"{m}_a0.1_s{s}" for m in methods if m != "fedprox" for s in (0, 1)]
+      + [
+          f"ablation_{r}_a0.1_s{s}"
+          for r in ("uniform_gating", "consistency", "adaptive_alpha")
+          for s in (0, 1)
+      ]
+  )
+  paper = json.loads((tmp_path / "fedalign_paper_a0.1_s0" / "summary.json").read_text())
+  assert paper["config"]["fedalign"]["regularizer_form"] == "marginal"
+  md = out["markdown"]
+  assert "FedProx (alpha 0.1) = FedAvg" in md
+  assert "direct_averaging (alpha 0.1) = FedAvg" in md
+  assert "permutation (alpha 0.1) = FedAlign-MoE + perm. align" in md
+  assert table_row(md, "FedProx").split("|")[2] == table_row(md, "FedAvg").split("|")[2]
+  # The premise: the proximal term's gradient is 0 at the global parameters, where the only
+  # local step starts (the engine-level equality: the slow test below).
+  import jax
+  import jax.numpy as jnp
+
+  from fedalign.algorithms.fedprox import proximal_term
+
+  w = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+  g = jax.grad(proximal_term(0.5))(w, w, {}, {})
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
+  assert (
+      float(
+          jnp.abs(
+              jax.grad(proximal_term(0.5))(w, {"a": w["a"] + 1, "b": w["b"]}, {}, {})["a"]
+          ).max()
+      )
+      == 0.5
+  )
+
+
+@pytest.mark.slow  # 25-50 s (two programs compiled); the premise is checked in the test above
+def test_fedprox_equals_fedavg_at_one_local_step(tmp_path):
+  """The rule behind the sharing, on the engine: two rounds of FedProx (mu = 0.5) and of FedAvg
+  with one local step give the same metrics, bit for bit (round 2 trains from round 1's model)."""
+  rows = {}
+  for method in ("fedavg", "fedprox"):
+    c = tiny_base()
+    c.method, c.fedprox.mu = method, 0.5
+    reproduce.run_experiment(c, tmp_path / method)
+    lines = (tmp_path / method / "metrics.jsonl").read_text().splitlines()
+    rows[method] = [
+        {k: v for k, v in json.loads(l).items() if k != "method" and not k.endswith("_s")}
+        for l in lines
+    ]
+  assert [r["round"] for r in rows["fedavg"]] == [1, 2]
+  assert "train_loss" in rows["fedavg"][-1] and "test_accuracy" in rows["fedavg"][-1]
+  assert rows["fedprox"] == rows["fedavg"]
 
 
 # ----------------------------------------------------------------------------- CLI
