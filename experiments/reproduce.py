@@ -562,8 +562,11 @@ def _aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
       "seeds": seeds,
       "n_ok": len(ok),
       "failed": [
-          {"seed": s, "error": r["error"]} for s, r in zip(seeds, results) if r["status"] != "ok"
+          {"seed": s, "error": r["error"]}
+          for s, r in zip(seeds, results)
+          if r["status"] not in ("ok", "missing")
       ],
+      "not_run": [s for s, r in zip(seeds, results) if r["status"] == "missing"],
   }
   if ok:
     agg["last5"] = mean_std([r["last5"] for r in ok])
@@ -692,6 +695,19 @@ def _cell_error(agg: dict[str, Any]) -> str:
   return errs[:300]
 
 
+def _cell_note(agg: dict[str, Any]) -> str:
+  """What a cell lacks: ``'failed: s1: ...; not run: s3, s4'`` ('' when every seed ran)."""
+  parts = [f"failed: {_cell_error(agg)}"] if agg["failed"] else []
+  if agg.get("not_run"):
+    parts.append("not run: " + ", ".join(f"s{s}" for s in agg["not_run"]))
+  return "; ".join(parts)
+
+
+def _empty_cell(agg: dict[str, Any]) -> str:
+  """A cell without a finished seed: 'not run' (no seed started) or its failures."""
+  return "not run" if not agg["failed"] else _cell_note(agg)
+
+
 def _label(m: str) -> str:
   return METHOD_LABELS.get(m, m)
 
@@ -792,11 +808,9 @@ def render_markdown(res: dict[str, Any]) -> str:
       for a in res["alphas"]:
         agg = res["grid"][m][str(a)]
         if not agg["n_ok"]:
-          row += [f"failed: {_cell_error(agg)}", "-", "-"]
+          row += [_empty_cell(agg), "-", "-"]
           continue
-        note = ""
-        if agg["failed"]:
-          note = f" (n={agg['n_ok']}; failed: {_cell_error(agg)})"
+        note = f" (n={agg['n_ok']}; {_cell_note(agg)})" if _cell_note(agg) else ""
         gain = agg.get("gain_vs_fedavg")
         row += [
             fmt_ms(agg["last5"]) + note,
@@ -846,12 +860,12 @@ def render_markdown(res: dict[str, Any]) -> str:
       agg = res["ablation"][r]
       desc = ABLATION_DESCRIPTIONS.get(r, "")
       if not agg["n_ok"]:
-        table.append([r, desc, f"failed: {_cell_error(agg)}", "-", "-", "-"])
+        table.append([r, desc, _empty_cell(agg), "-", "-", "-"])
         prev = None
         continue
       mean = agg["last5"]["mean"]
       first = mean if first is None and r == res["rows"][0] else first
-      note = f" (n={agg['n_ok']}; failed: {_cell_error(agg)})" if agg["failed"] else ""
+      note = f" (n={agg['n_ok']}; {_cell_note(agg)})" if _cell_note(agg) else ""
       table.append(
           [
               r,
@@ -883,7 +897,7 @@ def render_markdown(res: dict[str, Any]) -> str:
       for a in res["alphas"]:
         agg = res["grid"][m][str(a)]
         if not agg["n_ok"]:
-          row += ["failed", "-", "-"]
+          row += ["not run" if not agg["failed"] else "failed", "-", "-"]
           continue
         rt = agg["rounds_to_target"]
         if rt["reached"] == 0:

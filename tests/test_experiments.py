@@ -284,6 +284,15 @@ def test_fedprox_at_one_local_step_shares_the_fedavg_runs(tmp_path, monkeypatch)
   assert "direct_averaging (alpha 0.1) = FedAvg" in md
   assert "permutation (alpha 0.1) = FedAlign-MoE + perm. align" in md
   assert table_row(md, "FedProx").split("|")[2] == table_row(md, "FedAvg").split("|")[2]
+  # An entry without run files is "not run", not "failed" (grids run in parts).
+  (tmp_path / "fedalign_perm_a0.1_s1" / "summary.json").unlink()
+  md = reproduce.write_report(tmp_path)["markdown"]
+  assert "(n=1; not run: s1)" in table_row(md, "FedAlign-MoE + perm. align")
+  (tmp_path / "fedalign_perm_a0.1_s0" / "summary.json").unlink()
+  md = reproduce.write_report(tmp_path)["markdown"]
+  assert table_row(md, "FedAlign-MoE + perm. align").startswith(
+      "| FedAlign-MoE + perm. align | not run | - |"
+  )
   # The premise: the proximal term's gradient is 0 at the global parameters, where the only
   # local step starts (the engine-level equality: the slow test below).
   import jax
