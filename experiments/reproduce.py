@@ -250,8 +250,8 @@ def effective_config_key(config: ml_collections.ConfigDict) -> str:
 
   The sections of :data:`METHOD_SECTIONS` count only for their own method, and FedProx with
   ``train.local_steps == 1`` is FedAvg: its one local step starts at the global parameters,
-  where the proximal term and its gradient are 0 (tests/test_experiments.py checks the
-  equality on one round).
+  where the proximal term and its gradient are 0 (tests/test_experiments.py checks that two
+  engine rounds give equal metrics).
 
   >>> c = load_config('configs/default.py')
   >>> c.method = 'fedprox'; k_prox = effective_config_key(c)
