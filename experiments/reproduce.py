@@ -512,6 +512,27 @@ def read_entry(entry_dir: pathlib.Path, target_accuracy: float) -> dict[str, Any
       "rounds": int(s.get("rounds", curve[0][-1] if curve is not None else 0)),
       "wall_time_s": float(s.get("wall_time_s", float("nan"))),
       "mean_round_time_s": float(np.mean(times)) if times else float("nan"),
+      "last_diagnostics": _last_diagnostics(records),
+  }
+
+
+# Last-round diagnostics the tables report: metrics.jsonl key -> column name; keys ending in
+# PERM_MOVED (one per MoE layer, permutation alignment only) are reported as their range.
+LAST_DIAGNOSTICS = {
+    "expert_role_preservation": "role preservation",
+    "expert_specialization": "I(expert; label) (nats)",
+    "routing_divergence": "routing JS divergence",
+}
+PERM_MOVED = "perm_moved_frac"
+
+
+def _last_diagnostics(records: list[dict[str, Any]]) -> dict[str, float]:
+  """The last record's values of :data:`LAST_DIAGNOSTICS` and of every ``*perm_moved_frac``."""
+  last = records[-1] if records else {}
+  return {
+      k: float(v)
+      for k, v in last.items()
+      if (k in LAST_DIAGNOSTICS or k.endswith(PERM_MOVED)) and isinstance(v, (int, float))
   }
 
 
@@ -580,6 +601,15 @@ def _aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
     }
     agg["mean_round_time_s"] = float(np.nanmean([r["mean_round_time_s"] for r in ok]))
     agg["wall_time_s"] = float(np.nansum([r["wall_time_s"] for r in ok]))
+    diags = [r.get("last_diagnostics", {}) for r in ok]
+    agg["last_diagnostics"] = {
+        k: float(np.mean([d[k] for d in diags]))
+        for k in LAST_DIAGNOSTICS
+        if all(k in d for d in diags)
+    }
+    moved = [v for d in diags for k, v in d.items() if k.endswith(PERM_MOVED)]
+    if moved:
+      agg["last_diagnostics"]["perm_moved_range"] = (min(moved), max(moved))
   return agg
 
 
@@ -879,6 +909,31 @@ def render_markdown(res: dict[str, Any]) -> str:
       prev = mean
     header = ["row", "adds", "last-5", "final", "Δ vs previous row", "Δ vs direct averaging"]
     lines += [markdown_table(header, table), ""]
+
+  # (b') last-round diagnostics
+  diag_rows = []
+  for m in res["methods"]:
+    for a in res["alphas"]:
+      d = res["grid"][m][str(a)].get("last_diagnostics") or {}
+      if not d:
+        continue
+      rng = d.get("perm_moved_range")
+      diag_rows.append(
+          [_label(m), str(a)]
+          + [f"{d[k]:.4f}" if k in d else "-" for k in LAST_DIAGNOSTICS]
+          + ["-" if rng is None else f"{rng[0]:.2f}-{rng[1]:.2f}"]
+      )
+  if diag_rows:
+    lines += [
+        "## Diagnostics at the last evaluated round",
+        "",
+        "Mean over the seeds of each run's last `metrics.jsonl` record; *experts moved* = range "
+        "over MoE layers and seeds of the fraction of (client, expert) pairs that permutation "
+        "alignment re-assigned in that round (`agg/<layer>/perm_moved_frac`).",
+        "",
+        markdown_table(["method", "alpha", *LAST_DIAGNOSTICS.values(), "experts moved"], diag_rows),
+        "",
+    ]
 
   # (c) convergence
   if res["methods"]:

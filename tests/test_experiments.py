@@ -144,6 +144,11 @@ def fake_runner(accuracy_of, calls):
                     "round_time_s": 0.5,
                     "routing_divergence": 0.1 / r,
                     "expert_role_preservation": 0.5,
+                    **(
+                        {"agg/layers_0/mlp/perm_moved_frac": 0.05 * r}
+                        if config.method == "fedalign" and config.fedalign.permutation_alignment
+                        else {}
+                    ),
                 }
             )
             + "\n"
@@ -219,6 +224,8 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   conv = md.split("## Convergence")[1]
   assert "| FedAvg | 3.0 (1/2 seeds; others not reached) |" in conv
   assert table_row(conv, "FedAlign-MoE").startswith("| FedAlign-MoE | 2.5 |")  # rounds 3, 2
+  diag = md.split("## Diagnostics at the last evaluated round")[1].split("## ")[0]
+  assert "| FedAvg | 0.1 | 0.5000 | - | 0.0333 | - |" in diag  # last of 3 rounds: 0.1 / 3
   assert (tmp_path / "plots" / "routing_divergence_alpha_0.1.png").exists()
   assert (tmp_path / "plots" / "accuracy_ablation_alpha_0.1.png").exists()
 
@@ -284,6 +291,8 @@ def test_fedprox_at_one_local_step_shares_the_fedavg_runs(tmp_path, monkeypatch)
   assert "direct_averaging (alpha 0.1) = FedAvg" in md
   assert "permutation (alpha 0.1) = FedAlign-MoE + perm. align" in md
   assert table_row(md, "FedProx").split("|")[2] == table_row(md, "FedAvg").split("|")[2]
+  diag = md.split("## Diagnostics at the last evaluated round")[1].split("## ")[0]
+  assert table_row(diag, "FedAlign-MoE + perm. align").endswith("| 0.10-0.10 |")  # round 2
   # An entry without run files is "not run", not "failed" (grids run in parts).
   (tmp_path / "fedalign_perm_a0.1_s1" / "summary.json").unlink()
   md = reproduce.write_report(tmp_path)["markdown"]
