@@ -27,7 +27,8 @@ best global test accuracy (chance 0.25); ``--config.method=fedavg`` 0.763 / 0.76
 FedAlign-MoE 0.746 +/- 0.029 final, FedAvg 0.763 +/- 0.004; paired difference -0.017, 95% CI
 [-0.048, +0.014] at alpha = 0.1; at alpha = 1.0 0.764 each (docs/results_pretrained.md, which
 also has FedMoE, the paper preset and permutation alignment). Central reference (one client
-with all rows, ``--config.data.num_clients=1 --config.data.partition=iid --config.train.clients_per_round=1 --config.train.local_steps=0
+with all rows, ``--config.data.num_clients=1 --config.data.partition=iid
+--config.train.clients_per_round=1 --config.train.local_steps=0
 --config.train.rounds=3 --config.method=fedavg`` on the previous training settings: 3 epochs
 of local AdamW at lr 1e-3 with ``--config.train.optimizer=adamw --config.train.learning_rate=1e-3
 --config.server.optimizer=none --config.server.lr_schedule=constant``): 0.7765
