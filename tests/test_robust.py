@@ -2,6 +2,8 @@
 hand-made updates, their composition with the methods through the jitted round, the routing-
 inflation attack and its defence, the attacker set, the config checks."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -295,6 +297,18 @@ def test_routing_inflation_captures_expert_weight_undefended_not_defended():
   assert np.all(np.delete(w_def, 1, axis=0).sum(0)[used] > 0.65)
 
 
+def test_routing_inflation_leaves_fedavg_unchanged():
+  # experiments/robustness.py does not run FedAvg x routing_inflation and shows the clean run
+  atk = attacks.Attack("routing_inflation", 1000.0, np.array([False, True] + [False] * 4))
+  for rcfg in (None, robust.RobustConfig(kind="median", stats=True, top_k=1)):
+    clean, _ = toy_round("fedavg", rcfg)
+    attacked, _ = toy_round("fedavg", rcfg, atk)
+    for x, y in zip(jax.tree.leaves(clean), jax.tree.leaves(attacked)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  moved, _ = toy_round("fedalign", atk=atk)  # the premise: it does move FedAlign-MoE
+  assert dist(moved, toy_round("fedalign")[0]) > 0
+
+
 def test_gaussian_attack_noise_has_the_scaled_norm():
   atk = attacks.Attack("gaussian", 3.0, np.array([True] * 6))
   honest, _ = toy_round("fedavg")
@@ -338,3 +352,47 @@ def test_krum_needs_enough_clients_per_round():
   with pytest.raises(ValueError, match="Krum needs >= 3"):
     robust.check_fields("krum", 0.0, 0.1, 0, 0, 0.5, clients_per_round=2)
   robust.check_fields("krum", 0.0, 0.1, 0, 0, 0.5, clients_per_round=3)  # f = 0: fine
+
+
+# ------------------------------------------------------------------ experiments/robustness.py
+
+
+def test_robustness_grid_and_tables_from_run_files(tmp_path):
+  from experiments import robustness as rx
+
+  cells = rx.grid(
+      ["fedavg", "fedalign"],
+      ["none", "median"],
+      ["scale", "routing_inflation"],
+      [0.0, 0.2],
+      [1.0],
+      [0, 1],
+  )
+  names = {c.name for c in cells}
+  assert "fedavg__none__routing_inflation__f0.2__a1__s0" not in names  # = clean, not run
+  assert "fedalign__median__routing_inflation__f0.2__a1__s1" in names
+  # per seed: 2 methods x 2 defences x clean, + scale for both, + inflation for FedAlign only
+  assert len(cells) == 2 * (2 * 2 + 2 * 2 + 2)
+  acc = {
+      ("fedavg", "none", "none", 0): [0.40, 0.50],
+      ("fedavg", "none", "scale", 0.2): [0.20, 0.30],
+      ("fedalign", "median", "scale", 0.2): [0.45],
+      ("fedalign", "none", "routing_inflation", 0.2): [0.41],
+  }
+  (tmp_path / "runs").mkdir()
+  for (m, d, attack, f), values in acc.items():
+    for seed, a in enumerate(values):
+      cell = rx.Cell(m, d, attack, float(f), 1.0, seed)
+      rec = {"cell": rx.dataclasses.asdict(cell), "final_test_accuracy": a, "wall_time_s": 1.0}
+      (tmp_path / "runs" / f"{cell.name}.json").write_text(json.dumps(rec))
+  docs = tmp_path / "doc.md"
+  docs.write_text("hand-written\n" + rx.GENERATED + "\nold tables\n")
+  body = rx.write_tables(tmp_path, "- header", str(docs))
+  assert "| FedAvg | none | 0.450 ± 0.071 (2) | 0.250 ± 0.071 (2) |" in body
+  assert "| FedAlign-MoE | median | - | 0.450 (1) |" in body
+  # FedAvg ignores routing statistics: its inflation row is the clean run
+  inflation = body.split("attack = routing_inflation")[1]
+  assert "| FedAvg | none | 0.450 ± 0.071 (2) | = clean |" in inflation
+  assert "| FedAlign-MoE | none | - | 0.410 (1) |" in inflation
+  text = docs.read_text()
+  assert text.startswith("hand-written\n") and "old tables" not in text and body in text
