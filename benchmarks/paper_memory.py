@@ -12,9 +12,12 @@ What ``configs/paper/{mmlu,hellaswag}_deepseek_moe16b_lora.py`` quote.
 ``--experts K`` compiles the same step on K fake CPU devices in the 2-D mesh layout of
 ``train.mesh_shape='clients:1,experts:K'`` (:func:`fedalign.federated.mesh.state_shardings`:
 the routed experts' weights and LoRA adapters sharded over the K devices, everything else
-replicated; one client's batch on the K devices of its experts group) and reports XLA's
-per-device figures: the weights and adapters a device holds (``argument_size_in_bytes``) and
-its temporaries; ``--dtype bfloat16`` gives the configs' parameter dtype.
+replicated; one client's batch on the K devices of its experts group) with the run's expert
+parallelism (``MoEConfig.expert_shards`` = K: each device computes the rows routed to its own
+experts; ``--no_expert_parallel``: the weight-sharding-only layout, where the routed blocks'
+weights are all-reduced over the devices) and reports XLA's per-device figures: the weights
+and adapters a device holds (``argument_size_in_bytes``), its temporaries and its FLOPs and
+bytes accessed; ``--dtype bfloat16`` gives the configs' parameter dtype.
 
 Command (about a minute per shape on 2 CPU cores; needs ~4 GB RAM)::
 
@@ -70,6 +73,7 @@ def step_cost(
     block_size: int = 128,
     experts: int = 1,
     dtype: str = "float32",
+    expert_parallel: bool = True,
 ) -> tuple[float, float, float, float]:
   """(temp GB, training GFLOP per token, GB accessed, argument GB) of one compiled LoRA
   gradient step; with ``experts`` > 1 per device of a ``('clients', 'experts')`` = (1, K)
@@ -90,6 +94,7 @@ def step_cost(
       lora_alpha=16.0,
       capacity_factor=capacity_factor or None,
       moe_block_size=block_size,
+      expert_shards=experts if expert_parallel and experts > 1 and not capacity_factor else 1,
       max_position_embeddings=4096,
       dtype=dtype,
       param_dtype=dtype,
@@ -132,9 +137,18 @@ def main() -> None:
       "--experts", type=int, default=1, help="K > 1: per device of a (1, K) 2-D mesh layout"
   )
   ap.add_argument("--dtype", default="float32", help="parameter (and compute) dtype")
+  ap.add_argument(
+      "--no_expert_parallel",
+      action="store_true",
+      help="--experts K: weight sharding only (expert_shards=1), not the run's layout",
+  )
   a = ap.parse_args()
   kw = dict(
-      capacity_factor=a.capacity_factor, block_size=a.block_size, experts=a.experts, dtype=a.dtype
+      capacity_factor=a.capacity_factor,
+      block_size=a.block_size,
+      experts=a.experts,
+      dtype=a.dtype,
+      expert_parallel=not a.no_expert_parallel,
   )
   (m2, f2, b2, w2), (m3, f3, b3, w3) = (step_cost(n, a.batch, a.seq, **kw) for n in (2, 3))
   dispatch = (
@@ -149,7 +163,10 @@ def main() -> None:
       f"GFLOP per training token, ~{b2 + (MOE_LAYERS - 1) * (b3 - b2):.0f} GB accessed per "
       f"step (2-layer model: {m2:.2f} GB temp)"
   )
-  per = f"per device of a ('clients', 'experts') = (1, {a.experts}) mesh" if a.experts > 1 else ""
+  per = ""
+  if a.experts > 1:
+    ep = "weight sharding only" if a.no_expert_parallel else "expert parallel"
+    per = f"per device of a ('clients', 'experts') = (1, {a.experts}) mesh ({ep})"
   print(
       f"{a.dtype} arguments (weights + adapters) {per or 'on the device'}: "
       f"{w3 - w2:.3f} GB per MoE layer, whole model ~{w2 + (MOE_LAYERS - 1) * (w3 - w2):.2f} GB; "

@@ -81,8 +81,10 @@ def runs(request, tmp_path_factory):
 
 
 def test_2d_mesh_rounds_equal_one_device(runs):
-  method, (_, s1, o1), (run, s2, o2) = runs
+  method, (one, s1, o1), (run, s2, o2) = runs
   assert run.mesh.shape == {"clients": 4, "experts": 2}
+  # expert parallel on the mesh (2 expert shards), one layout on one device: the same rounds
+  assert (one.model_config.expert_shards, run.model_config.expert_shards) == (1, 2)
   assert run.pad_step == 4  # the 'clients' axis: 6 clients padded to 8 rows
   for a, b in zip(o1, o2):
     np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=LOSS_RTOL)
@@ -133,10 +135,12 @@ def test_expert_leaves_sharded_over_experts(runs):
 
 
 def test_aggregation_runs_on_sharded_deltas(runs):
-  """In the compiled round no collective moves a whole (E, ...) frozen expert tensor (the
-  base weights stay sharded; the routed rows reach them by masked gathers plus all-reduces),
-  and the aggregation's collectives move (E/2, ...) shards of the trainable expert leaves. (Inside the client's local loop XLA keeps the per-client trainable expert
-  leaves, LoRA adapters here, whole: docs/scaling.md.)"""
+  """In the compiled round no collective moves frozen expert weights, whole or gathered per
+  block of routed rows: with expert parallelism each device multiplies the rows routed to its
+  experts by the weights it holds, and only the (tokens, D) outputs are summed over
+  'experts'. The aggregation's collectives move (E/2, ...) shards of the trainable expert
+  leaves. (Inside the client's local loop XLA keeps the per-client trainable expert leaves,
+  LoRA adapters here, whole: docs/scaling.md.)"""
   _, _, (run, state, _) = runs
   batches, weights, ids_in, _ = run.round_arrays(0)
   hlo = (
@@ -160,9 +164,11 @@ def test_aggregation_runs_on_sharded_deltas(runs):
   trainable = [shape for shape, m in leaves if m]
   assert trainable and collectives
   if frozen:  # LoRA (FedAlign-MoE here); full fine-tuning (FedAvg) has no frozen expert leaf
-    whole = re.compile("|".join(rf"\[(\d+,)?{dims(s)}\]" for s in frozen))
-    assert not [l for l in collectives if whole.search(l)], [
-        l[:300] for l in collectives if whole.search(l)
+    # (E, D, F) whole, (E/2, D, F) shards, or (clients, blocks, D, F) weights of routed blocks
+    # (what the sparse path all-reduces without expert parallelism)
+    moved = re.compile("|".join(rf"\[(\d+,)*{dims(s[1:])}\]" for s in frozen))
+    assert not [l for l in collectives if moved.search(l)], [
+        l[:300] for l in collectives if moved.search(l)
     ]
   # The deltas of the trainable expert leaves reach the aggregation as (E/2, ...) shards: an
   # all-reduce of the shards (FedAvg's weighted client sum) or an all-gather of the clients'

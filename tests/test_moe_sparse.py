@@ -17,7 +17,7 @@ from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_
 from fedalign.federated.task import CausalLMTask
 from fedalign.models import build_module, family_config
 from fedalign.models.lora import partition, trainable_mask
-from fedalign.models.moe import MoEBlock, sparse_blocks, sparse_layout
+from fedalign.models.moe import MoEBlock, sharded_sparse_layout, sparse_blocks, sparse_layout
 
 
 def block_cfg(family="mixtral", **kw):
@@ -118,6 +118,60 @@ def test_block_count_bound_is_tight_and_static():
   assert sparse_blocks(3072, 8, 64) == (64, 47 + 8)
   assert sparse_blocks(5, 8, 64) == (5, 5)  # more experts than rows: one row per block
   assert sparse_blocks(40, 8, 1) == (1, 40)
+
+
+@pytest.mark.parametrize("shards,routing", [(2, "random"), (4, "random"), (2, "one_expert")])
+def test_sharded_layout_puts_each_row_in_its_experts_shard_once(shards, routing):
+  tokens, experts, k, block = 13, 8, 2, 3
+  rng = np.random.default_rng(shards)
+  if routing == "one_expert":  # every row on shard 1: a shard's buffer holds all of them
+    top_idx = np.stack([[5, 4]] * tokens).astype(np.int32)
+  else:
+    top_idx = np.stack([rng.permutation(experts)[:k] for _ in range(tokens)]).astype(np.int32)
+  fn = jax.jit(sharded_sparse_layout, static_argnums=(1, 2, 3))
+  dest, src, block_expert = map(np.asarray, fn(top_idx, experts, shards, block))
+  b, nb = sparse_blocks(tokens * k, experts // shards, block)
+  assert dest.shape == (shards, tokens, k) and src.shape == (shards, nb * b)
+  per = experts // shards
+  inside = dest < nb * b
+  np.testing.assert_array_equal(inside, np.arange(shards)[:, None, None] == top_idx // per)
+  for s in range(shards):
+    d = dest[s][inside[s]]
+    assert len(np.unique(d)) == len(d)  # no row overwritten
+    np.testing.assert_array_equal(src[s][d], np.nonzero(inside[s])[0])  # its token
+    np.testing.assert_array_equal(block_expert[s][d // b], top_idx[inside[s]] % per)
+    assert np.sum(src[s] < tokens) == len(d)  # the rest is padding
+
+
+@pytest.mark.parametrize(
+    "family,shards,forced",
+    [("mixtral", 2, False), ("mixtral", 4, True), ("qwen2_moe", 2, False)],
+)
+def test_expert_shards_equal_dense_outputs_and_gradients(family, shards, forced):
+  """Expert parallelism (MoEConfig.expert_shards) computes the same function: LoRA on the
+  experts, a gated shared expert (qwen2_moe), all tokens on one shard (forced)."""
+  cfg = block_cfg(
+      family, num_experts=8, lora_rank=2, lora_targets=("experts",), norm_topk_prob=not forced
+  )
+  if family == "qwen2_moe":
+    cfg = cfg.replace(shared_expert_intermediate_size=6)
+  x = jax.random.normal(jax.random.key(1), (2, 7, 8))
+  mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], bool)
+  params = random_block_params(cfg, x, mask)
+  if forced:
+    x = jnp.abs(x) + 0.1
+    params["router"]["kernel"] = jnp.zeros((8, 8)).at[:, 6].set(5.0).at[0, 7].set(0.5)
+  (l_s, out_s), g_s = jax.jit(block_loss(cfg.replace(expert_shards=shards)))(params, x, mask)
+  (l_d, out_d), g_d = jax.jit(block_loss(cfg.replace(moe_impl="dense")))(params, x, mask)
+  np.testing.assert_allclose(out_s, out_d, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(l_s, l_d, rtol=1e-6)
+  assert_trees_close(g_s, g_d, 1e-5)
+  assert float(jnp.abs(out_d).max()) > 0.1
+  with pytest.raises(
+      ValueError,
+      match=r"expert_shards=3 is invalid: expected a positive " r"divisor of num_experts=8",
+  ):
+    cfg.replace(expert_shards=3)
 
 
 # ----------------------------------------------------------------------------- one block

@@ -46,8 +46,9 @@ figures from XLA's accounting of one compiled training step on CPU, as in the MM
   in the MMLU config. Per device with the 2-D mesh (``--config.train.use_mesh=True
   --config.train.mesh_shape=clients:1,experts:K``; XLA's memory analysis on fake CPU devices,
   ``benchmarks/paper_memory.py --batch 8 --seq 192 --block_size 64 --dtype bfloat16
-  --experts K``): 1 device 33.1 GB weights + 32.2 GB temp = 65.3 GB; 8 x H100 (``experts:8``)
-  6.6 + 38.2 = 44.8 GB; v4-32 / v5e-16 (``experts:16``) 4.8 + 38.2 = 43.0 GB (docs/scaling.md).
+  --experts K``, expert parallel): 1 device 33.1 GB weights + 32.2 GB temp = 65.3 GB; 8 x H100
+  (``experts:8``) 6.6 + 26.0 = 32.6 GB; v4-32 / v5e-16 (``experts:16``) 4.8 + 25.8 = 30.6 GB
+  (docs/scaling.md).
 * Time, FLOP basis ~2.8B active parameters per token: XLA counts 13.2 GFLOP per training
   token (12.1 with capacity dispatch). A round is one epoch over 8,111 x 192 tokens = 1.56M
   tokens, ~2.1e16 FLOP: 50-140 s on one H100 at 15-40% of its bfloat16 peak; the weight

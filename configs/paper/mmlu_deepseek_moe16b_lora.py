@@ -69,14 +69,15 @@ widths, the per-MoE-layer increment times 27):
 * Mesh: none (``train.use_mesh=False``, one device). Several GPUs / TPU chips:
   ``--config.train.use_mesh=True --config.train.mesh_shape=clients:1,experts:K`` shards the
   routed experts' weights, adapters and optimizer moments over K devices (a 2-D
-  ``('clients', 'experts')`` mesh, docs/scaling.md); everything else is replicated. Per
-  device, XLA's memory analysis of one client's step compiled on fake CPU devices (bfloat16
-  parameters, float32 temporaries as above; ``benchmarks/paper_memory.py --batch 2 --seq 512
+  ``('clients', 'experts')`` mesh, docs/scaling.md), each device computing the rows routed to
+  its own experts (expert parallelism); everything else is replicated. Per device, XLA's
+  memory analysis of one client's step compiled on fake CPU devices (bfloat16 parameters,
+  float32 temporaries as above; ``benchmarks/paper_memory.py --batch 2 --seq 512
   --block_size 64 --dtype bfloat16 --experts K``): 1 device 33.1 GB weights + 26.9 GB temp =
-  60.0 GB; 8 x H100 (``experts:8``) 6.6 + 30.9 = 37.5 GB; v4-32 / v5e-16 (16 chips,
-  ``experts:16``) 4.8 + 30.9 = 35.7 GB: over a v5e chip's 16 GiB and just over a v4 chip's
-  32 GiB in this float32 accounting (the temporaries do not shrink: every device still computes every
-  routed block, docs/scaling.md). Alternatively ``use_mesh=True`` without ``mesh_shape`` and
+  60.0 GB; 8 x H100 (``experts:8``) 6.6 + 20.3 = 26.9 GB; v4-32 / v5e-16 (16 chips,
+  ``experts:16``) 4.8 + 20.0 = 24.8 GB: within a v4 chip's 32 GiB, over a v5e chip's 16 GiB
+  in this float32 accounting (bfloat16 activations or a smaller batch needed there;
+  docs/scaling.md). Alternatively ``use_mesh=True`` without ``mesh_shape`` and
   ``--config.train.chunk_size=N`` shards each chunk of N clients over a ``('clients',)`` mesh
   of N GPUs, each holding the full weights. Mesh paths tested on fake CPU devices only.
 * Time, FLOP basis ~2.8B active parameters per token: forward ~7.4 GFLOP per token (2 x 2.8B,

@@ -56,6 +56,7 @@ from fedalign.federated.round import (
 )
 from fedalign.federated.task import CausalLMTask, Seq2SeqTask
 from fedalign.models import build_module
+from fedalign.models.config import MoEConfig
 from fedalign.models.from_config import load_model
 from fedalign.models.lora import partition, trainable_mask
 from fedalign.pretrain import maybe_pretrained
@@ -85,6 +86,21 @@ class Training:
   algorithm: Any
   task: Any
   client_update: Callable
+
+
+def expert_parallel(mcfg: Any, mesh: Any) -> Any:
+  """The model config with expert parallelism matching ``mesh``'s ``'experts'`` axis.
+
+  On a mesh with an ``'experts'`` axis of size k, a decoder's dropless sparse experts run as
+  k shards (``MoEConfig.expert_shards``), so each device computes the rows routed to the
+  experts it holds with its own weights (the same function; docs/scaling.md). Other models
+  (Switch, capacity dispatch, ``moe_impl`` dense/ragged) and other meshes: unchanged.
+  """
+  if mesh is None or EXPERT_AXIS not in mesh.axis_names or not isinstance(mcfg, MoEConfig):
+    return mcfg
+  if mcfg.moe_impl != "sparse" or mcfg.capacity_factor is not None:
+    return mcfg
+  return mcfg.replace(expert_shards=int(mesh.shape[EXPERT_AXIS]))
 
 
 def build_training(
@@ -309,8 +325,9 @@ def build_run(
     from fedalign.metrics.evaluation import max_scored_tokens
 
     scored = max_scored_tokens(data.train["target_mask"], data.train["mask"])
-  training = build_training(config, mcfg, params, seq2seq=data.seq2seq, scored_tokens=scored)
   mesh = make_mesh(config)  # None without train.use_mesh; checks train.lanes against it
+  mcfg = expert_parallel(mcfg, mesh)
+  training = build_training(config, mcfg, params, seq2seq=data.seq2seq, scored_tokens=scored)
   chunk = config.train.chunk_size or None
   lanes = int(config.train.get("lanes", 0))
   state = init_server_state(params, training.algorithm, training.mask, config.data.num_clients)

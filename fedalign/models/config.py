@@ -50,6 +50,12 @@ class MoEConfig:
   # reference) | 'ragged' (jax.lax.ragged_dot; one model only: no vmap of its gradient).
   moe_impl: str = "sparse"
   moe_block_size: int = 64  # rows per block of the dropless 'sparse' path (moe.sparse_blocks)
+  # Expert parallelism of the dropless 'sparse' path: the experts split into this many
+  # contiguous shards, each computing only the rows routed to its own experts with its own
+  # weights (moe.sharded_sparse_layout); the same function for any value. Set by the run from
+  # the mesh's 'experts' axis (train.mesh_shape), so that expert weights never leave their
+  # device; 1 = one layout over all experts.
+  expert_shards: int = 1
   # Shared experts (Qwen2-MoE: gated; DeepSeek-MoE: ungated).
   shared_expert_intermediate_size: int = 0  # 0 = no shared expert
   shared_expert_gate: bool = False
@@ -145,6 +151,8 @@ class MoEConfig:
       )
     if int(self.moe_block_size) < 1:
       bad("moe_block_size", "a positive integer (rows per block of moe_impl='sparse')")
+    if int(self.expert_shards) < 1 or (self.num_experts and self.num_experts % self.expert_shards):
+      bad("expert_shards", f"a positive divisor of num_experts={self.num_experts}")
     if self.moe_every < 1:
       bad("moe_every", "an integer >= 1")
     if not 0 <= self.first_k_dense <= self.num_layers:

@@ -16,6 +16,13 @@ only, dropless in blocks of ``moe_block_size`` rows of one expert each (:func:`s
 or, with ``capacity_factor`` > 0, as capacity dispatch into (E, C, D) buffers
 (:func:`capacity_slots`); ``'dense'`` runs every expert on every token (the exact reference);
 ``'ragged'`` uses ``jax.lax.ragged_dot`` (one model only: not vmappable over clients).
+
+Expert parallelism (``MoEConfig.expert_shards`` = S > 1, dropless ``'sparse'``): the E experts
+form S contiguous shards of E / S; each shard lays out only the rows routed to its own experts
+(:func:`sharded_sparse_layout`) and multiplies them with its own (E / S, ...) weights, and the
+S partial outputs are summed. With the expert leaves sharded over a mesh's ``'experts'`` axis
+(``train.mesh_shape``), XLA partitions the shard axis: every device computes its experts' rows
+with the weights it holds, and the only collective is a sum of the (tokens, D) outputs.
 """
 
 from __future__ import annotations
@@ -148,14 +155,25 @@ class Experts(nn.Module):
       * ``grouped``: expert-major inputs x (E, C, D) -> (E, C, D) (capacity dispatch);
       * ``sparse``: blocks of rows of one expert each, x (N, B, D) with ``block_expert`` (N,)
         -> (N, B, D) (block-sparse dropless dispatch, :func:`sparse_layout`);
+      * ``sharded``: the same per expert shard, x (S, N, B, D) with shard-local
+        ``block_expert`` (S, N) and each shard's own (E / S, ...) weights
+        (:func:`sharded_sparse_layout`);
       * ``ragged``: tokens sorted by expert x (N, D) with ``group_sizes`` (E,) -> (N, D),
         a grouped matmul (``jax.lax.ragged_dot``).
     """
     w = self.setup_params(x.shape[-1])
     x = x.astype(self.dtype)
-    if mode == "sparse":
-      proj = lambda name, inp: self._block_proj(w, name, inp, block_expert)
-      return proj("wo", nn.silu(proj("wi_0", x)) * proj("wi_1", x))
+    if mode in ("sparse", "sharded"):
+
+      def mlp(ws, xs, be):
+        proj = lambda name, inp: self._block_proj(ws, name, inp, be)
+        return proj("wo", nn.silu(proj("wi_0", xs)) * proj("wi_1", xs))
+
+      if mode == "sparse":
+        return mlp(w, x, block_expert)
+      s = x.shape[0]  # (E, ...) -> (S, E / S, ...): shard s holds its contiguous experts
+      ws = jax.tree.map(lambda a: a.reshape((s, a.shape[0] // s) + a.shape[1:]), w)
+      return jax.vmap(mlp)(ws, x, block_expert)
     if mode == "ragged":
       proj = lambda name, inp: self._ragged_proj(w, name, inp, group_sizes)
       return proj("wo", nn.silu(proj("wi_0", x)) * proj("wi_1", x))
@@ -164,7 +182,9 @@ class Experts(nn.Module):
     elif mode == "dense":
       spec_in, spec_out = "td,edf->tef", "tef,efd->ted"
     else:
-      raise ValueError(f"Experts mode={mode!r}: expected 'dense', 'grouped', 'sparse' or 'ragged'.")
+      raise ValueError(
+          f"Experts mode={mode!r}: expected 'dense', 'grouped', 'sparse', 'sharded' or 'ragged'."
+      )
     h = nn.silu(self._proj(w, "wi_0", x, spec_in)) * self._proj(w, "wi_1", x, spec_in)
     return self._proj(w, "wo", h, spec_out)
 
@@ -280,7 +300,9 @@ def sparse_blocks(num_rows: int, num_experts: int, block_size: int) -> tuple[int
   return b, max(1, (num_rows - n) // b + n)
 
 
-def sparse_layout(top_idx: Array, num_experts: int, block_size: int) -> tuple[Array, Array, Array]:
+def sparse_layout(
+    top_idx: Array, num_experts: int, block_size: int, valid: Array | None = None
+) -> tuple[Array, Array, Array]:
   """Block-sparse dropless layout of the routed (token, choice) rows.
 
   Rows are grouped by expert and each expert's group is padded up to a multiple of the block
@@ -291,6 +313,8 @@ def sparse_layout(top_idx: Array, num_experts: int, block_size: int) -> tuple[Ar
     top_idx: (T, k) expert of each (token, choice).
     num_experts: E.
     block_size: requested rows per block (see :func:`sparse_blocks`).
+    valid: optional (T, k) bool: only these rows are laid out (the others get dest = the
+      buffer's size, out of range); the buffer keeps the size for T * k rows.
 
   Returns:
     dest (T, k) int32: each (token, choice)'s row in the padded buffer (all distinct);
@@ -307,14 +331,47 @@ def sparse_layout(top_idx: Array, num_experts: int, block_size: int) -> tuple[Ar
   b, nb = sparse_blocks(rows, num_experts, block_size)
   flat = top_idx.reshape(rows)
   onehot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)  # (T*k, E)
+  if valid is not None:
+    onehot = onehot * valid.reshape(rows, 1).astype(jnp.int32)
   rank = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # row within its expert
   padded = -(-jnp.sum(onehot, axis=0) // b) * b  # (E,) rows per expert, padded to blocks
   end = jnp.cumsum(padded)
   dest = ((end - padded)[flat] + rank).astype(jnp.int32)
-  src = jnp.full((nb * b,), t, jnp.int32).at[dest].set(jnp.arange(rows, dtype=jnp.int32) // k)
+  if valid is not None:
+    dest = jnp.where(valid.reshape(rows), dest, nb * b)
+  src = (
+      jnp.full((nb * b,), t, jnp.int32)
+      .at[dest]
+      .set(jnp.arange(rows, dtype=jnp.int32) // k, mode="drop")
+  )
   first_row = jnp.arange(nb, dtype=jnp.int32) * b
   block_expert = jnp.sum(end[None, :] <= first_row[:, None], axis=-1)
   return dest.reshape(t, k), src, jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
+
+
+def sharded_sparse_layout(
+    top_idx: Array, num_experts: int, shards: int, block_size: int
+) -> tuple[Array, Array, Array]:
+  """:func:`sparse_layout` per expert shard: shard s holds experts [s E / S, (s + 1) E / S).
+
+  Each shard's buffer is laid out over its own E / S experts from the rows routed to them
+  (its block experts are shard-local indices); the buffer keeps room for every row (any
+  routing is dropless), so a shard's padded work is at most one device's whole layout.
+
+  Returns:
+    dest (S, T, k): each (token, choice)'s row in its shard's buffer, out of range in the
+    other shards; src (S, rows): the token of each buffer row (T = padding);
+    block_expert (S, blocks): the local expert of each block.
+
+  >>> dest, src, block_expert = sharded_sparse_layout(jnp.array([[0], [3], [1]]), 4, 2, 2)
+  >>> dest[:, :, 0].tolist(), src.tolist(), block_expert.tolist()
+  ([[0, 4, 2], [4, 0, 4]], [[0, 3, 2, 3], [1, 3, 3, 3]], [[0, 1], [1, 1]])
+  """
+  per = num_experts // shards
+  shard, local = top_idx // per, top_idx % per
+  return jax.vmap(lambda s: sparse_layout(local, per, block_size, valid=shard == s))(
+      jnp.arange(shards)
+  )
 
 
 @jax.custom_vjp
@@ -393,6 +450,19 @@ class MoEBlock(nn.Module):
       expert_in = scatter_to_experts(tokens.astype(dtype), top_idx, slot, e, cap)
       expert_out = experts(expert_in, mode="grouped")
       out = gather_from_experts(expert_out, top_idx, slot, top_w * keep)
+    elif cfg.moe_impl == "sparse" and cfg.expert_shards > 1:
+      # Expert parallel: each shard's rows with its own experts' weights, outputs summed
+      # (over the 'experts' mesh axis when the expert leaves are sharded over it).
+      dest, src, block_expert = sharded_sparse_layout(
+          top_idx, e, cfg.expert_shards, cfg.moe_block_size
+      )
+      rows = jax.vmap(lambda i: tokens.astype(dtype).at[i].get(mode="fill", fill_value=0))(src)
+      s, nb = block_expert.shape
+      y = experts(rows.reshape(s, nb, -1, d), mode="sharded", block_expert=block_expert)
+      y = jax.vmap(lambda ys, i: ys.at[i].get(mode="fill", fill_value=0))(
+          y.reshape(s, -1, d), dest
+      )  # (S, T, k, D): zero where the row is another shard's
+      out = jnp.sum(jnp.einsum("stkd,tk->std", y, top_w.astype(y.dtype)), axis=0)
     elif cfg.moe_impl == "sparse":
       # Block-sparse, dropless: rows grouped by expert into blocks of one expert each, one
       # batched matmul over the blocks, the top-k weighted sum gathered back.
