@@ -172,6 +172,8 @@ def test_expert_shards_equal_dense_outputs_and_gradients(family, shards, forced)
       match=r"expert_shards=3 is invalid: expected a positive " r"divisor of num_experts=8",
   ):
     cfg.replace(expert_shards=3)
+  with pytest.raises(ValueError, match=r"expert_shards=2 is invalid: expected 1 unless"):
+    cfg.replace(expert_shards=2, moe_impl="dense")
 
 
 # ----------------------------------------------------------------------------- one block

@@ -153,6 +153,8 @@ class MoEConfig:
       bad("moe_block_size", "a positive integer (rows per block of moe_impl='sparse')")
     if int(self.expert_shards) < 1 or (self.num_experts and self.num_experts % self.expert_shards):
       bad("expert_shards", f"a positive divisor of num_experts={self.num_experts}")
+    if self.expert_shards > 1 and (self.moe_impl != "sparse" or self.capacity_factor is not None):
+      bad("expert_shards", "1 unless moe_impl='sparse' with capacity_factor=None (dropless)")
     if self.moe_every < 1:
       bad("moe_every", "an integer >= 1")
     if not 0 <= self.first_k_dense <= self.num_layers:
