@@ -25,7 +25,10 @@ Speed: the round is :func:`fedalign.federated.round.make_round_fn` of the run's 
 training parts, jitted once per (method, defence, attack kind) with the seed, the attacker
 mask and the label-flip table as arguments instead of constants, so the other cells of the
 grid reuse the compilation (the same operations as ``fedalign.main``'s round, which closes
-over them); the data and the initial model of each (alpha, seed) are built once.
+over them); the data and the initial model of each (alpha, seed) are built once. JAX's
+persistent compilation cache is on (:mod:`fedalign.compilation`; ``--nocompilation_cache``
+turns it off), so a second invocation, or a second process running other seeds at the same
+time, reuses the rounds already compiled.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from fedalign.aggregation import robust as robust_lib
+from fedalign.compilation import enable_compilation_cache
 from fedalign.config_files import config_differences, load_config
 from fedalign.data.federated import FederatedData
 from fedalign.federated import attacks as attacks_lib
@@ -310,7 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--set", action="append", default=[], help="field.path=value override")
   ap.add_argument("--tables_only", action="store_true")
   ap.add_argument("--docs_out", default="")
+  ap.add_argument("--nocompilation_cache", action="store_true")
   args = ap.parse_args(argv)
+  if not args.nocompilation_cache:
+    enable_compilation_cache()
   split = lambda s: [x for x in s.split(",") if x]
   workdir = pathlib.Path(args.workdir)
   (workdir / "runs").mkdir(parents=True, exist_ok=True)
