@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "agnews_embedded"  # agnews_embedded | agnews (TFDS, needs data.data_dir)
   # | mmlu | hellaswag (multiple choice, data.data_dir)
+  c.data.task = "classification"  # classification (label words / options scored) | lm
+  # (next-token language modelling on the AG News texts; configs/domain.py)
   c.data.data_dir = ""  # manual dir for TFDS builders / the MC readers
   c.data.num_clients = 10
   c.data.partition = "dirichlet"  # dirichlet | iid | pathological

@@ -99,6 +99,7 @@ LATER_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "faults.drop_prob": (0.0, ()),
     "server.lr_schedule": ("constant", ("server.lr_final_fraction",)),
     "train.mesh_shape": ("", ()),
+    "data.task": ("classification", ()),
 }
 
 

@@ -11,6 +11,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {
     "configs/default.py": (None, "runlocal"),
     "configs/cpu_analog.py": (None, "runlocal"),
+    "configs/domain.py": (None, "runlocal", "drift,paper"),
     "configs/pretrain_small.py": (None, "runlocal"),
     "configs/ablation.py": ("direct_averaging", "permutation"),
     "configs/paper/agnews_switch_base16.py": (None, "runlocal"),

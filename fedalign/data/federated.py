@@ -70,6 +70,10 @@ def _multiple_choice(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   return mc_lib.load_splits(config.data.dataset, config.data.data_dir)
 
 
+#: config.data.task: label-word classification (every dataset) | next-token language modelling
+#: on the AG News texts (the domain-heterogeneous setting: clients differ by topic)
+DATA_TASKS = ("classification", "lm")
+
 # config.data.dataset -> loader(config, workdir) -> (train, test) splits.
 DATASETS: dict[str, Loader] = {
     "agnews_embedded": _agnews_embedded,
@@ -84,7 +88,8 @@ class FederatedData:
 
   Attributes: ``clients`` (example indices per client), ``client_sizes``, ``label_counts``
   (clients x classes), ``num_classes``, ``tokenizer``, ``train`` / ``test`` (token arrays),
-  ``batch_keys``, ``label_words``, ``test_labels``, ``seq2seq``, ``multiple_choice`` and what
+  ``batch_keys``, ``label_words``, ``test_labels``, ``seq2seq``, ``multiple_choice``, ``lm``
+  (``data.task = 'lm'``: next-token LM on the texts, the labels only partition) and what
   the evaluator reads: ``candidate_ids``, ``choices`` or ``candidates`` (see below).
   """
 
@@ -93,6 +98,8 @@ class FederatedData:
 
     d = config.data
     self.multiple_choice = d.dataset in mc_lib.MC_DATASETS  # MMLU, HellaSwag
+    # 'lm': next-token language modelling on the AG News texts (the domain setting)
+    self.lm = d.get("task", "classification") == "lm"
     if d.dataset not in DATASETS:
       raise ValueError(
           f"config.data.dataset={d.dataset!r} is invalid: expected one of {tuple(DATASETS)}."
@@ -185,6 +192,13 @@ class FederatedData:
       test_ex = fmt_lib.format_seq2seq_classification(test.text, test.label, self.tokenizer, **fmt)
       self.test = {k: test_ex[k] for k in ("tokens", "mask", "labels")}
       self.candidates = fmt_lib.seq2seq_label_candidates(self.tokenizer, label_words)
+    elif self.lm:  # next-token LM on the texts; the topics only partition and break down
+      self.batch_keys = ("tokens", "mask", "target_mask")
+      fmt = dict(num_labels=self.num_classes, max_len=d.seq_len)
+      ex = fmt_lib.format_lm(train.text, train.label, self.tokenizer, **fmt)
+      self.train = {k: ex[k] for k in self.batch_keys}
+      test_ex = fmt_lib.format_lm(test.text, test.label, self.tokenizer, **fmt)
+      self.test = {k: test_ex[k] for k in self.batch_keys + ("labels",)}
     else:
       fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
       ex = fmt_lib.format_classification(train.text, train.label, self.tokenizer, **fmt)

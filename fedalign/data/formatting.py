@@ -20,6 +20,12 @@ Classification has two formats (``mode``):
 
 Both give ``labels`` (N,) int32 and ``last_index`` (N,) (position of the last prompt token).
 
+Language modelling on the same texts (``data.task = 'lm'``, the domain-heterogeneous setting:
+clients differ by topic, the task does not name it): :func:`format_lm` gives BOS + the text,
+``target_mask`` on every text token; long texts are cut from the **right** (the first
+``max_len`` tokens are kept, so every row starts at its text's beginning); ``labels`` stay the
+topics (for partitioning and per-topic metrics only).
+
 Encoder-decoder (text-to-text, Switch / T5) classification: :func:`format_seq2seq_classification`
 puts the prompt (``template`` around the text, + EOS) in the encoder input ``tokens``/``mask``
 and the label word (+ EOS) in the decoder target ``target_tokens``/``target_mask``;
@@ -165,6 +171,51 @@ def format_classification(
   if cut:
     log.info("format_classification: %d of %d texts truncated to max_len=%d", cut, n, max_len)
   return {"tokens": tokens, "mask": mask, "target_mask": target, "labels": y, "last_index": last}
+
+
+def format_lm(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    tokenizer: Tokenizer,
+    *,
+    num_labels: int,
+    max_len: int = 64,
+    add_bos: bool = True,
+) -> Examples:
+  """Formats texts for next-token language modelling (``data.task = 'lm'``).
+
+  Each row is BOS + the text's first ``max_len - 1`` tokens (cut from the right), with
+  ``target_mask`` on every text token (token ``t`` is predicted from position ``t - 1``).
+  ``labels`` (the topics, in ``[0, num_labels)``) are kept for partitioning and per-topic
+  metrics; nothing in the tokens names them.
+
+  >>> from fedalign.data.tokenize import ByteTokenizer
+  >>> ex = format_lm(["Goal!", "a"], [1, 0], ByteTokenizer(), num_labels=4, max_len=4)
+  >>> ex["target_mask"].sum(1).tolist(), ex["mask"].sum(1).tolist(), ex["labels"].tolist()
+  ([3, 1], [4, 2], [1, 0])
+  """
+  y = _check_labels(labels, num_labels, f"{num_labels} labels")
+  if len(texts) != len(y):
+    raise ValueError(f"{len(texts)} texts but {len(y)} labels")
+  head = _bos(tokenizer, add_bos)
+  if max_len <= len(head):
+    raise ValueError(f"max_len={max_len} leaves no room for text after BOS: raise max_len.")
+  body = tokenizer.encode(list(texts))
+  n = len(body)
+  tokens = np.full((n, max_len), tokenizer.pad_id, dtype=np.int32)
+  mask = np.zeros((n, max_len), dtype=bool)
+  target = np.zeros((n, max_len), dtype=bool)
+  room = max_len - len(head)
+  cut = 0
+  for i, b in enumerate(body):
+    cut += len(b) > room
+    seq = head + list(b[:room])
+    tokens[i, : len(seq)] = seq
+    mask[i, : len(seq)] = True
+    target[i, len(head) : len(seq)] = True
+  if cut:
+    log.info("format_lm: %d of %d texts cut to max_len=%d", cut, n, max_len)
+  return {"tokens": tokens, "mask": mask, "target_mask": target, "labels": y}
 
 
 def seq2seq_label_candidates(

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from fedalign.aggregation import robust as robust_lib
-from fedalign.data.federated import DATASETS
+from fedalign.data.federated import DATA_TASKS, DATASETS
 from fedalign.federated import attacks as attacks_lib
 from fedalign.data.multiple_choice import MC_DATASETS
 from fedalign.algorithms import METHODS
@@ -141,6 +141,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         model_type(config),
         f"'decoder' with data.dataset={d.dataset!r} (options are scored by a causal LM)",
     )
+  task = d.get("task", "classification")
+  if task not in DATA_TASKS:
+    bad("data.task", task, f"one of {DATA_TASKS}")
+  if task == "lm" and (d.dataset in MC_DATASETS or model_type(config) != "decoder"):
+    bad(
+        "data.task",
+        task,
+        "'classification' unless data.dataset is 'agnews_embedded' or 'agnews' and "
+        f"model.type='decoder' (got {d.dataset!r}, {model_type(config)!r}): 'lm' is next-token "
+        "language modelling on the AG News texts with a causal LM",
+    )
   if config.eval.get("mc_metric", "acc") not in ("acc", "acc_norm"):
     bad("eval.mc_metric", config.eval.mc_metric, "one of ('acc', 'acc_norm')")
   dtype = config.model.get("dtype", "float32")
@@ -184,13 +195,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if attack is not None:
     attacks_lib.check_fields(attack.kind, attack.fraction, attack.scale)
     if attack.kind == "label_flip" and (
-        d.dataset in MC_DATASETS or model_type(config) != "decoder"
+        d.dataset in MC_DATASETS or model_type(config) != "decoder" or task == "lm"
     ):
       bad(
           "attack.kind",
           attack.kind,
           "an upload attack with this task (label_flip permutes the label words of decoder "
-          "classification; multiple choice and Switch seq2seq have none)",
+          "classification; multiple choice, data.task='lm' and Switch seq2seq have none)",
       )
 
   # ---- the filesystem

@@ -134,6 +134,10 @@ class Evaluate:
     if not self.write:
       return None
     record["test_accuracy"] = float(ev["acc"])
+    if "nll" in ev:  # data.task = 'lm': test_accuracy is the next-token accuracy
+      record["test_nll"] = float(ev["nll"])
+      record["test_perplexity"] = float(ev["ppl"])
+      record["test_nll_by_label"] = [round(float(v), 5) for v in ev["nll_by_label"]]
     if config.eval.per_client:
       acc_c = client_accuracy(ev["correct"], data.test["labels"], data.label_counts)
       record["client_accuracy"] = [round(float(a), 5) for a in acc_c]
@@ -144,9 +148,10 @@ class Evaluate:
       record["expert_specialization"] = float(np.mean([float(v) for v in mi.values()]))
       record["expert_specialization_per_block"] = {k: float(v) for k, v in mi.items()}
     record["elapsed_s"] = time.time() - self.t0
-    self.history.append(
-        {"round": round_num, "test_accuracy": record["test_accuracy"], "train_loss": train_loss}
-    )
+    entry = {"round": round_num, "test_accuracy": record["test_accuracy"], "train_loss": train_loss}
+    if "test_nll" in record:
+      entry["test_nll"] = record["test_nll"]
+    self.history.append(entry)
     with self.metrics_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     log.info(
@@ -223,7 +228,8 @@ def make_specialization(data: Any, module: Any, max_examples: int) -> Any:
 
   Mutual information between expert selection and class label (method doc, section 7) over
   the first ``max_examples`` test examples; the label word itself is masked out so that only
-  the prompt is routed. None when ``max_examples`` is 0.
+  the prompt is routed (``data.task = 'lm'``: the whole text, whose label is its topic). None
+  when ``max_examples`` is 0.
   """
   from fedalign.metrics.specialization import make_expert_specialization_fn
 
@@ -232,8 +238,8 @@ def make_specialization(data: Any, module: Any, max_examples: int) -> Any:
   n = min(max_examples, len(data.test["labels"]))
   tokens = jnp.asarray(data.test["tokens"][:n])
   mask = jnp.asarray(data.test["mask"][:n])
-  if "target_mask" in data.test and not data.seq2seq:
-    mask = mask & ~jnp.asarray(data.test["target_mask"][:n])
+  if "target_mask" in data.test and not data.seq2seq and not getattr(data, "lm", False):
+    mask = mask & ~jnp.asarray(data.test["target_mask"][:n])  # (an LM's targets are the text)
   labels = jnp.asarray(data.test["labels"][:n])
   if data.seq2seq:
 

@@ -321,7 +321,10 @@ def build_run(
     data = FederatedData(config, workdir)
   mcfg, params = load_model(config, data.tokenizer)
   scored = None
-  if not data.seq2seq:  # the LM head on the target positions only (a bound from every row)
+  if not data.seq2seq and not getattr(
+      data, "lm", False
+  ):  # the LM head on the target positions only (a bound
+    # from every row); an LM scores every position: the full head
     from fedalign.metrics.evaluation import max_scored_tokens
 
     scored = max_scored_tokens(data.train["target_mask"], data.train["mask"])
@@ -396,6 +399,8 @@ def make_evaluator(data: FederatedData, mcfg: Any, module: Any, batch_size: int)
   apply_fn = lambda p, tok, m: module.apply({"params": p}, tok, m)[0]
   # The LM head on the scored positions only (the label word's, the options').
   scored = lambda p, tok, m, pos: module.apply({"params": p}, tok, m, logit_positions=pos)[0]
+  if getattr(data, "lm", False):  # data.task = 'lm': next-token accuracy and log-likelihood
+    return ev.make_lm_evaluator(apply_fn, batch_size, data.num_classes)
   if getattr(data, "multiple_choice", False):  # MMLU / HellaSwag: every option scored
     return ev.make_multiple_choice_evaluator(
         apply_fn,

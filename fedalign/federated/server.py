@@ -143,6 +143,11 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       "compilations": compile_timer.compilations,
       "config": json.loads(reported_config.to_json()),
   }
+  nlls = [h["test_nll"] for h in history if "test_nll" in h]
+  if nlls:  # data.task = 'lm' (test_accuracy above is the next-token accuracy)
+    summary["final_test_nll"] = nlls[-1]
+    summary["best_test_nll"] = min(nlls)
+    summary["final_test_perplexity"] = float(np.exp(nlls[-1]))
   if accountant is not None:
     summary["dp_epsilon"] = accountant.epsilon(rounds)
     summary["dp"] = accountant.describe()

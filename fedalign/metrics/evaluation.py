@@ -25,6 +25,11 @@ evaluation compiles once per data shape; :func:`make_multiple_choice_evaluator` 
   log-prob, argmax = prediction; multi-token label words are scored whole.
   :func:`make_seq2seq_classification_evaluator` returns the jitted evaluator with the same
   output dict as :func:`make_classification_evaluator`, so the server treats both alike.
+* :func:`lm_eval` - next-token language modelling (``data.task = 'lm'``): ``acc`` = top-1
+  next-token accuracy over every target token, ``nll`` = mean next-token negative
+  log-likelihood (nats per token), ``ppl`` = exp(nll), per example and per topic.
+  :func:`make_lm_evaluator` returns it jitted, with the same ``acc`` / ``correct`` keys as the
+  classifiers, so the server, the hooks and the experiment tables treat it alike.
 * :func:`client_accuracy` - each client's accuracy on its own label distribution, by
   reweighting per-class accuracy on a balanced test set; :func:`sample_client_test_sets` is the
   sampling alternative. Global accuracy on the balanced test set is ``mean(correct)``.
@@ -252,6 +257,74 @@ def classification_eval(
   pred = jnp.argmax(s, axis=1)
   correct = pred == jnp.asarray(examples["labels"])
   return {"logprobs": s, "pred": pred, "correct": correct, "acc": jnp.mean(correct)}
+
+
+def lm_eval(
+    logits_fn: LogitsFn,
+    examples: Mapping[str, Array],
+    batch_size: int,
+    num_labels: int,
+) -> dict[str, jax.Array]:
+  """Next-token accuracy and log-likelihood of the target tokens of a causal LM.
+
+  ``examples``: :func:`fedalign.data.formatting.format_lm` output (``tokens``, ``mask``,
+  ``target_mask``, ``labels`` in ``[0, num_labels)``). Token ``t`` counts when
+  ``target_mask[t]``, predicted from the logits at ``t - 1``.
+
+  Returns:
+    ``acc`` (correct target tokens / target tokens), ``nll`` (mean negative log-likelihood per
+    target token, nats), ``ppl`` (exp(nll)), ``correct`` (N,) (each row's token accuracy, what
+    :func:`client_accuracy` reweights by topic), ``row_nll`` (N,), and per topic ``nll_by_label``
+    and ``acc_by_label`` (K,) (token-weighted; 0 for an absent topic).
+
+  >>> import jax.numpy as jnp
+  >>> ex = {"tokens": jnp.array([[0, 1, 2]]), "mask": jnp.ones((1, 3), bool),
+  ...       "target_mask": jnp.array([[False, True, True]]), "labels": jnp.array([0])}
+  >>> r = lm_eval(lambda t, m: jnp.zeros(t.shape + (4,)), ex, batch_size=2, num_labels=2)
+  >>> round(float(r["nll"]), 4), round(float(r["ppl"]), 4)
+  (1.3863, 4.0)
+  """
+  tm = jnp.asarray(examples["target_mask"]) & jnp.asarray(examples["mask"])
+  (t, m, tmb), n = _batched(
+      [jnp.asarray(examples["tokens"]), jnp.asarray(examples["mask"]), tm], batch_size
+  )
+
+  def body(x):
+    tb, mb, tgt = x
+    logits = jnp.asarray(logits_fn(tb, mb), jnp.float32)[:, :-1]
+    nxt = tb[:, 1:]
+    w = tgt[:, 1:].astype(jnp.float32)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[..., None], axis=-1)[..., 0]
+    hit = (jnp.argmax(logits, axis=-1) == nxt).astype(jnp.float32)
+    return jnp.stack([-jnp.sum(lp * w, 1), jnp.sum(hit * w, 1), jnp.sum(w, 1)], axis=1)
+
+  rows = jax.lax.map(body, (t, m, tmb)).reshape(-1, 3)[:n]  # (N, [nll sum, hits, count])
+  nll_sum, hits, count = rows[:, 0], rows[:, 1], rows[:, 2]
+  total = jnp.maximum(jnp.sum(count), 1.0)
+  onehot = jax.nn.one_hot(jnp.asarray(examples["labels"]), num_labels, dtype=jnp.float32)
+  per = onehot.T @ rows  # (K, 3)
+  nll = jnp.sum(nll_sum) / total
+  return {
+      "acc": jnp.sum(hits) / total,
+      "nll": nll,
+      "ppl": jnp.exp(nll),
+      "correct": hits / jnp.maximum(count, 1.0),
+      "row_nll": nll_sum / jnp.maximum(count, 1.0),
+      "nll_by_label": per[:, 0] / jnp.maximum(per[:, 2], 1.0),
+      "acc_by_label": per[:, 1] / jnp.maximum(per[:, 2], 1.0),
+  }
+
+
+def make_lm_evaluator(
+    apply_fn: ApplyFn, batch_size: int, num_labels: int
+) -> Callable[[object, Mapping[str, Array]], dict[str, jax.Array]]:
+  """``jax.jit`` of ``(params, examples) -> lm_eval(...)`` (one compile per data shape)."""
+
+  @jax.jit
+  def evaluate(params, examples):
+    return lm_eval(lambda t, m: apply_fn(params, t, m), examples, batch_size, num_labels)
+
+  return evaluate
 
 
 def seq2seq_classification_eval(
