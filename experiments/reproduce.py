@@ -513,6 +513,8 @@ def read_entry(entry_dir: pathlib.Path, target_accuracy: float) -> dict[str, Any
       "wall_time_s": float(s.get("wall_time_s", float("nan"))),
       "mean_round_time_s": float(np.mean(times)) if times else float("nan"),
       "last_diagnostics": _last_diagnostics(records),
+      # data.task = 'lm': the final test NLL (nats per token); accuracy is next-token accuracy
+      "final_nll": float(s["final_test_nll"]) if "final_test_nll" in s else None,
   }
 
 
@@ -593,6 +595,8 @@ def _aggregate(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
     agg["last5"] = mean_std([r["last5"] for r in ok])
     agg["final"] = mean_std([r["final"] for r in ok])
     agg["stability"] = mean_std([r["last5_std"] for r in ok])
+    if all(r.get("final_nll") is not None for r in ok):
+      agg["final_nll"] = mean_std([r["final_nll"] for r in ok])
     reached = [r["rounds_to_target"] for r in ok if r["rounds_to_target"] is not None]
     agg["rounds_to_target"] = {
         "mean": float(np.mean(reached)) if reached else None,
@@ -671,7 +675,8 @@ def collect_results(
           if m == "fedavg" or not pairs
           else {
               k: paired_difference([p[0][k] for p in pairs], [p[1][k] for p in pairs])
-              for k in ("last5", "final")
+              for k in ("last5", "final", "final_nll")
+              if all(p[0].get(k) is not None and p[1].get(k) is not None for p in pairs)
           }
       )
   ablation = {}
@@ -873,6 +878,34 @@ def render_markdown(res: dict[str, Any]) -> str:
         row += ["-", "-"] if d is None else [_fmt_paired(d["last5"]), _fmt_paired(d["final"])]
       table.append(row)
     header = _alpha_header(res["alphas"], ("Δ last-5 [95% CI] (p, n)", "Δ final [95% CI] (p, n)"))
+    lines += [markdown_table(header, table), ""]
+
+  # (a'') data.task = 'lm': the test NLL next to the next-token accuracy
+  nll = [
+      m for m in res["methods"] if any("final_nll" in res["grid"][m][str(a)] for a in res["alphas"])
+  ]
+  if nll:
+    lines += [
+        "## Test NLL (language modelling)",
+        "",
+        "`data.task = 'lm'`: the accuracy above is next-token top-1 accuracy; here the final "
+        "test negative log-likelihood in nats per token (lower is better; perplexity = "
+        "exp(NLL)), mean ± std over seeds, and the paired difference against FedAvg (negative: "
+        "the method's NLL is lower).",
+        "",
+    ]
+    table = []
+    for m in nll:
+      row = [_label(m)]
+      for a in res["alphas"]:
+        agg = res["grid"][m][str(a)]
+        d = (agg.get("paired_vs_fedavg") or {}).get("final_nll")
+        row += [
+            fmt_ms(agg["final_nll"]) if "final_nll" in agg else "-",
+            "-" if d is None else _fmt_paired(d),
+        ]
+      table.append(row)
+    header = _alpha_header(res["alphas"], ("final NLL", "Δ final NLL [95% CI] (p, n)"))
     lines += [markdown_table(header, table), ""]
 
   # (b) the ablation

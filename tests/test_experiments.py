@@ -207,6 +207,7 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   gain = (np.mean(fedalign_last5) - np.mean(fedavg_last5)) / np.mean(fedavg_last5) * 100
   assert f"{gain:+.1f}%" in table_row(md, "FedAlign-MoE")
   assert "failed: s0: KeyError" in table_row(md, "broken")
+  assert "## Test NLL" not in md  # classification: no NLL in the summaries
   assert "(n=1; failed: s1: FloatingPointError" in table_row(md, "FedProx")
   # Paired differences against FedAvg over the seeds both finished (same seed = same partition).
   paired = md.split("## Paired difference against FedAvg")[1].split("## ")[0]
@@ -259,6 +260,33 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   base.train.rounds = 11
   reproduce.run_grid(base, plan, tmp_path)
   assert "fedavg_a0.1_s0" in calls and len(calls) == 14
+
+
+def test_lm_runs_get_an_nll_table_with_paired_differences(tmp_path, monkeypatch):
+  """data.task = 'lm' (configs/domain.py): the summaries' final_test_nll make a table of mean
+  +/- std and the paired difference against FedAvg, computed here from the same numbers."""
+  nll = {("fedavg", 0): 3.9, ("fedavg", 1): 3.8, ("fedalign", 0): 3.85, ("fedalign", 1): 3.78}
+  inner = fake_runner(lambda c: [0.2, 0.25], [])
+
+  def run(config, workdir):
+    summary = inner(config, workdir)
+    summary["final_test_nll"] = nll[config.method, config.seed]
+    (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+  monkeypatch.setattr(reproduce, "run_experiment", run)
+  base = reproduce.load_config("configs/domain.py")
+  plan = reproduce.make_plan(["fedavg", "fedalign"], [0.1], [0, 1])
+  md = reproduce.run_grid(base, plan, tmp_path, target_accuracy=0.22)["markdown"]
+  table = md.split("## Test NLL (language modelling)")[1].split("## ")[0]
+  fa = [nll["fedalign", 0], nll["fedalign", 1]]
+  ref = [nll["fedavg", 0], nll["fedavg", 1]]
+  d = reproduce.paired_difference(fa, ref)
+  assert d["mean"] == pytest.approx(-0.035)
+  assert table_row(table, "FedAvg") == f"| FedAvg | {expected_ms(ref)} | - |"
+  assert table_row(table, "FedAlign-MoE") == (
+      f"| FedAlign-MoE | {expected_ms(fa)} | {reproduce._fmt_paired(d)} |"
+  )
 
 
 def test_fedprox_at_one_local_step_shares_the_fedavg_runs(tmp_path, monkeypatch):
