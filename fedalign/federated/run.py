@@ -321,10 +321,9 @@ def build_run(
     data = FederatedData(config, workdir)
   mcfg, params = load_model(config, data.tokenizer)
   scored = None
-  if not data.seq2seq and not getattr(
-      data, "lm", False
-  ):  # the LM head on the target positions only (a bound
-    # from every row); an LM scores every position: the full head
+  # The LM head on the target positions only (a bound from every row); a language model
+  # (data.task = 'lm') scores every position: the full head.
+  if not data.seq2seq and not getattr(data, "lm", False):
     from fedalign.metrics.evaluation import max_scored_tokens
 
     scored = max_scored_tokens(data.train["target_mask"], data.train["mask"])
