@@ -701,6 +701,7 @@ def collect_results(
       "seeds": sorted({e.seed for e in entries}),
       "entries": {e.name: res(e) for e in entries},
       "shared_runs": shared_runs(entries),
+      "data": plan.get("base_config", {}).get("data", {}),  # partition and task of the grid
   }
 
 
@@ -782,6 +783,20 @@ def _fmt_paired(d: dict[str, float]) -> str:
   return f"{d['mean']:+.3f} {ci} ({p}n={d['n']})"
 
 
+def _partition_text(res: dict[str, Any]) -> str:
+  """'Dirichlet alphas: ...', or the partition (and task) when alpha has no effect."""
+  d = res.get("data", {})
+  task = "; task: next-token language modelling (data.task = 'lm')" if d.get("task") == "lm" else ""
+  if d.get("partition", "dirichlet") == "dirichlet":
+    return f"Dirichlet alphas: {', '.join(str(a) for a in res['alphas']) or '-'}{task}"
+  per = d.get("classes_per_client")
+  how = f", {per} label(s) per client" if d["partition"] == "pathological" and per else ""
+  return (
+      f"partition: {d['partition']}{how} (the α columns are the runner's entry key; alpha has "
+      f"no effect){task}"
+  )
+
+
 def render_markdown(res: dict[str, Any]) -> str:
   """The results page (header, main table, ablation, convergence) from :func:`collect_results`."""
   info = res["run_info"]
@@ -801,8 +816,7 @@ def render_markdown(res: dict[str, Any]) -> str:
       ),
       f"- config file: `{info.get('config_file', '?')}`; overrides: "
       + (", ".join(f"`{o}`" for o in info.get("overrides", [])) or "none"),
-      f"- methods: {', '.join(res['methods']) or '-'}; Dirichlet alphas: "
-      f"{', '.join(str(a) for a in res['alphas']) or '-'}; seeds: "
+      f"- methods: {', '.join(res['methods']) or '-'}; {_partition_text(res)}; seeds: "
       f"{', '.join(str(s) for s in res['seeds'])}"
       + ("; ablation rows at alpha = 0.1" if res["rows"] else ""),
       *_pretrain_lines(info.get("pretrain")),

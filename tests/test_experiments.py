@@ -278,6 +278,8 @@ def test_lm_runs_get_an_nll_table_with_paired_differences(tmp_path, monkeypatch)
   base = reproduce.load_config("configs/domain.py")
   plan = reproduce.make_plan(["fedavg", "fedalign"], [0.1], [0, 1])
   md = reproduce.run_grid(base, plan, tmp_path, target_accuracy=0.22)["markdown"]
+  assert "partition: pathological, 1 label(s) per client (the α columns" in md
+  assert "task: next-token language modelling" in md
   table = md.split("## Test NLL (language modelling)")[1].split("## ")[0]
   fa = [nll["fedalign", 0], nll["fedalign", 1]]
   ref = [nll["fedavg", 0], nll["fedavg", 1]]
