@@ -680,10 +680,20 @@ def collect_results(
           }
       )
   ablation = {}
+  previous: dict[int, dict[str, Any]] = {}
   for row in rows:
     es = [e for e in entries if e.group == "ablation" and e.label == row]
     ablation[row] = _aggregate([res(e) for e in es], [e.seed for e in es])
     ablation[row]["entries"] = sorted({e.name for e in es})
+    # Paired (same seed) difference of the last-5 means against the previous row.
+    ok = {e.seed: res(e) for e in es if res(e)["status"] == "ok"}
+    seeds = sorted(set(ok) & set(previous))
+    ablation[row]["paired_vs_previous"] = (
+        paired_difference([ok[s]["last5"] for s in seeds], [previous[s]["last5"] for s in seeds])
+        if seeds
+        else None
+    )
+    previous = ok
   wall = sum(
       r.get("wall_time_s", 0.0)
       for r in cache.values()
@@ -928,7 +938,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         "## Ablation (cumulative, alpha = 0.1)",
         "",
         "Rows of `configs/ablation.py` applied to the same base config; Δ = difference "
-        "of the last-5 means.",
+        "of the last-5 means; *paired*: per seed (same partition and initialisation), the "
+        "row's last-5 mean minus the previous row's, over the seeds both finished.",
         "",
     ]
     table = []
@@ -937,7 +948,7 @@ def render_markdown(res: dict[str, Any]) -> str:
       agg = res["ablation"][r]
       desc = ABLATION_DESCRIPTIONS.get(r, "")
       if not agg["n_ok"]:
-        table.append([r, desc, _empty_cell(agg), "-", "-", "-"])
+        table.append([r, desc, _empty_cell(agg), "-", "-", "-", "-"])
         prev = None
         continue
       mean = agg["last5"]["mean"]
@@ -951,10 +962,19 @@ def render_markdown(res: dict[str, Any]) -> str:
               fmt_ms(agg["final"]),
               "-" if prev is None else f"{mean - prev:+.3f}",
               "-" if first is None or r == res["rows"][0] else f"{mean - first:+.3f}",
+              "-" if not agg.get("paired_vs_previous") else _fmt_paired(agg["paired_vs_previous"]),
           ]
       )
       prev = mean
-    header = ["row", "adds", "last-5", "final", "Δ vs previous row", "Δ vs direct averaging"]
+    header = [
+        "row",
+        "adds",
+        "last-5",
+        "final",
+        "Δ vs previous row",
+        "Δ vs direct averaging",
+        "Δ vs previous row, paired [95% CI] (p, n)",
+    ]
     lines += [markdown_table(header, table), ""]
 
   # (b') last-round diagnostics

@@ -222,6 +222,11 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   for row in reproduce.ABLATION_DESCRIPTIONS:
     assert f"| {row} |" in abl
   assert "| semantic | " in abl and "+0.100 |" in table_row(abl, "semantic")
+  # paired against the previous row, per seed: uniform_gating (a FedAlign-MoE run, +0.1 in the
+  # fake) vs direct averaging (FedAvg), semantic vs adaptive_alpha (both FedAlign-MoE runs)
+  assert table_row(abl, "uniform_gating").endswith("| +0.100 [+0.100, +0.100] (n=2) |")
+  assert table_row(abl, "semantic").endswith("| +0.000 [+0.000, +0.000] (n=2) |")
+  assert table_row(abl, "direct_averaging").endswith("| - |")
   conv = md.split("## Convergence")[1]
   assert "| FedAvg | 3.0 (1/2 seeds; others not reached) |" in conv
   assert table_row(conv, "FedAlign-MoE").startswith("| FedAlign-MoE | 2.5 |")  # rounds 3, 2
