@@ -20,9 +20,10 @@ Hardware and time: as configs/default.py (2 CPU cores, a few minutes per row). T
 reports 0.774 / 0.802 / 0.831 / 0.841 / 0.852 on Switch-base-16. On the default config the
 grid of docs/results_pretrained.md (``experiments.reproduce``, which applies the rows' switches to
 its base config, so there ``semantic`` is configs/default.py's FedAlign-MoE) measured at alpha
-= 0.1, last-5 test accuracy on seeds 0-1: 0.765 / 0.763 / 0.762 / 0.759 / 0.753 / 0.764
-(direct_averaging, semantic and permutation are the FedAvg, FedAlign-MoE and + perm. align runs,
-5 seeds there; the other three rows have seeds 0-1 only). The same rows on
+= 0.1, last-5 test accuracy over seeds 0-4: 0.763 / 0.763 / 0.762 / 0.759 / 0.743 / 0.763
+(direct_averaging, semantic and permutation are the FedAvg, FedAlign-MoE and + perm. align runs;
+each row's paired difference against the previous one is in the page's table, none significant).
+The same rows on
 ``configs/cpu_analog.py`` (``python -m experiments.reproduce --config=configs/cpu_analog.py
 --ablation``, seeds 0-2, docs/results.md) measured last-5 test accuracy 0.365 / 0.387 / 0.370 /
 0.380 / 0.341 / 0.341.
