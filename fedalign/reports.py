@@ -62,3 +62,41 @@ def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
 def read_json(path: str | os.PathLike) -> Any:
   """The JSON document at ``path``."""
   return json.loads(pathlib.Path(path).read_text())
+
+
+def write_generated_block(path: str | os.PathLike, key: str, body: str) -> pathlib.Path:
+  """Puts ``body`` between the begin/end markers named ``key`` in the markdown file ``path``.
+
+  The text outside the block (the hand-written reading, other generated blocks) is kept; a
+  block seen for the first time goes at the end of the file (which is created if absent).
+
+  Example:
+    >>> import tempfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "doc.md"
+    >>> _ = p.write_text("reading\\n")
+    >>> _ = write_generated_block(p, "grid a", "| x |\\n")
+    >>> _ = write_generated_block(p, "grid a", "| y |\\n")
+    >>> print(p.read_text())
+    reading
+    <BLANKLINE>
+    <!-- begin: generated from grid a, do not edit by hand -->
+    <BLANKLINE>
+    | y |
+    <BLANKLINE>
+    <!-- end: generated from grid a -->
+    <BLANKLINE>
+  """
+  path = pathlib.Path(path)
+  begin = f"<!-- begin: generated from {key}, do not edit by hand -->"
+  end = f"<!-- end: generated from {key} -->"
+  block = f"{begin}\n\n{body.rstrip()}\n\n{end}\n"
+  text = path.read_text() if path.exists() else ""
+  if begin in text and end in text.split(begin, 1)[1]:
+    before, rest = text.split(begin, 1)
+    after = rest.split(end, 1)[1].lstrip("\n")
+    text = before + block + ("\n" + after if after else "")
+  else:
+    text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  return path

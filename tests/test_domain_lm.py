@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedalign.config_files import load_config
+from fedalign.config_files import load_config, load_module
 from fedalign.data.federated import FederatedData
 from fedalign.data.formatting import format_lm
 from fedalign.data.tokenize import ByteTokenizer
@@ -101,13 +101,10 @@ def test_domain_config_trains_a_language_model_on_topic_clients(tmp_path):
   and summary carry the next-token accuracy, NLL and perplexity, and the LM improves."""
   c = load_config(REPO / "configs/domain.py", "runlocal")
   c.method = "fedalign"
-  c.data.num_clients = 4
-  c.train.clients_per_round = 4
-  c.data.max_train_examples = 400
+  load_module(REPO / "configs/common.py").tiny_federation(
+      c, vocab_size=c.data.vocab_size, seq_len=24
+  )
   c.data.max_test_examples = 64
-  c.data.min_client_size = 10
-  c.data.seq_len = 24
-  c.train.rounds = 2
   c.train.local_steps = 3
   c.train.learning_rate = 3e-3
   c.eval.specialization_examples = 64

@@ -19,6 +19,7 @@ from fedalign.federated.client import make_client_update
 from fedalign.federated.round import init_server_state, make_round_fn
 from fedalign.models.lora import partition
 from fedalign.models.routing import routing_stats
+from fedalign.reports import write_generated_block
 
 # ------------------------------------------------------------------ defences vs NumPy
 
@@ -386,7 +387,11 @@ def test_robustness_grid_and_tables_from_run_files(tmp_path):
       rec = {"cell": rx.dataclasses.asdict(cell), "final_test_accuracy": a, "wall_time_s": 1.0}
       (tmp_path / "runs" / f"{cell.name}.json").write_text(json.dumps(rec))
   docs = tmp_path / "doc.md"
-  docs.write_text("hand-written\n" + rx.GENERATED + "\nold tables\n")
+  docs.write_text("hand-written\n")
+  other = tmp_path / "other_grid"
+  (other / "runs").mkdir(parents=True)
+  rx.write_tables(other, "- the other grid's header", str(docs))
+  write_generated_block(docs, rx.docs_key(tmp_path), "old tables")
   body = rx.write_tables(tmp_path, "- header", str(docs))
   assert "| FedAvg | none | 0.450 ± 0.071 (2) | 0.250 ± 0.071 (2) |" in body
   assert "| FedAlign-MoE | median | - | 0.450 (1) |" in body
@@ -395,4 +400,9 @@ def test_robustness_grid_and_tables_from_run_files(tmp_path):
   assert "| FedAvg | none | 0.450 ± 0.071 (2) | = clean |" in inflation
   assert "| FedAlign-MoE | none | - | 0.410 (1) |" in inflation
   text = docs.read_text()
-  assert text.startswith("hand-written\n") and "old tables" not in text and body in text
+  assert text.startswith("hand-written\n") and "old tables" not in text and body.rstrip() in text
+  # the other workdir's block is kept, above this one's (the order they were first written)
+  assert "- the other grid's header" in text and text.index("other grid") < text.index(
+      body.rstrip()
+  )
+  assert text.count(rx.docs_key(tmp_path)) == 2  # its begin and end markers, once
