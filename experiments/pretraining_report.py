@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from fedalign.reports import write_generated_block
+
 DOMAINS = ("dolly", "mmlu", "hellaswag", "agnews")
 
 
@@ -170,19 +172,6 @@ def layer_mean(result: dict[str, Any], label: str, key: str) -> float:
   return float(np.mean([v[key][0] for v in result[label].values()]))
 
 
-BEGIN, END = "<!-- pretraining_report: begin -->", "<!-- pretraining_report: end -->"
-
-
-def write_between_markers(path: pathlib.Path, text: str) -> None:
-  """Replaces the generated block of ``path`` (hand-written text around it is kept)."""
-  old = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
-  if BEGIN not in old or END not in old:
-    old = old.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-  head, rest = old.split(BEGIN, 1)
-  tail = rest.split(END, 1)[1]
-  path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
-
-
 def main() -> None:
   import fedalign.pretrained as shipped
 
@@ -255,7 +244,7 @@ def main() -> None:
         "",
     ] + lines
   text = "\n".join(lines) + "\n"
-  write_between_markers(pathlib.Path(args.out), text)
+  write_generated_block(args.out, "experiments/pretraining_report.py", text)
   print(text)
   if info:
     print(

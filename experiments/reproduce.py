@@ -57,7 +57,7 @@ import numpy as np
 from experiments import plots as plots_lib
 from fedalign import config_files
 from fedalign.federated.server import run_experiment
-from fedalign.reports import markdown_table, write_json
+from fedalign.reports import docs_key, markdown_table, write_generated_block, write_json
 
 log = logging.getLogger("experiments.reproduce")
 
@@ -1086,20 +1086,9 @@ def write_report(
       plot_dir.mkdir(exist_ok=True)
       for p in written:
         shutil.copy2(p, plot_dir / p.name)
-    docs_out.write_text(md + plot_section(f"{plot_dir.name}/") + _kept_section(docs_out))
+    key = docs_key("experiments/reproduce.py", workdir)
+    write_generated_block(docs_out, key, md + plot_section(f"{plot_dir.name}/"))
   return {"markdown": md, "results": res, "plots": written, "plot_notes": notes}
-
-
-KEEP_MARKER = "<!-- hand-written below: kept when the tables are regenerated -->"
-
-
-def _kept_section(path: pathlib.Path) -> str:
-  """The hand-written tail of an existing results page (from :data:`KEEP_MARKER` on)."""
-  if not path.exists():
-    return ""
-  text = path.read_text()
-  i = text.find(KEEP_MARKER)
-  return "" if i < 0 else "\n" + text[i:]
 
 
 # ----------------------------------------------------------------------------- CLI

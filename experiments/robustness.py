@@ -59,6 +59,7 @@ from fedalign.federated.config_checks import validate_config
 from fedalign.federated.round import init_server_state, make_round_fn
 from fedalign.federated.run import build_training, make_evaluator, sample_clients
 from fedalign.models.from_config import load_model
+from fedalign.reports import docs_key as reports_docs_key
 from fedalign.reports import markdown_table, read_json, write_generated_block, write_json
 
 METHODS = ("fedavg", "fedalign")
@@ -297,9 +298,8 @@ def write_tables(workdir: pathlib.Path, header: str, docs_out: str = "") -> str:
 
 
 def docs_key(workdir: pathlib.Path) -> str:
-  """The name of a workdir's generated block in ``--docs_out``: several grids (e.g. one per
-  base recipe) share one document, each replacing only its own block."""
-  return f"experiments/robustness.py --workdir=.../{pathlib.Path(workdir).name}"
+  """This tool's block name for ``workdir`` (see :func:`fedalign.reports.docs_key`)."""
+  return reports_docs_key("experiments/robustness.py", workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,6 +64,17 @@ def read_json(path: str | os.PathLike) -> Any:
   return json.loads(pathlib.Path(path).read_text())
 
 
+def docs_key(tool: str, workdir: str | os.PathLike) -> str:
+  """The name of a grid's generated block in a docs page: the tool and the workdir's last part,
+  so several grids (e.g. one per base recipe) can share one page, each replacing only its block.
+
+  Example:
+    >>> docs_key("experiments/robustness.py", "/tmp/x/robustness_alpha01")
+    'experiments/robustness.py --workdir=.../robustness_alpha01'
+  """
+  return f"{tool} --workdir=.../{pathlib.Path(workdir).name}"
+
+
 def write_generated_block(path: str | os.PathLike, key: str, body: str) -> pathlib.Path:
   """Puts ``body`` between the begin/end markers named ``key`` in the markdown file ``path``.
 

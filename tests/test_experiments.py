@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import plots, reproduce
+from fedalign.reports import docs_key
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "notebooks" / "fedalign_demo.ipynb"
@@ -248,14 +249,16 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   assert rep["markdown"] in docs
   # configs/default.py starts from the shipped checkpoint: the header names it and its record
   assert "- start: the checkpoint `fedalign/pretrained/moe-small` pre-trained once" in docs
-  # A hand-written reading below the marker survives regeneration.
+  # A hand-written reading around the generated block survives regeneration, and the block is
+  # replaced, not repeated.
   (tmp_path / "docs" / "results.md").write_text(
-      docs + "\n" + reproduce.KEEP_MARKER + "\n## Reading\nFedAlign wins by 0.1.\n"
+      "# Intro\n\n" + docs + "\n## Reading\nFedAlign wins by 0.1.\n"
   )
   reproduce.write_report(tmp_path, docs_out=tmp_path / "docs" / "results.md")
   again = (tmp_path / "docs" / "results.md").read_text()
-  assert again.count("## Reading\nFedAlign wins by 0.1.") == 1
-  assert again.startswith(rep["markdown"])
+  assert again.startswith("# Intro\n") and again.endswith("## Reading\nFedAlign wins by 0.1.\n")
+  assert again.count(rep["markdown"].strip()) == 1
+  assert again.count(docs_key("experiments/reproduce.py", tmp_path)) == 2  # begin and end
 
   # Rerun: only unfinished/failed entries are called; a changed config re-runs everything.
   calls.clear()

@@ -9,6 +9,7 @@ import numpy as np
 
 from experiments import mechanism as mech
 from fedalign import synthetic as syn
+from fedalign.reports import docs_key
 from fedalign.federated.round import init_server_state
 
 HP = dataclasses.replace(mech.Hyper(**mech.TINY), rounds=1)
@@ -54,12 +55,15 @@ def test_permutation_alignment_recovers_the_global_model_exactly():
 
 
 def test_tiny_runner_writes_run_file_and_table(tmp_path):
+  docs = tmp_path / "docs.md"
+  docs.write_text("# Mechanism\n\nHand-written reading.\n")
   argv = [
       f"--workdir={tmp_path}",
       "--tiny",
       "--seeds=0",
       "--settings=a10",
       "--variants=fedavg,fedalign_not_a_real_option",
+      f"--docs_out={docs}",
   ]
   mech.VARIANTS["fedalign_not_a_real_option"] = {"fedalign.not_a_real_option": 1}
   try:
@@ -70,3 +74,10 @@ def test_tiny_runner_writes_run_file_and_table(tmp_path):
   assert runs == ["a10__fedavg__s0.json"]
   md = (tmp_path / "results.md").read_text()
   assert "| fedavg | 1 |" in md and "d vs FedAvg" in md
+  # --docs_out: the tables go into this workdir's block; the reading and one block remain after
+  # a rewrite.
+  assert mech.main(argv[:1] + ["--tables_only", f"--docs_out={docs}"]) == 0
+  text = docs.read_text()
+  assert text.startswith("# Mechanism\n\nHand-written reading.\n")
+  assert text.count("| fedavg | 1 |") == 1
+  assert text.count(docs_key("experiments/mechanism.py", tmp_path)) == 2  # begin and end
