@@ -22,7 +22,9 @@ final accuracy) gets ``FAILED.txt`` (error and traceback) and the grid goes on; 
 Outputs: ``WORKDIR/results.md`` (and ``--docs_out``, whose plots are copied next to it into
 ``<docs_out stem>_plots/``), ``WORKDIR/results.json`` (the same numbers, machine-readable),
 ``WORKDIR/grid.json`` (the plan and how it was run) and ``WORKDIR/plots/``. Every number in the
-tables is computed from the entries' ``summary.json`` / ``metrics.jsonl``.
+tables is computed from the entries' ``summary.json`` / ``metrics.jsonl``. In ``--docs_out``
+they replace this workdir's generated block only (:func:`fedalign.reports.write_generated_block`):
+the hand-written reading around it is kept.
 
 In Python (a tiny grid, about a minute on 2 CPU cores)::
 
