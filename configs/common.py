@@ -48,6 +48,7 @@ FEDALIGN_PAPER = dict(
     pairwise=True,
     permutation_alignment=False,
     alignment_margin=0.0,
+    selection_min_cv=0.0,
 )
 
 

@@ -198,6 +198,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # marginal form's loss at 200 local steps. ':paper' restores the literal reading.
   c.fedalign.regularizer_form = "conditional"
   c.fedalign.router_overlap = "per_expert"  # per_expert | bhattacharyya (spec 4.1)
+  c.fedalign.selection_min_cv = 0.0  # > 0: exclude nobody where std/mean of S_i(e) is below it
   c.fedalign.selection_tol = 1e-6  # slack of A(e) (numerical)
   c.fedalign.identity_bonus = 1e-6  # alignment ties keep the client's index (numerical)
   c.fedalign.detailed_diagnostics = False  # per-(client, expert) omega, S, tau, A, w in metrics

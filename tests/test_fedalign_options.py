@@ -1,5 +1,6 @@
-"""FedAlign-MoE's [ours] options of Science I (spec 3.2 conditional regularizer, 4.1
-Bhattacharyya router overlap, 4.5 alignment margin), each against a numpy reference."""
+"""FedAlign-MoE's [ours] options of Science I and II (spec 3.2 conditional regularizer, 4.1
+Bhattacharyya router overlap, 4.3 selection floor, 4.5 alignment margin), each against a numpy
+reference."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,18 @@ import numpy as np
 import pytest
 
 from fedalign.algorithms.fedalign import FedAlignConfig, conditional_regularizer
-from test_fedalign import BLOCK, C, E, N, _perm_problem, _permute_client, run, toy_problem
+from test_fedalign import (
+    BLOCK,
+    C,
+    E,
+    N,
+    _perm_problem,
+    _permute_client,
+    assert_tree_close,
+    reference,
+    run,
+    toy_problem,
+)
 
 
 def log_softmax(z):
@@ -126,9 +138,42 @@ def test_alignment_margin_keeps_the_identity_unless_the_gain_clears_it():
   assert float(diag[f"{BLOCK}/perm_moved_frac"]) == 0.0
 
 
+def test_selection_floor_keeps_every_client_where_the_scores_barely_spread():
+  params, deltas, stats = toy_problem()
+  ref = reference(params, deltas, stats, N)  # the paper's rule
+  c, S = stats[BLOCK]["select_count"], ref["S"]
+  # The toy's experts: 0 has 3 selecting clients with S spread by CV 0.42 (client 2 goes the
+  # other way and is excluded), 1 has 2 tied clients (CV 0), 2 one client, 3 none.
+  cv0 = S[:, 0].std() / S[:, 0].mean()
+  assert 0.35 < cv0 < 0.5 and ref["A"][:, 0].tolist() == [1, 1, 0]
+
+  # A floor below expert 0's spread changes nothing but floors the tied expert 1.
+  new, _, diag = run(FedAlignConfig(selection_min_cv=0.3), params, deltas, stats, N)
+  assert_tree_close(new, ref["new_params"])
+  assert float(diag[f"{BLOCK}/floored_frac"]) == pytest.approx(0.5)
+
+  # Above it, expert 0 keeps all three clients, weighted c S / sum c S; the others as before.
+  cfg = FedAlignConfig(selection_min_cv=0.5, detailed_diagnostics=True)
+  new, _, diag = run(cfg, params, deltas, stats, N)
+  assert float(diag[f"{BLOCK}/floored_frac"]) == pytest.approx(1.0)
+  np.testing.assert_array_equal(diag[f"{BLOCK}/A"][:, 0], [1, 1, 1])
+  np.testing.assert_array_equal(diag[f"{BLOCK}/A"][:, 1:], ref["A"][:, 1:])
+  w0 = c[:, 0] * S[:, 0] / (c[:, 0] * S[:, 0]).sum()
+  np.testing.assert_allclose(diag[f"{BLOCK}/w"][:, 0], w0, rtol=1e-5)
+  for k, got in new[BLOCK]["experts"].items():
+    theta, d = params[BLOCK]["experts"][k], deltas[BLOCK]["experts"][k]
+    np.testing.assert_allclose(got[0], theta[0] + np.tensordot(w0, d[:, 0], 1), rtol=1e-5)
+    np.testing.assert_allclose(got[1:], ref["new_params"][BLOCK]["experts"][k][1:], rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "field, value",
-    [("regularizer_form", "token"), ("router_overlap", "cosine"), ("alignment_margin", -0.1)],
+    [
+        ("regularizer_form", "token"),
+        ("router_overlap", "cosine"),
+        ("alignment_margin", -0.1),
+        ("selection_min_cv", -1.0),
+    ],
 )
 def test_bad_option_names_field(field, value):
   with pytest.raises(ValueError, match=f"config.fedalign.{field}="):

@@ -94,6 +94,10 @@ class FedAlignConfig:
       clipping) [ours]; like ``centroid_clip``, a perturbation of the aggregation, not privacy.
     server_optimizer: optax transformation applied to the aggregated delta (used as the
       negated gradient); None = plain averaging (= SGD with lr 1).
+    selection_min_cv: a floor on the semantic selection (4.3) [ours]: an expert whose scores
+      S_i(e) over P(e) have a coefficient of variation Sigma(e) / M(e) below this excludes no
+      client (A(e) = P(e); the weights stay c S normalised over A), so that consistent
+      clients are not cut by tau_e's fixed share. 0 = the paper's rule at every expert.
     selection_tol: numerical slack of A(e) = {S_i(e) >= tau_e - selection_tol}, so that equal
       scores are never split by float rounding [ours, numerical].
     identity_bonus: added to the diagonal of the permutation-alignment similarity so that
@@ -134,6 +138,7 @@ class FedAlignConfig:
   centroid_clip: float | None = None
   centroid_noise_std: float = 0.0
   server_optimizer: optax.GradientTransformation | None = None
+  selection_min_cv: float = 0.0
   selection_tol: float = 1e-6
   identity_bonus: float = 1e-6
   alignment_similarity: str = "centroid"
@@ -172,6 +177,7 @@ class FedAlignConfig:
         "identity_bonus",
         "centroid_noise_std",
         "alignment_margin",
+        "selection_min_cv",
     ):
       if not getattr(self, field) >= 0:
         bad(field, "a float >= 0")
@@ -790,6 +796,11 @@ def _block_update(
     var_s = jnp.sum(self_f * (score - mean_s[None]) ** 2, axis=0) / jnp.maximum(n_sel, 1.0)
     tau = mean_s - cfg.beta * jnp.sqrt(var_s)
     in_a = sel & (score >= tau[None] - cfg.selection_tol)  # A(e)
+    if cfg.selection_min_cv > 0:  # the floor: too little spread of S over P(e) -> A(e) = P(e)
+      floored = safe_div(jnp.sqrt(var_s), mean_s) < cfg.selection_min_cv
+      in_a = in_a | (sel & floored[None])
+      multi = (n_sel >= 2).astype(jnp.float32)  # experts with a spread to measure
+      diag["floored_frac"] = safe_div(jnp.sum(floored * multi), jnp.sum(multi))
     a_f = in_a.astype(jnp.float32)
     ca = c * a_f
     # w_i(e) = c S / sum_A c S; all-zero scores in A fall back to counts [ours].
