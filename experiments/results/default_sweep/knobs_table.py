@@ -4,7 +4,7 @@
 
 Each row: the overrides against ``knobs/base_now`` (the current default), the final / best /
 last-5 validation accuracy, the range of ``perm_moved_frac`` over the logged rounds and layers,
-and the wall time (:mod:`experiments.validation_table`).
+the mean fraction of experts the selection floor kept whole, and the wall time (:mod:`experiments.validation_table`).
 """
 
 import pathlib
@@ -26,7 +26,8 @@ ORDER = (
     "lambda1",
     "perm_m001",
     "old_code_efd0b33",
+    "floor01",
 )
 
 if __name__ == "__main__":
-  print(table(HERE / "base_now", [HERE / n for n in ORDER], ["perm"], "the current default"))
+  print(table(HERE / "base_now", [HERE / n for n in ORDER], ["perm", "floored"], "the current default"))
