@@ -23,7 +23,7 @@ sends NaN), next to the formulations they replaced:
   all clients at once and in chunks).
 
 Median of --reps calls after a warm-up, the cases called in turn. ``--only`` keeps the cases
-whose name contains that text. Results: markdown table and
+whose name contains that text (``'a|b'``: either). Results: markdown table and
 benchmarks/results/aggregation_breakdown[_TAG].json.
 """
 
@@ -64,13 +64,33 @@ def _sum_dots(xs, xbs):
   return sum(jnp.sum(x * b[None], axis=(2, 3)) for x, b in zip(xs, xbs))
 
 
+def _variadic_consensus_cosine(xs, w, part):
+  """consensus_expert_cosine with the squared norms inside the dot products' reduction (one
+  variadic reduce from -0.0 per leaf): one read of the deltas fewer on paper; tried in the
+  twelfth session and slower (section 2 of benchmarks/README.md)."""
+  x_bars = expert_sum(w, xs, part)
+  zero = jnp.float32(-0.0)
+  pairs = [
+      jax.lax.reduce(
+          (x * b[None], x * x), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), (2, 3)
+      )
+      for x, b in zip(xs, x_bars)
+  ]
+  dot = jnp.where(part[:, None], sum(d for d, _ in pairs), 0.0)
+  sq = jnp.where(part[:, None], sum(q for _, q in pairs), 0.0)
+  sq_bar = sum(jnp.sum(jnp.square(b), axis=(1, 2)) for b in x_bars)
+  return dot / jnp.maximum(jnp.sqrt(sq) * jnp.sqrt(sq_bar)[None], 1e-30)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--clients", type=int, default=100)
   p.add_argument("--experts", type=int, default=64)
   p.add_argument("--chunk", type=int, default=16)
   p.add_argument("--reps", type=int, default=5)
-  p.add_argument("--only", default="", help="keep the cases whose name contains this")
+  p.add_argument(
+      "--only", default="", help="keep the cases whose name contains this ('a|b': either)"
+  )
   p.add_argument("--tag", default="", help="results file aggregation_breakdown_TAG.json")
   args = p.parse_args()
   c, e = args.clients, args.experts
@@ -134,6 +154,10 @@ def main() -> None:
           consensus_expert_cosine,
           (xs, w, part),
       ),
+      "same, norms inside the dots' reduction (variadic reduce, tried): O(N), 2 passes": (
+          _variadic_consensus_cosine,
+          (xs, w, part),
+      ),
       "pairwise_expert_cosine(3 leaves): per expert Gram matmuls": (
           pairwise_expert_cosine,
           (zeroed,),
@@ -144,7 +168,8 @@ def main() -> None:
           (mu, kernels, biases),
       ),
   }
-  cases = {k: v for k, v in cases.items() if args.only in k}
+  keep = args.only.split("|")
+  cases = {k: v for k, v in cases.items() if any(o in k for o in keep)}
   info = machine()
   compiled = {}
   for name, (fn, fargs) in cases.items():
