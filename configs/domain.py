@@ -27,8 +27,10 @@ Measured (docs/results_domain.md, 5 seeds, ``python -m experiments.reproduce
 +/- 0.002 nats per token (perplexity 37.9), FedAlign-MoE 3.645 +/- 0.002, paired +0.009
 [+0.008, +0.010]; next-token accuracy 0.301 vs 0.299. About 5-10 minutes a run on 2 cores.
 The topics hardly change this checkpoint's routing (JS divergence across clients ~3e-4), so
-there is little for the alignment to correct; docs/results_domain.md says why. ``drift`` was
-not measured.
+there is little for the alignment to correct; docs/results_domain.md says why. ``drift`` on
+the validation split, seed 0 (experiments/results/domain_grid/validation): final NLL FedAvg
+3.498, FedAlign-MoE 3.514 (the deficit doubles), FedAlign-MoE without the semantic selection
+level with FedAvg over seeds 0-2.
 """
 
 import pathlib
