@@ -30,4 +30,8 @@ ORDER = (
 )
 
 if __name__ == "__main__":
-  print(table(HERE / "base_now", [HERE / n for n in ORDER], ["perm", "floored"], "the current default"))
+  print(
+      table(
+          HERE / "base_now", [HERE / n for n in ORDER], ["perm", "floored"], "the current default"
+      )
+  )
