@@ -28,9 +28,9 @@ Measured (docs/results_domain.md, 5 seeds, ``python -m experiments.reproduce
 [+0.008, +0.010]; next-token accuracy 0.301 vs 0.299. About 5-10 minutes a run on 2 cores.
 The topics hardly change this checkpoint's routing (JS divergence across clients ~3e-4), so
 there is little for the alignment to correct; docs/results_domain.md says why. ``drift`` on
-the validation split, seed 0 (experiments/results/domain_grid/validation): final NLL FedAvg
-3.498, FedAlign-MoE 3.514 (the deficit doubles), FedAlign-MoE without the semantic selection
-level with FedAvg over seeds 0-2.
+the validation split, seeds 0-2 (experiments/results/domain_grid/validation): FedAlign-MoE's
+final NLL is +0.018 [+0.014, +0.022] above FedAvg's (twice its one-step deficit); without the
+semantic selection it is level with FedAvg.
 """
 
 import pathlib
