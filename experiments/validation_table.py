@@ -8,6 +8,11 @@ Command::
 
     python -m experiments.validation_table --base RUN_DIR RUN_DIR [RUN_DIR ...] \\
         [--columns nll,A,floored,perm]
+    python -m experiments.validation_table --dir DIR --seeds 0,1,2 \\
+        --pair 'FedAlign-MoE=fedalign:fedavg' [--pair ...]   # paired differences of the final NLL
+
+``--pair LABEL=A:B`` compares the runs ``DIR/A_s{seed}`` with ``DIR/B_s{seed}``, seed by seed
+(:func:`experiments.reproduce.paired_difference`: mean and 95% Student-t interval).
 
 Example (the tables of experiments/results/default_sweep/README.md and
 experiments/results/domain_grid/validation/README.md are printed this way)::
@@ -122,12 +127,72 @@ def table(
   return "\n".join(lines)
 
 
+def final(run: pathlib.Path, key: str = "test_nll") -> float:
+  """The last logged value of ``key`` in a run's metrics.jsonl."""
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  return [r[key] for r in rows if key in r][-1]
+
+
+def paired_table(
+    directory: pathlib.Path,
+    pairs: Sequence[tuple[str, str, str]],
+    seeds: Sequence[int],
+    key: str = "test_nll",
+) -> str:
+  """Per (label, a, b): final ``key`` of ``a_s{seed}`` minus ``b_s{seed}``, per seed and as a
+  mean with its paired 95% Student-t interval (seeds whose two runs both exist).
+
+  >>> import tempfile, json, pathlib
+  >>> d = pathlib.Path(tempfile.mkdtemp())
+  >>> for name, nll in (("a_s0", 3.5), ("a_s1", 3.7), ("b_s0", 3.4), ("b_s1", 3.5)):
+  ...   (d / name).mkdir()
+  ...   _ = (d / name / "metrics.jsonl").write_text(json.dumps({"test_nll": nll}))
+  >>> print(paired_table(d, [("A vs B", "a", "b")], [0, 1, 2]).splitlines()[-1])
+  | A vs B | `a` - `b` | +0.1000, +0.2000 | +0.1500 [-0.4853, +0.7853] (2) |
+  """
+  from experiments.reproduce import paired_difference
+
+  lines = [
+      f"| comparison | runs | per seed ({key}) | mean [95% CI] (n) |",
+      "| --- | --- | --- | --- |",
+  ]
+  for label, a, b in pairs:
+    have = [s for s in seeds if (directory / f"{a}_s{s}").is_dir()]
+    have = [s for s in have if (directory / f"{b}_s{s}").is_dir()]
+    va = [final(directory / f"{a}_s{s}", key) for s in have]
+    vb = [final(directory / f"{b}_s{s}", key) for s in have]
+    d = paired_difference(va, vb)
+    per = ", ".join(f"{x - y:+.4f}" for x, y in zip(va, vb))
+    ci = f"[{d['lo']:+.4f}, {d['hi']:+.4f}]" if d["n"] > 1 else "[-]"
+    lines.append(f"| {label} | `{a}` - `{b}` | {per} | {d['mean']:+.4f} {ci} ({d['n']}) |")
+  return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--base", required=True, type=pathlib.Path, help="run whose config is the base")
-  p.add_argument("runs", nargs="+", type=pathlib.Path, help="run directories, in row order")
+  p.add_argument("--base", type=pathlib.Path, help="run whose config is the base")
+  p.add_argument("runs", nargs="*", type=pathlib.Path, help="run directories, in row order")
   p.add_argument("--columns", default="", help=f"comma-separated, of {COLUMNS}")
+  p.add_argument("--dir", type=pathlib.Path, help="--pair: the directory of the runs")
+  p.add_argument("--pair", action="append", default=[], help="LABEL=A:B (runs A_sN, B_sN)")
+  p.add_argument("--seeds", default="0,1,2", help="--pair: comma-separated seeds")
+  p.add_argument("--key", default="test_nll", help="--pair: the metric compared")
   args = p.parse_args(argv)
+  if args.pair:
+    if args.dir is None:
+      p.error("--pair needs --dir")
+    pairs = []
+    for spec in args.pair:
+      label, sep, ab = spec.partition("=")
+      a, sep2, b = ab.partition(":")
+      if not (sep and sep2 and a and b):
+        p.error(f"--pair {spec!r}: expected LABEL=A:B")
+      pairs.append((label, a, b))
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    print(paired_table(args.dir, pairs, seeds, args.key))
+    return
+  if args.base is None or not args.runs:
+    p.error("give --base and run directories, or --dir and --pair")
   print(table(args.base, args.runs, [c for c in args.columns.split(",") if c]))
 
 
