@@ -7,6 +7,11 @@ Command (2-core CPU: about 5-6 minutes with the defaults)::
     # tiny per-client work (dispatch-bound regime), written to results/round_time_tiny.json:
     python benchmarks/round_time.py --tag tiny --batch 1 --seq 16 --vocab 256 --reps 5 \
         --no-mesh --no-fedalign --chunk-size 0
+    # the round as configs/default.py runs it on CPU (vmapped chunks of 2) at every count,
+    # both regimes:
+    python benchmarks/round_time.py --tag chunked --no-mesh --no-fedalign --chunk-clients 4 10 32
+    python benchmarks/round_time.py --tag tiny_chunked --batch 1 --seq 16 --vocab 256 --reps 7 \
+        --no-mesh --no-fedalign --chunk-clients 4 10 32
 
 What is timed (random token batches, every client the same amount of work):
 
@@ -17,7 +22,9 @@ What is timed (random token batches, every client the same amount of work):
   aggregation call that stacks the client outputs, excludes non-finite ones and aggregates.
 * ``aggregate alone``: ``jax.jit(aggregator.aggregate)`` on the stacked deltas and routing
   statistics of the round, for FedAvg and FedAlign-MoE (defaults: pairwise, 'gate').
-* ``chunked``: the vmapped round with ``chunk_size`` clients per vmapped chunk (lax.map).
+* ``chunked``: the vmapped round with ``chunk_size`` clients per vmapped chunk (lax.map over
+  the chunks, still one XLA program), at the client counts of ``--chunk-clients``; its table
+  also gives loop / chunked.
 * ``mesh`` (a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8): the
   vmapped round with the client axis sharded over a 'clients' mesh of 8 fake CPU devices
   against the same round on one device. Fake devices share the same 2 cores: this shows that
@@ -285,7 +292,13 @@ def main() -> None:
   p.add_argument("--clients", type=int, nargs="+", default=[4, 10, 32])
   p.add_argument("--steps", type=int, default=2, help="local steps per client")
   p.add_argument("--reps", type=int, default=3, help="timed calls after the warm-up")
-  p.add_argument("--chunk-clients", type=int, default=10)
+  p.add_argument(
+      "--chunk-clients",
+      type=int,
+      nargs="*",
+      default=[10],
+      help="client counts at which the chunked round is also timed (0 or none: never)",
+  )
   p.add_argument("--chunk-size", type=int, default=2)
   p.add_argument("--mesh-clients", type=int, default=8)
   p.add_argument("--mesh-reps", type=int, default=2)
@@ -331,10 +344,10 @@ def main() -> None:
       f"machine: {info}\nsizes: {sizes}\nreps: {args.reps} timed calls after 1 warm-up", flush=True
   )
 
-  rows, agg_rows, chunk_row = [], [], None
+  rows, agg_rows, chunk_rows = [], [], []
   for n in args.clients:
     cases = {"vmapped": vmapped_case(fedavg, n), "loop": LoopCase(fedavg, n)}
-    if args.chunk_size and n == args.chunk_clients:
+    if args.chunk_size and n in args.chunk_clients and n % args.chunk_size == 0:
       cases["chunked"] = vmapped_case(fedavg, n, chunk_size=args.chunk_size)
     if fedalign is not None and n in args.fedalign_round_clients:
       cases["fedalign"] = vmapped_case(fedalign, n)
@@ -363,17 +376,22 @@ def main() -> None:
     )
     if "chunked" in res:
       ch = res["chunked"]
-      chunk_row = {
-          "clients": n,
-          "chunk_size": args.chunk_size,
-          "vmapped_s": v["median_s"],
-          "chunked_s": ch["median_s"],
-          "chunked_over_vmapped": ch["median_s"] / v["median_s"],
-          "vmapped_compile_s": v["compile_s"],
-          "chunked_compile_s": ch["compile_s"],
-          "chunked_times_s": ch["times_s"],
-          "max_abs_param_diff": max_diff(v["params"], ch["params"]),
-      }
+      chunk_rows.append(
+          {
+              "clients": n,
+              "chunk_size": args.chunk_size,
+              "vmapped_s": v["median_s"],
+              "chunked_s": ch["median_s"],
+              "loop_s": lp["median_s"],
+              "chunked_over_vmapped": ch["median_s"] / v["median_s"],
+              "loop_over_chunked": lp["median_s"] / ch["median_s"],
+              "loop_over_chunked_min": lp["min_s"] / ch["min_s"],
+              "vmapped_compile_s": v["compile_s"],
+              "chunked_compile_s": ch["compile_s"],
+              "chunked_times_s": ch["times_s"],
+              "max_abs_param_diff": max_diff(v["params"], ch["params"]),
+          }
+      )
     deltas, stats, weights = cases["loop"].stacked_outputs()
     agg_reps = max(args.reps, 5)
     a_avg = time_aggregate(fedavg, deltas, stats, weights, agg_reps)
@@ -455,30 +473,37 @@ def main() -> None:
   tables = [
       "### FedAvg round: one-jit vmapped round vs per-client jitted loop\n\n" + header + "\n\n" + t1
   ]
-  if chunk_row:
+  if chunk_rows:
     tables.append(
-        f"### Chunked vmapped round (chunk_size={chunk_row['chunk_size']}, "
-        f"{chunk_row['clients']} clients, FedAvg; timed interleaved with the rows above)\n\n"
+        f"### Chunked vmapped round (chunk_size={args.chunk_size}: vmapped chunks, lax.map over "
+        "them, one XLA program; FedAvg; timed interleaved with the rows above)\n\n"
         + markdown_table(
             [
                 "clients",
                 "vmapped, all at once (s)",
                 "chunked (s)",
+                "loop (s)",
                 "chunked / all at once",
+                "loop / chunked",
+                "min: loop / chunked",
                 "compile all at once (s)",
                 "compile chunked (s)",
-                "max abs param diff",
+                "max abs param diff (chunked vs all at once)",
             ],
             [
                 [
-                    chunk_row["clients"],
-                    chunk_row["vmapped_s"],
-                    chunk_row["chunked_s"],
-                    chunk_row["chunked_over_vmapped"],
-                    chunk_row["vmapped_compile_s"],
-                    chunk_row["chunked_compile_s"],
-                    f"{chunk_row['max_abs_param_diff']:.1e}",
+                    r["clients"],
+                    r["vmapped_s"],
+                    r["chunked_s"],
+                    r["loop_s"],
+                    r["chunked_over_vmapped"],
+                    r["loop_over_chunked"],
+                    r["loop_over_chunked_min"],
+                    r["vmapped_compile_s"],
+                    r["chunked_compile_s"],
+                    f"{r['max_abs_param_diff']:.1e}",
                 ]
+                for r in chunk_rows
             ],
         )
     )
@@ -545,7 +570,7 @@ def main() -> None:
           "total_script_s": total,
           "rounds": rows,
           "aggregation_share": agg_rows,
-          "chunked": chunk_row,
+          "chunked": chunk_rows,
           "mesh": mesh,
           "markdown": text,
       },
