@@ -2,7 +2,8 @@
 
 For each MoE layer: the mutual information I(expert; domain) between the routed experts of a
 token and the domain of its text (Dolly / MMLU / HellaSwag / AG News), and within Dolly by
-instruction category (8 categories); the routing entropy H(expert) (nats; log E is uniform) and
+instruction category (8 categories), and by AG News topic (the four topics that split the
+clients of configs/domain.py: what that setting's premise needs); the routing entropy H(expert) (nats; log E is uniform) and
 H(expert | domain); and per-domain routing heatmaps (fraction of each domain's top-k choices
 that go to each expert). The checkpoint's own tokenizer encodes every text; the random-init
 model (seed 0) uses the same tokenizer and architecture.
@@ -70,6 +71,25 @@ def domain_texts(data_dir: str, docs: int, seed: int = 0) -> tuple[dict, dict]:
   return out, cats
 
 
+def topic_texts(docs: int, seed: int = 0) -> dict[str, list[str]]:
+  """{AG News topic: texts}: ``docs`` // 2 fixed texts per topic from the embedded test split.
+
+  >>> {k: len(v) for k, v in topic_texts(8).items()}
+  {'World': 4, 'Sports': 4, 'Business': 4, 'Sci/Tech': 4}
+  """
+  from fedalign.data.agnews import AGNEWS_CLASSES, load_embedded_agnews
+
+  rng = np.random.default_rng(seed)
+  test = load_embedded_agnews()[1]
+  labels = np.asarray(test.label)
+  out = {}
+  for k, name in enumerate(AGNEWS_CLASSES):
+    rows = np.flatnonzero(labels == k)
+    pick = np.sort(rng.choice(rows, min(docs // 2, len(rows)), replace=False))
+    out[name] = [test.text[i] for i in pick]
+  return out
+
+
 def encode(tok: Any, texts: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   ids = [[tok.bos_id] + list(t)[: seq_len - 1] for t in tok.encode(texts)]
   tokens = np.zeros((len(ids), seq_len), np.int32)
@@ -125,6 +145,7 @@ def analyse(checkpoint: str, data_dir: str, docs: int, seq_len: int) -> dict[str
   domains, cats = domain_texts(data_dir, docs)
   g_dom = {k: encode(tok, v, seq_len) for k, v in domains.items()}
   g_cat = {k: encode(tok, v, seq_len) for k, v in cats.items()}
+  g_top = {k: encode(tok, v, seq_len) for k, v in topic_texts(docs).items()}
   out: dict[str, Any] = {"config": model.config, "domains": list(g_dom), "categories": list(g_cat)}
   for label, params in (
       ("trained", model.params),
@@ -132,10 +153,12 @@ def analyse(checkpoint: str, data_dir: str, docs: int, seq_len: int) -> dict[str
   ):
     dom = selection_tables(model.config, params, g_dom)
     cat = selection_tables(model.config, params, g_cat)
+    top = selection_tables(model.config, params, g_top)
     out[label] = {
         layer: {
             "domain": mi_entropy(dom[layer]),
             "category": mi_entropy(cat[layer]),
+            "topic": mi_entropy(top[layer]),
             "domain_table": dom[layer],
         }
         for layer in dom
@@ -197,41 +220,49 @@ def main() -> None:
       f"(MoE layers {list(cfg.moe_layer_ids)}), {cfg.num_experts} routed experts of "
       f"{cfg.moe_intermediate_size}, top-{cfg.top_k}, shared expert "
       f"{cfg.shared_expert_intermediate_size}, vocab {cfg.vocab_size}.",
-      f"Samples: {args.docs} documents per domain, {args.docs // 2} per Dolly category, the first "
-      f"{args.seq_len} tokens of each; random init = the same architecture, seed 0. "
+      f"Samples: {args.docs} documents per domain, {args.docs // 2} per Dolly category and per "
+      f"AG News topic (embedded test split), the first {args.seq_len} tokens of each; random init = the same architecture, seed 0. "
       f"Nats; H(expert) is at most log {cfg.num_experts} = {np.log(cfg.num_experts):.3f}.",
       "",
-      "| layer | model | I(expert; domain) | I(expert; Dolly category) | H(expert) | "
-      "H(expert \\| domain) |",
-      "| --- | --- | --- | --- | --- | --- |",
+      "| layer | model | I(expert; domain) | I(expert; Dolly category) | I(expert; AG News topic) "
+      "| H(expert) | H(expert \\| domain) |",
+      "| --- | --- | --- | --- | --- | --- | --- |",
   ]
   for layer in res["trained"]:
     for label in ("trained", "random"):
       d, c = res[label][layer]["domain"], res[label][layer]["category"]
-      lines.append(f"| {layer} | {label} | {d[0]:.4f} | {c[0]:.4f} | {d[1]:.3f} | {d[2]:.3f} |")
+      t = res[label][layer]["topic"]
+      lines.append(
+          f"| {layer} | {label} | {d[0]:.4f} | {c[0]:.4f} | {t[0]:.4f} | {d[1]:.3f} | {d[2]:.3f} |"
+      )
   for label in ("trained", "random"):
     lines.append(
         f"| mean | {label} | {layer_mean(res, label, 'domain'):.4f} | "
-        f"{layer_mean(res, label, 'category'):.4f} | | |"
+        f"{layer_mean(res, label, 'category'):.4f} | {layer_mean(res, label, 'topic'):.4f} | | |"
     )
   rel = os.path.relpath(plots / "routing_heatmap.png", pathlib.Path(args.out).resolve().parent)
   lines += ["", f"![routing heatmaps]({rel})", ""]
   if args.tries:
     lines += [
-        "Tries (layer-mean MI; held-out loss from each checkpoint's pretrain_info.json when "
-        "it has one):",
+        "Tries (layer-mean MI, trained / the same architecture at random init; held-out loss "
+        "from each checkpoint's pretrain_info.json when it has one):",
         "",
-        "| checkpoint | I(expert; domain) | I(expert; Dolly category) | held-out loss |",
-        "| --- | --- | --- | --- |",
+        "| checkpoint | experts | I(expert; domain) | I(expert; Dolly category) | "
+        "I(expert; AG News topic) | held-out loss |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for item in args.tries.split(","):
       name, path = item.split("=", 1)
       r = analyse(path, args.data_dir, args.docs, args.seq_len)
       f = pathlib.Path(path) / "pretrain_info.json"
       loss = json.loads(f.read_text()).get("validation_loss_after") if f.exists() else None
+      both = lambda key: (
+          f"{layer_mean(r, 'trained', key):.4f} / {layer_mean(r, 'random', key):.4f}"
+      )
+      rc = r["config"]
       lines.append(
-          f"| {name} | {layer_mean(r, 'trained', 'domain'):.4f} | "
-          f"{layer_mean(r, 'trained', 'category'):.4f} | "
+          f"| {name} | {rc.num_experts} of {rc.moe_intermediate_size}, top-{rc.top_k} | "
+          f"{both('domain')} | {both('category')} | {both('topic')} | "
           f"{'' if loss is None else f'{loss:.3f}'} |"
       )
   if info:
