@@ -27,13 +27,13 @@ best global test accuracy (chance 0.25); ``--config.method=fedavg`` 0.763 / 0.76
 FedAlign-MoE 0.746 +/- 0.029 final, FedAvg 0.763 +/- 0.004; paired difference -0.017, 95% CI
 [-0.048, +0.014] at alpha = 0.1; at alpha = 1.0 0.764 each (docs/results_pretrained.md, which
 also has FedMoE, the paper preset and permutation alignment). Central reference (one client
-with all rows, ``--config.data.num_clients=1 --config.data.partition=iid
---config.train.clients_per_round=1 --config.train.local_steps=0
---config.train.rounds=3 --config.method=fedavg`` on the previous training settings: 3 epochs
-of local AdamW at lr 1e-3 with ``--config.train.optimizer=adamw --config.train.learning_rate=1e-3
---config.server.optimizer=none --config.server.lr_schedule=constant``): 0.7765
-(docs/pretraining.md; measured with the former default's settings, which these overrides
-restore; not rerun since). Time: this command in a fresh venv on 2 quiet CPU cores, 246 s (about
+with all rows, 3 epochs of local AdamW at lr 1e-3, the client's model taken as is:
+``--config.data.num_clients=1 --config.data.partition=iid --config.train.clients_per_round=1
+--config.train.local_steps=0 --config.train.rounds=3 --config.method=fedavg
+--config.train.optimizer=adamw --config.train.learning_rate=1e-3 --config.server.optimizer=none
+--config.server.learning_rate=1.0 --config.server.lr_schedule=constant``): 0.7765 (0.7780 when
+rerun; experiments/results/central_reference, whose validation sweep of learning rate, epochs
+and input length stays at 0.76-0.79 with 64 tokens, 0.69-0.70 with 128). Time: this command in a fresh venv on 2 quiet CPU cores, 246 s (about
 0.9 s a round; compile 28 s with a cold compilation cache) after a 72 s install; final 0.7610.
 
 Choices on the validation split (``--config.data.validation_examples=1000
@@ -155,7 +155,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.server = ml_collections.ConfigDict()
   c.server.optimizer = "none"  # none (plain averaging) | sgd | momentum | adam | yogi | adagrad
-  c.server.learning_rate = 1.0  # fedadam/fedyogi/fedadagrad want about 1e-2
+  c.server.learning_rate = 1.0  # fedadam/fedyogi/fedadagrad want about 1e-2; with 'none',
+  # a value other than 1 (or a schedule) makes the average an sgd step of that size
   c.server.momentum = 0.9
   c.server.b1 = 0.9
   c.server.b2 = 0.99

@@ -36,6 +36,25 @@ def test_fedopt_name_and_a_different_server_optimizer_is_an_error():
     make_algorithm(make_config("fedavg", optimizer="lamb"), None, 4)
 
 
+def test_server_optimizer_none_with_a_learning_rate_warns_that_it_is_an_sgd_step(caplog):
+  """'none' with server.learning_rate != 1 is a scaled step (documented), not plain
+  averaging: it says so, since overriding only server.optimizer=none on a config with a server
+  learning rate (configs/default.py: 3e-3) otherwise silently shrinks every update."""
+  from fedalign.algorithms.base import server_optimizer_from_config
+
+  with caplog.at_level("WARNING", logger="fedalign.algorithms.base"):
+    opt = server_optimizer_from_config(make_config("fedavg", learning_rate=3e-3))
+  assert opt is not None and "not as plain averaging" in caplog.text
+  # the update is 3e-3 x the mean delta: sgd on the negated delta
+  params = {"w": jnp.ones(2)}
+  updates, _ = opt.update({"w": -jnp.array([1.0, -2.0])}, opt.init(params), params)
+  np.testing.assert_allclose(updates["w"], [3e-3, -6e-3], rtol=1e-6)
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="fedalign.algorithms.base"):
+    assert server_optimizer_from_config(make_config("fedavg")) is None  # plain averaging
+  assert caplog.text == ""
+
+
 @pytest.mark.parametrize("method", ["fedavg", "fedprox"])
 def test_cosine_server_learning_rate_scales_each_rounds_step(method):
   """server.lr_schedule='cosine': round r moves the params by lr(r) x the step plain averaging

@@ -10,6 +10,7 @@ hooks; it never branches on the method's name.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
@@ -123,6 +124,14 @@ def server_optimizer_from_config(
     )
   if name in ("none", "sgd") and srv.learning_rate == 1.0 and schedule == "constant":
     return None
+  if name == "none":  # documented, but easy to get by overriding only server.optimizer
+    logging.getLogger(__name__).warning(
+        "config.server.optimizer='none' with server.learning_rate=%s and lr_schedule=%r: the "
+        "average is applied as an sgd step of that size, not as plain averaging (set "
+        "server.learning_rate=1.0 and lr_schedule='constant' for plain averaging).",
+        srv.learning_rate,
+        schedule,
+    )
   lr = srv.learning_rate
   if schedule != "constant":
     lr = server_learning_rate(lr, schedule, config.train.rounds, srv.get("lr_final_fraction", 0.0))
