@@ -3,9 +3,9 @@
 For each MoE layer: the mutual information I(expert; domain) between the routed experts of a
 token and the domain of its text (Dolly / MMLU / HellaSwag / AG News), and within Dolly by
 instruction category (8 categories), and by AG News topic (the four topics that split the
-clients of configs/domain.py: what that setting's premise needs); the routing entropy H(expert) (nats; log E is uniform) and
-H(expert | domain); and per-domain routing heatmaps (fraction of each domain's top-k choices
-that go to each expert). The checkpoint's own tokenizer encodes every text; the random-init
+clients of configs/domain.py: what that setting's premise needs); the routing entropy
+H(expert) (nats; log E is uniform) and H(expert | domain); and per-domain routing heatmaps
+(fraction of each domain's top-k choices that go to each expert). The checkpoint's own tokenizer encodes every text; the random-init
 model (seed 0) uses the same tokenizer and architecture.
 
 Samples (fixed, seed 0): ``--docs`` documents per domain (the first ``--seq_len`` tokens of
@@ -221,7 +221,8 @@ def main() -> None:
       f"{cfg.moe_intermediate_size}, top-{cfg.top_k}, shared expert "
       f"{cfg.shared_expert_intermediate_size}, vocab {cfg.vocab_size}.",
       f"Samples: {args.docs} documents per domain, {args.docs // 2} per Dolly category and per "
-      f"AG News topic (embedded test split), the first {args.seq_len} tokens of each; random init = the same architecture, seed 0. "
+      f"AG News topic (embedded test split), the first {args.seq_len} tokens of each; "
+      "random init = the same architecture, seed 0. "
       f"Nats; H(expert) is at most log {cfg.num_experts} = {np.log(cfg.num_experts):.3f}.",
       "",
       "| layer | model | I(expert; domain) | I(expert; Dolly category) | I(expert; AG News topic) "
