@@ -18,7 +18,8 @@ sends NaN), next to the formulations they replaced:
 * per-client, per-expert reductions: squared norms as a batched dot; dot products with the
   consensus as a reduction with initial value -0.0 vs ``jnp.sum``, each alone and in a program
   that has another 0.0 constant (every real program does: see ``_expert_dots``);
-* the O(N) cosine (``consensus_expert_cosine``, three passes), the pairwise cosines
+* the O(N) cosine (``consensus_expert_cosine``: three passes, and the CPU default that reads
+  the deltas once in cache-sized blocks), the pairwise cosines
   (``pairwise_expert_cosine``: per expert, Gram matmuls) and the pairwise gate (per expert,
   all clients at once and in chunks).
 
@@ -151,7 +152,11 @@ def main() -> None:
           (xs, xbs),
       ),
       "consensus_expert_cosine(3 leaves, w, part): O(N), 3 passes": (
-          consensus_expert_cosine,
+          lambda xs, w, part: consensus_expert_cosine(xs, w, part, one_read=False),
+          (xs, w, part),
+      ),
+      "consensus_expert_cosine(3 leaves, w, part): O(N), one read in (C, l) blocks (CPU default)": (
+          lambda xs, w, part: consensus_expert_cosine(xs, w, part, one_read=True),
           (xs, w, part),
       ),
       "same, norms inside the dots' reduction (variadic reduce, tried): O(N), 2 passes": (
