@@ -545,10 +545,13 @@ def consensus_expert_cosine(
 
   Two formulations with the same result (to float32 rounding), neither copying the deltas:
 
-  * ``one_read=True`` (the default on CPU): :func:`_one_read_moments`, one read of the deltas
-    in cache-sized blocks for the consensus, the dot products and the norms;
-  * ``one_read=False`` (the default on accelerators, and under a robust reduction, whose
-    consensus is :func:`expert_sum`'s robust one): three passes over the deltas: the
+  * ``one_read=True`` (the default on a single CPU device): :func:`_one_read_moments`, one
+    read of the deltas in cache-sized blocks for the consensus, the dot products and the
+    norms;
+  * ``one_read=False`` (the default on accelerators and on several devices, where the deltas
+    may be sharded and dynamic slices of them would be gathered; always under a robust
+    reduction, whose consensus is :func:`expert_sum`'s robust one): three passes over the
+    deltas: the
     consensus (one :func:`expert_sum` scan over clients for all leaves), the clients'
     squared norms (a batched dot) and their dot products with the consensus (a fused
     multiply-reduce). Few large kernels: what a GPU/TPU wants.
@@ -564,8 +567,8 @@ def consensus_expert_cosine(
   """
   if robust.active_reduction() is not None:
     one_read = False
-  elif one_read is None:
-    one_read = jax.default_backend() == "cpu"
+  elif one_read is None:  # its dynamic slices of possibly sharded deltas: one device only
+    one_read = jax.default_backend() == "cpu" and jax.device_count() == 1
   if one_read:
     dot, sq_i, sq_bar = _one_read_moments(leaves, v, part)
   else:
