@@ -13,7 +13,12 @@ import jax
 from fedalign import reports
 from fedalign.reports import fmt, markdown_table  # noqa: F401 (re-exported)
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+# FEDALIGN_BENCHMARK_RESULTS: another folder for the results JSONs (smoke runs, tests)
+RESULTS_DIR = pathlib.Path(
+    os.environ.get(
+        "FEDALIGN_BENCHMARK_RESULTS", pathlib.Path(__file__).resolve().parent / "results"
+    )
+)
 
 
 def machine() -> dict[str, Any]:
@@ -21,6 +26,21 @@ def machine() -> dict[str, Any]:
   from fedalign.hardware import describe
 
   return {**describe(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def accelerator(info: dict[str, Any]) -> str:
+  """'no GPU' on the CPU backend, else the devices, for the tables' machine line.
+
+  >>> accelerator({"backend": "cpu", "devices": 1, "device_kinds": ["cpu"]})
+  'no GPU'
+  >>> accelerator({"backend": "gpu", "devices": 1, "device_kinds": ["NVIDIA H200"]})
+  '1 x NVIDIA H200 (gpu)'
+  """
+  if info.get("backend") == "cpu":
+    return "no GPU"
+  return (
+      f"{info.get('devices')} x {', '.join(info.get('device_kinds', []))} ({info.get('backend')})"
+  )
 
 
 def mem_available_bytes() -> int | None:

@@ -42,7 +42,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import block, machine, markdown_table, median, write_json  # noqa: E402
+from _common import accelerator, block, machine, markdown_table, median, write_json  # noqa: E402
 from fedalign.aggregation.moe_blocks import client_sum, expert_sum  # noqa: E402
 from fedalign.algorithms.fedalign import (  # noqa: E402
     consensus_expert_cosine,
@@ -199,7 +199,7 @@ def main() -> None:
   gb = 3 * xs[0].nbytes / 1e9
   header = (
       f"Command: `{command}`  \nMachine: {info['cpu']} ({info['arch']}, {info['cores']} "
-      f"cores, no GPU, shared: load average {info['loadavg_at_start'][0]} at start), "
+      f"cores, {accelerator(info)}, shared: load average {info['loadavg_at_start'][0]} at start), "
       f"JAX {info['jax']}.  \nSizes: C = {c} clients, E = {e} experts, 3 expert leaves "
       f"(C, E, {D}, {F}) ({gb:.2f} GB), mu (C, E, {D}). The cases called in turn, median of "
       f"{args.reps} calls after a warm-up; temp = XLA's temporary buffers."

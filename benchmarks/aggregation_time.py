@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import (  # noqa: E402
+    accelerator,
     block,
     machine,
     markdown_table,
@@ -257,6 +258,7 @@ def main() -> None:
       default=420.0,
       help="skip the remaining configurations after this many seconds",
   )
+  p.add_argument("--tag", default="", help="results/aggregation_time_<tag>.json instead")
   args = p.parse_args()
 
   info = machine()
@@ -329,7 +331,7 @@ def main() -> None:
   command = "python " + " ".join([str(pathlib.Path(sys.argv[0]))] + sys.argv[1:])
   header = (
       f"Command: `{command}`  \nMachine: {info['cpu']} ({info['arch']}, {info['cores']} "
-      f"cores, no GPU, shared: load average {info['loadavg_at_start'][0]} at start), "
+      f"cores, {accelerator(info)}, shared: load average {info['loadavg_at_start'][0]} at start), "
       f"JAX {info['jax']} ({info['backend']}).  \nParams: one MoE layer, D = F = {D}, "
       f"router (D, E) + experts wi_0, wi_1, wo; random deltas; stats from routing_stats "
       f"of {TOKENS} random tokens per client, top-{TOP_K}.  \nThe variants of one size "
@@ -412,12 +414,12 @@ def main() -> None:
       + table
       + "\n\n#### Reference matmul, timed in the same rounds\n\n"
       + dot_table
-      + "\n\n#### Precision.HIGHEST on CPU (compiled program compared without the precision "
+      + f"\n\n#### Precision.HIGHEST on {info['backend']} (compiled program compared without the precision "
       "attribute and metadata)\n\n" + prec
   )
   print("\n" + text)
   path = write_json(
-      "aggregation_time.json",
+      f"aggregation_time_{args.tag}.json" if args.tag else "aggregation_time.json",
       {
           "command": command,
           "machine": info,

@@ -18,7 +18,11 @@ interleaved call by call, medians. Writes ``benchmarks/results/mfu_<tag>.json``.
 Command (from the repository root; ~1-2 min on 2 cores)::
 
     python benchmarks/mfu.py [--config=configs/default.py:base] [--reps=5] [--tag=default] \\
-        [--set model.moe_impl=dense ...]
+        [--set model.moe_impl=dense ...] [--dtype bfloat16 --dot_dtype bfloat16 --dot_size 8192 \\
+        --peak_tflops 989]
+
+On an accelerator, ``--peak_tflops`` (the chip's dense peak in the model's dtype, from its data
+sheet) adds the usual MFU columns next to the ratio to the measured dot.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from _common import load_config_with_overrides, machine, markdown_table, median, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    accelerator,
+    load_config_with_overrides,
+    machine,
+    markdown_table,
+    median,
+    write_json,
+)
 
 
 def step_flops(mcfg: Any, params: Any, batch: int, seq: int, scored: float) -> dict[str, float]:
@@ -75,6 +86,18 @@ def main() -> None:
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--tag", default="default")
   ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+  ap.add_argument(
+      "--dtype", default=None, help="model.dtype (parameters and compute), e.g. bfloat16"
+  )
+  ap.add_argument("--dot_size", type=int, default=2048, help="n of the reference n^3 dot")
+  ap.add_argument("--dot_dtype", default="float32", help="dtype of the reference dot")
+  ap.add_argument(
+      "--peak_tflops",
+      type=float,
+      default=None,
+      help="the chip's peak dense TFLOP/s in the model's dtype (e.g. 989 for an H100/H200 "
+      "in bf16): adds columns against it (MFU in the usual sense)",
+  )
   args = ap.parse_args()
 
   import jax
@@ -85,6 +108,9 @@ def main() -> None:
   from fedalign.models.lora import partition
 
   cfg = load_config_with_overrides(args.config, args.set)
+  if args.dtype is not None:
+    with cfg.unlocked():
+      cfg.model.dtype = args.dtype
   run = build_run(cfg, tempfile.mkdtemp(prefix="fedalign_mfu_"))
   batches, weights, ids_in, _ = run.round_inputs(0)
   steps = batches["step_mask"].sum(axis=1)
@@ -100,7 +126,7 @@ def main() -> None:
   client = jax.jit(run.client_update)
   client_args = (trainable, frozen, one, broadcast, cstate, jax.random.key(0))
   round_args = (state, batches, jnp.asarray(weights), jnp.asarray(ids_in), 0)
-  a = jnp.ones((2048, 2048), jnp.float32)
+  a = jnp.ones((args.dot_size, args.dot_size), args.dot_dtype)
   dot = jax.jit(lambda x, y: x @ y)
 
   calls = {
@@ -124,7 +150,8 @@ def main() -> None:
   else:
     scored_per_step = float(b * t)
   per_step = step_flops(run.model_config, state["params"], b, t, scored_per_step)
-  dot_flops = 2.0 * 2048**3 / med["dot"]
+  dot_flops = 2.0 * args.dot_size**3 / med["dot"]
+  peak = None if args.peak_tflops is None else args.peak_tflops * 1e12
   total_steps = float(steps.sum())
   rows = []
   for what, key in (("every position", "every_position"), ("scored positions", "scored_positions")):
@@ -139,6 +166,11 @@ def main() -> None:
             f"{round_fs / 1e9:.2f}",
             f"{100 * round_fs / dot_flops:.1f}%",
         ]
+        + (
+            []
+            if peak is None
+            else [f"{100 * client_fs / peak:.1f}%", f"{100 * round_fs / peak:.1f}%"]
+        )
     )
   m = run.model_config
   header = (
@@ -147,7 +179,11 @@ def main() -> None:
       f"{m.top_k} of {m.moe_intermediate_size}, vocab {m.vocab_size}, moe_impl "
       f"{m.moe_impl!r}; step = {b} x {t} tokens; active body params "
       f"{per_step['active_params_body']:,.0f}, head {per_step['head_params']:,.0f}.  \n"
-      f"2048^3 f32 jnp.dot: {dot_flops / 1e9:.1f} GFLOP/s ({med['dot'] * 1e3:.1f} ms); one "
+      f"{args.dot_size}^3 {args.dot_dtype} jnp.dot: {dot_flops / 1e9:.1f} GFLOP/s "
+      f"({med['dot'] * 1e3:.1f} ms); model dtype {m.dtype}; "
+      f"{accelerator(machine())}"
+      + ("" if peak is None else f", peak {args.peak_tflops:g} TFLOP/s as given")
+      + "; one "
       f"client, {n_steps} steps: {med['client']:.3f} s; round ({len(steps)} clients, "
       f"{int(total_steps)} real of {batches['step_mask'].size} computed client-steps): "
       f"{med['round']:.3f} s. Medians of {args.reps}, interleaved; loadavg "
@@ -161,7 +197,8 @@ def main() -> None:
           "client / dot",
           "round GFLOP/s",
           "round / dot",
-      ],
+      ]
+      + ([] if peak is None else ["client / peak", "round / peak"]),
       rows,
   )
   print(header + "\n\n" + md)
@@ -173,6 +210,7 @@ def main() -> None:
           "times_s": times,
           "median_s": med,
           "dot_flops": dot_flops,
+          "peak_flops": peak,
           "step_flops": per_step,
           "client_steps": n_steps,
           "round_real_steps": total_steps,

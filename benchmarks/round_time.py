@@ -54,7 +54,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import block, machine, markdown_table, median, time_calls, write_json  # noqa: E402
+from _common import accelerator, block, machine, markdown_table, median, time_calls, write_json  # noqa: E402
 from fedalign.config_files import load_config  # noqa: E402
 from fedalign.aggregation.moe_blocks import client_ok  # noqa: E402
 from fedalign.federated.round import CLIENT_AXIS, init_server_state, make_round_fn  # noqa: E402
@@ -431,7 +431,7 @@ def main() -> None:
   command = "python " + " ".join([str(pathlib.Path(sys.argv[0]))] + sys.argv[1:])
   header = (
       f"Command: `{command}`  \nMachine: {info['cpu']} ({info['arch']}, "
-      f"{info['cores']} cores, no GPU, shared: load average {info['loadavg_at_start'][0]} "
+      f"{info['cores']} cores, {accelerator(info)}, shared: load average {info['loadavg_at_start'][0]} "
       f"at start), JAX {info['jax']} ({info['backend']}).  \n"
       f"Model ({'reduced sizes' if reduced else 'default config'}): "
       f"decoder MoE, hidden {sizes['hidden']}, "
