@@ -39,6 +39,8 @@ import json
 import pathlib
 from typing import Any, Iterable, Sequence
 
+from experiments.plots import read_metrics
+
 COLUMNS = ("nll", "A", "floored", "perm")
 HEADERS = {
     "nll": "final NLL",
@@ -77,7 +79,7 @@ def row(
   cfg = flat(json.loads((run / "config.json").read_text()))
   # a key the base run's config lacks (an option added after it ran) counts as an override
   over = [f"`{k}={cfg[k]}`" for k in sorted(cfg) if k not in base or cfg[k] != base[k]]
-  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  rows = read_metrics(run)
   evals = [r for r in rows if "test_accuracy" in r]
   acc = [r["test_accuracy"] for r in evals]
   cells = [
@@ -129,8 +131,7 @@ def table(
 
 def final(run: pathlib.Path, key: str = "test_nll") -> float:
   """The last logged value of ``key`` in a run's metrics.jsonl."""
-  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-  return [r[key] for r in rows if key in r][-1]
+  return [r[key] for r in read_metrics(run) if key in r][-1]
 
 
 def paired_table(
