@@ -18,8 +18,8 @@ sends NaN), next to the formulations they replaced:
 * per-client, per-expert reductions: squared norms as a batched dot; dot products with the
   consensus as a reduction with initial value -0.0 vs ``jnp.sum``, each alone and in a program
   that has another 0.0 constant (every real program does: see ``_expert_dots``);
-* the O(N) cosine (``consensus_expert_cosine``: three passes, and the CPU default that reads
-  the deltas once in cache-sized blocks), the pairwise cosines
+* the O(N) cosine (``consensus_expert_cosine``, three passes; tried: once in cache-sized
+  blocks), the pairwise cosines
   (``pairwise_expert_cosine``: per expert, Gram matmuls) and the pairwise gate (per expert,
   all clients at once and in chunks).
 
@@ -80,6 +80,41 @@ def _variadic_consensus_cosine(xs, w, part):
   dot = jnp.where(part[:, None], sum(d for d, _ in pairs), 0.0)
   sq = jnp.where(part[:, None], sum(q for _, q in pairs), 0.0)
   sq_bar = sum(jnp.sum(jnp.square(b), axis=(1, 2)) for b in x_bars)
+  return dot / jnp.maximum(jnp.sqrt(sq) * jnp.sqrt(sq_bar)[None], 1e-30)
+
+
+def _one_read_consensus_cosine(xs, w, part, block_bytes=4 << 20):
+  """consensus_expert_cosine reading the deltas once (tried in the fourteenth session, not
+  adopted): a fori_loop over (C, l) blocks (all clients, l parameters of one expert, about
+  ``block_bytes``) takes each block's slice of the consensus, then every client's share of
+  the dot product and squared norm while the block is in cache. Its speed depends on the
+  block staying in the shared L3 (section 2 of benchmarks/README.md): 1.4x faster than the
+  three passes in one run, 1.8x slower in another an hour later."""
+  num_clients, num_experts = w.shape
+  dot = jnp.zeros((num_clients, num_experts), jnp.float32)
+  sq = jnp.zeros((num_clients, num_experts), jnp.float32)
+  sq_bar = jnp.zeros((num_experts,), jnp.float32)
+  for x in xs:
+    size = x.shape[2] * x.shape[3]
+    rows = x.reshape(num_clients, num_experts, size)
+    length = max(
+        d for d in range(1, size + 1) if size % d == 0 and num_clients * d * 4 <= block_bytes
+    )
+    per = size // length
+
+    def body(i, carry, rows=rows, length=length, per=per):
+      dot, sq, sq_bar = carry
+      e, s = i // per, i % per
+      blk = jax.lax.dynamic_slice(rows, (0, e, s * length), (num_clients, 1, length))
+      blk = jnp.where(part[:, None], blk.reshape(num_clients, length), 0.0)
+      x_bar = jnp.dot(w[:, e], blk, precision=H)
+      dot = dot.at[:, e].add(jnp.dot(blk, x_bar, precision=H))
+      sq = sq.at[:, e].add(jnp.sum(blk * blk, axis=1))
+      return dot, sq, sq_bar.at[e].add(jnp.sum(x_bar * x_bar))
+
+    dot, sq, sq_bar = jax.lax.fori_loop(0, num_experts * per, body, (dot, sq, sq_bar), unroll=2)
+  dot = jnp.where(part[:, None], dot, 0.0)
+  sq = jnp.where(part[:, None], sq, 0.0)
   return dot / jnp.maximum(jnp.sqrt(sq) * jnp.sqrt(sq_bar)[None], 1e-30)
 
 
@@ -152,11 +187,11 @@ def main() -> None:
           (xs, xbs),
       ),
       "consensus_expert_cosine(3 leaves, w, part): O(N), 3 passes": (
-          lambda xs, w, part: consensus_expert_cosine(xs, w, part, one_read=False),
+          consensus_expert_cosine,
           (xs, w, part),
       ),
-      "consensus_expert_cosine(3 leaves, w, part): O(N), one read in (C, l) blocks (CPU default)": (
-          lambda xs, w, part: consensus_expert_cosine(xs, w, part, one_read=True),
+      "same, one read in (C, l) blocks of 4 MiB (tried): O(N)": (
+          _one_read_consensus_cosine,
           (xs, w, part),
       ),
       "same, norms inside the dots' reduction (variadic reduce, tried): O(N), 2 passes": (

@@ -108,16 +108,7 @@ def test_pairwise_gate_matches_numpy():
   np.testing.assert_allclose(fa.pairwise_gate(mu, kernels, biases, 3), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "one_read, block_bytes",
-    [(False, None), (True, None), (True, 48)],  # 48 bytes: blocks of 2 of an expert's 4
-    ids=["three_passes", "one_read", "one_read_split_experts"],
-)
-def test_consensus_cosine_with_mask_matches_numpy(monkeypatch, one_read, block_bytes):
-  if block_bytes is not None:  # (C, l) blocks smaller than one expert's parameters
-    monkeypatch.setattr(fa, "COSINE_BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(fa, "_MIN_BLOCK_LENGTH", 1)
-    assert fa._block_length(6, 4) == 2
+def test_consensus_cosine_with_mask_matches_numpy():
   leaves = [RNG.normal(size=(6, 3, 2, 2)), RNG.normal(size=(6, 3, 5))]
   v = RNG.uniform(size=(6, 3)) * PART[:, None]
   flat = np.concatenate([l.reshape(6, 3, -1) for l in leaves], axis=-1) * PART[:, None, None]
@@ -126,10 +117,7 @@ def test_consensus_cosine_with_mask_matches_numpy(monkeypatch, one_read, block_b
       np.linalg.norm(flat, axis=-1) * np.linalg.norm(bar, axis=-1)[None], 1e-30
   )
   got = fa.consensus_expert_cosine(
-      [jnp.asarray(nan_rows(l), jnp.float32) for l in leaves],
-      jnp.asarray(v, jnp.float32),
-      jnp.asarray(PART),
-      one_read=one_read,
+      [jnp.asarray(nan_rows(l)) for l in leaves], jnp.asarray(v, jnp.float32), jnp.asarray(PART)
   )
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
   assert np.all(np.asarray(got)[~PART] == 0)

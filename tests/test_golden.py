@@ -48,18 +48,3 @@ def test_aggregator_golden(case):
 @pytest.mark.parametrize("case", cases(g.ENGINE_CASES, ("scaffold", "fedalign_perm")))
 def test_engine_golden(case):
   check("engine", case, g.run_case(case, g.build_round))
-
-
-@pytest.mark.parametrize("one_read", [False, True], ids=["three_passes", "one_read"])
-def test_linear_fedalign_golden_with_either_cosine(monkeypatch, one_read):
-  """The O(N) variant's golden aggregates with each formulation of its consensus cosine (the
-  default picks one_read only on a single CPU device; this session has 8 fake devices)."""
-  import fedalign.algorithms.fedalign as fa
-
-  real = fa.consensus_expert_cosine
-  monkeypatch.setattr(
-      fa,
-      "consensus_expert_cosine",
-      lambda leaves, v, part=None: real(leaves, v, part, one_read=one_read),
-  )
-  check("agg", "fedalign_linear", g.run_aggregator_case("fedalign_linear", g.aggregate_rounds))

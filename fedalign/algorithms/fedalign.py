@@ -23,7 +23,6 @@ Everything is a pure function of arrays, jittable, with static Python loops over
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any, Mapping
 
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fedalign.aggregation import moe_blocks as mb, robust
+from fedalign.aggregation import moe_blocks as mb
 from fedalign.aggregation.base import Aggregator
 from fedalign.aggregation.moe_blocks import HIGHEST, client_sum, expert_sum, normalize
 from fedalign.aggregation.permutation import (
@@ -469,112 +468,25 @@ def pairwise_expert_cosine(leaves: list[jax.Array]) -> jax.Array:
   return jnp.transpose(per_expert, (1, 2, 0))
 
 
-COSINE_BLOCK_BYTES = 4 << 20  # target size of one (C, l) block of the one-read O(N) cosine
-_MIN_BLOCK_LENGTH = 256  # parameters of one expert per client and block, at least (if divisible)
-
-
-def _block_length(num_clients: int, size: int, itemsize: int = 4) -> int:
-  """Parameters per block of an expert's ``size`` for :func:`_one_read_moments`: the largest
-  divisor of ``size`` whose (C, l) block stays within :data:`COSINE_BLOCK_BYTES` (at least the
-  largest divisor up to 256, so that each client's run stays a few cache lines long).
-
-  >>> _block_length(1000, 4096), _block_length(100, 4096), _block_length(10**6, 4096)
-  (1024, 4096, 256)
-  """
-  fits = [
-      d
-      for d in range(1, size + 1)
-      if size % d == 0
-      and (num_clients * d * itemsize <= COSINE_BLOCK_BYTES or d <= _MIN_BLOCK_LENGTH)
-  ]
-  return fits[-1]
-
-
-def _one_read_moments(
-    leaves: list[jax.Array], v: jax.Array, part: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(<Delta_i(e), x_bar(e)>, |Delta_i(e)|^2, |x_bar(e)|^2) reading every delta once.
-
-  The consensus x_bar(e) = sum_j v_j(e) Delta_j(e) is elementwise in the parameters, so the
-  deltas go through a loop of (C, l) blocks (all clients, ``l`` parameters of one expert of
-  one leaf, :func:`_block_length`): each block is read from memory once and, while it is in
-  cache, gives its slice of the consensus (a (C,) x (C, l) product) and then its share of
-  every client's dot product with it and squared norm. Three passes in one; on XLA:CPU 1.4x
-  faster than the separate passes at 1000 clients x 64 experts (170 vs 239 ms,
-  benchmarks/aggregation_breakdown.py). Rows outside ``part`` are zeroed as they are read.
-  """
-  num_clients, num_experts = v.shape
-  dot = jnp.zeros((num_clients, num_experts), jnp.float32)
-  sq_i = jnp.zeros((num_clients, num_experts), jnp.float32)
-  sq_bar = jnp.zeros((num_experts,), jnp.float32)
-  for x in leaves:
-    size = math.prod(x.shape[2:])
-    rows = x.reshape(num_clients, num_experts, size)
-    length = _block_length(num_clients, size, x.dtype.itemsize)
-    per_expert = size // length
-
-    def body(i, carry, rows=rows, length=length, per_expert=per_expert):
-      dot, sq_i, sq_bar = carry
-      e, s = i // per_expert, i % per_expert
-      blk = jax.lax.dynamic_slice(rows, (0, e, s * length), (num_clients, 1, length))
-      blk = blk.reshape(num_clients, length).astype(jnp.float32)
-      if part is not None:
-        blk = jnp.where(part[:, None], blk, 0.0)
-      v_e = jax.lax.dynamic_index_in_dim(v, e, axis=1, keepdims=False)
-      x_bar = jnp.dot(v_e, blk, precision=HIGHEST)  # (l,): this block's slice of the consensus
-      add = lambda acc, col: jax.lax.dynamic_update_index_in_dim(
-          acc, jax.lax.dynamic_index_in_dim(acc, e, axis=1, keepdims=False) + col, e, axis=1
-      )
-      dot = add(dot, jnp.dot(blk, x_bar, precision=HIGHEST))
-      sq_i = add(sq_i, jnp.sum(blk * blk, axis=1))
-      return dot, sq_i, sq_bar.at[e].add(jnp.sum(x_bar * x_bar))
-
-    dot, sq_i, sq_bar = jax.lax.fori_loop(
-        0, num_experts * per_expert, body, (dot, sq_i, sq_bar), unroll=2
-    )
-  return dot, sq_i, sq_bar
-
-
 def consensus_expert_cosine(
-    leaves: list[jax.Array],
-    v: jax.Array,
-    part: jax.Array | None = None,
-    one_read: bool | None = None,
+    leaves: list[jax.Array], v: jax.Array, part: jax.Array | None = None
 ) -> jax.Array:
   """cos(Delta_i(e), sum_j v_j(e) Delta_j(e)) for every client and expert, (C, E), leaf by leaf.
 
-  Two formulations with the same result (to float32 rounding), neither copying the deltas:
-
-  * ``one_read=True`` (the default on a single CPU device): :func:`_one_read_moments`, one
-    read of the deltas in cache-sized blocks for the consensus, the dot products and the
-    norms;
-  * ``one_read=False`` (the default on accelerators and on several devices, where the deltas
-    may be sharded and dynamic slices of them would be gathered; always under a robust
-    reduction, whose consensus is :func:`expert_sum`'s robust one): three passes over the
-    deltas: the consensus (one :func:`expert_sum` scan over clients for all leaves), the
-    clients' squared norms (a batched dot) and their dot products with the consensus (a
-    fused multiply-reduce). Few large kernels: what a GPU/TPU wants.
-
-  With ``part`` ((C,) bool; ``v`` must be 0 outside it), the rows of other clients may hold
-  anything (NaN): they get cosine 0.
+  Three passes over the deltas, none of which copies them: the consensus (one
+  :func:`expert_sum` scan over clients for all leaves), the clients' squared norms (a batched
+  dot) and their dot products with the consensus (a fused multiply-reduce). With ``part``
+  ((C,) bool; ``v`` must be 0 outside it), the rows of other clients may hold anything (NaN):
+  they get cosine 0.
 
   >>> x = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # 2 clients, 1 expert
   >>> consensus_expert_cosine([x], jnp.array([[1.0], [0.0]]))[:, 0].tolist()
   [1.0, 0.0]
-  >>> consensus_expert_cosine([x], jnp.array([[1.0], [0.0]]), one_read=False)[:, 0].tolist()
-  [1.0, 0.0]
   """
-  if robust.active_reduction() is not None:
-    one_read = False
-  elif one_read is None:  # its dynamic slices of possibly sharded deltas: one device only
-    one_read = jax.default_backend() == "cpu" and jax.device_count() == 1
-  if one_read:
-    dot, sq_i, sq_bar = _one_read_moments(leaves, v, part)
-  else:
-    x_bars = expert_sum(v, list(leaves), part)  # [(E, ...)]
-    dot = sum(_expert_dots(x, xb) for x, xb in zip(leaves, x_bars))
-    sq_i = sum(_sq_norms(x) for x in leaves)
-    sq_bar = sum(jnp.sum(jnp.square(xb), axis=tuple(range(1, xb.ndim))) for xb in x_bars)
+  x_bars = expert_sum(v, list(leaves), part)  # [(E, ...)]
+  dot = sum(_expert_dots(x, xb) for x, xb in zip(leaves, x_bars))
+  sq_i = sum(_sq_norms(x) for x in leaves)
+  sq_bar = sum(jnp.sum(jnp.square(xb), axis=tuple(range(1, xb.ndim))) for xb in x_bars)
   if part is not None:
     dot = jnp.where(part[:, None], dot, 0.0)
     sq_i = jnp.where(part[:, None], sq_i, 0.0)
