@@ -17,7 +17,8 @@ sends NaN), next to the formulations they replaced:
   zeroed deltas (``where(part, x, 0)``, a copy of x);
 * per-client, per-expert reductions: squared norms as a batched dot; dot products with the
   consensus as a reduction with initial value -0.0 vs ``jnp.sum``, each alone and in a program
-  that has another 0.0 constant (every real program does: see ``_expert_dots``);
+  that has another 0.0 constant (every real program does: see ``_expert_dots``), and inside a
+  scan over clients (tried);
 * the O(N) cosine (``consensus_expert_cosine``, three passes; tried: once in cache-sized
   blocks), the pairwise cosines
   (``pairwise_expert_cosine``: per expert, Gram matmuls) and the pairwise gate (per expert,
@@ -63,6 +64,21 @@ def _neg0_dots(xs, xbs):
 
 def _sum_dots(xs, xbs):
   return sum(jnp.sum(x * b[None], axis=(2, 3)) for x, b in zip(xs, xbs))
+
+
+def _scan_dots(xs, xbs):
+  """The dot products from -0.0 inside a scan over clients (tried in the fifteenth session, not
+  adopted): what fusing them into the final weighted sum's scan would cost. Inside the loop
+  body XLA:CPU runs the per-client reduction about 3x slower than the same reduction over all
+  clients at the top level (section 2 of benchmarks/README.md)."""
+
+  def body(carry, xc):
+    return carry, sum(
+        jax.lax.reduce(x * b, jnp.float32(-0.0), lambda u, v: u + v, (1, 2))
+        for x, b in zip(xc, xbs)
+    )
+
+  return jax.lax.scan(body, 0.0, xs)[1]
 
 
 def _variadic_consensus_cosine(xs, w, part):
@@ -179,6 +195,10 @@ def main() -> None:
       "<x[c, e], x_bar[e]>: reduce from -0.0, alone": (_neg0_dots, (xs, xbs)),
       "<x[c, e], x_bar[e]>: reduce from -0.0, program with another 0.0": (
           lambda xs, xbs: (_neg0_dots(xs, xbs), zero_use()),
+          (xs, xbs),
+      ),
+      "<x[c, e], x_bar[e]>: reduce from -0.0 inside a scan over clients (tried)": (
+          _scan_dots,
           (xs, xbs),
       ),
       "<x[c, e], x_bar[e]>: jnp.sum, alone": (_sum_dots, (xs, xbs)),
