@@ -476,11 +476,9 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
-  from ml_collections import config_flags
+  from fedalign.config_files import define_config_flag
 
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", None, "Path to a get_config() file.", lock_config=True
-  )
+  _CONFIG = define_config_flag("config", "Path to a get_config() file.")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
   _THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads.")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -1096,9 +1096,9 @@ def write_report(
 # ----------------------------------------------------------------------------- CLI
 def _define_flags():
   from absl import flags
-  from ml_collections import config_flags
+  from fedalign.config_files import define_config_flag
 
-  config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
+  define_config_flag("config", "Path to a get_config() file.")
   flags.DEFINE_string("workdir", None, "Grid directory (one sub-directory per entry).")
   flags.DEFINE_list(
       "methods",

@@ -9,10 +9,12 @@ build on each other (``configs/cpu_analog.py`` starts from ``configs/default.py`
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
 import pathlib
+import sys
 import types
 from typing import Any, Mapping
 
@@ -76,6 +78,90 @@ def flatten_config(
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def unknown_field_message(
+    config: ml_collections.ConfigDict, path: str, flag_name: str = "config"
+) -> str | None:
+  """Why ``--config.PATH=...`` names no field of ``config`` (None if it names one).
+
+  The message names the missing part, the fields at that level, and the closest full paths
+  (the dotted paths that end in the same name first: ``rounds`` -> ``train.rounds``).
+
+  >>> c = ml_collections.ConfigDict({'seed': 0, 'train': {'rounds': 3, 'local_steps': 1}})
+  >>> print(unknown_field_message(c, 'rounds'))
+  --config.rounds: the config has no field 'rounds' at the top level (its fields: seed, train). Did you mean --config.train.rounds?
+  >>> unknown_field_message(c, 'train.rounds') is None
+  True
+  """
+  node, parts = config, path.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return None  # an index into a tuple/list field: ml_collections' own parser decides
+    if part in node:
+      node = node[part]
+      continue
+    where = "at the top level" if i == 0 else f"in {'.'.join(parts[:i])}"
+    fields = ", ".join(sorted(node.keys()))
+    every = flatten_config(config)
+    every.update({p: None for k in every for p in _parents(k)})
+    same_name = [p for p in sorted(every) if p.split(".")[-1] == parts[-1] and p != path]
+    close = same_name + [
+        p
+        for p in difflib.get_close_matches(path, list(every), n=3, cutoff=0.75)
+        if p not in same_name
+    ]
+    flag = f"--{flag_name}."
+    hint = " Did you mean " + " or ".join(flag + p for p in close[:3]) + "?" if close else ""
+    return f"{flag}{path}: the config has no field {part!r} {where} (its fields: {fields}).{hint}"
+  return None
+
+
+def _parents(path: str) -> list[str]:
+  """'a.b.c' -> ['a', 'a.b'] (the ConfigDict fields that hold it)."""
+  parts = path.split(".")
+  return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def define_config_flag(
+    name: str = "config",
+    help_string: str = "Path to a get_config() file.",
+    lock_config: bool = True,
+) -> Any:
+  """``config_flags.DEFINE_config_file(name, None, help_string, lock_config=...)`` for our CLIs,
+  with a clear error for an override of a field that does not exist.
+
+  ml_collections raises a bare AttributeError from inside absl's flag parsing for
+  ``--config.no_such_field=1`` (a traceback, however far the typo is from a real field).
+  Here the flag's parse turns it into absl's IllegalFlagValueError with
+  :func:`unknown_field_message`, which absl reports as one ``FATAL Flags parsing error`` line
+  (exit status 1). Returns the flag holder.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+
+  holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=lock_config)
+  flag = flags.FLAGS[name]
+  parse = flag._parse  # the bound parse of ml_collections' _ConfigFlag  # pylint: disable=protected-access
+
+  def checked_parse(argument):
+    try:
+      return parse(argument)
+    except (AttributeError, KeyError) as e:
+      prefix = f"--{name}."
+      paths = [a[len(prefix) :].split("=")[0] for a in sys.argv[1:] if a.startswith(prefix)]
+      try:
+        config = load_config(argument)
+      except Exception:  # noqa: BLE001 - the original error is the better one then
+        raise e from None
+      for path in paths:
+        message = unknown_field_message(config, path, name)
+        if message is not None:
+          raise flags.IllegalFlagValueError(f"flag --{name}={argument}: {message}") from None
+      raise
+
+  flag._parse = checked_parse  # pylint: disable=protected-access
+  return holder
 
 
 # Fields added after runs had been saved, as {switch: (value before it existed, the fields that

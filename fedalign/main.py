@@ -11,11 +11,10 @@ import logging
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a get_config() file.", lock_config=True
-)
+from fedalign.config_files import define_config_flag
+
+_CONFIG = define_config_flag("config", "Path to a get_config() file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, plots.")
 _CACHE = flags.DEFINE_bool(
     "compilation_cache",

@@ -397,9 +397,9 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
-  from ml_collections import config_flags
+  from fedalign.config_files import define_config_flag
 
-  config_flags.DEFINE_config_file("config", None, "Experiment config with a pretrain section.")
+  define_config_flag("config", "Experiment config with a pretrain section.")
   flags.DEFINE_string("workdir", None, "Checkpoint directory to write (or reuse).")
   flags.DEFINE_bool("force", False, "Pre-train even when a matching cache exists.")
   flags.mark_flags_as_required(["config", "workdir"])
