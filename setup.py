@@ -15,10 +15,10 @@ setup(
     package_data={"fedalign": ["data/embedded/*", "data/embedded/**/*", "pretrained/*/*"]},
     include_package_data=True,
     install_requires=[
-        "jax>=0.4.30",
-        "flax>=0.10",
+        "jax>=0.7.2",
+        "flax>=0.12",
         "optax>=0.2",
-        "orbax-checkpoint>=0.6",
+        "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9",
         "array_record>=0.5",
         "ml-collections>=0.1",

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,7 +80,8 @@ def test_rectangular_linear_sum_assignment():
 def test_solver_float64_when_x64_enabled():
   rng = np.random.default_rng(2)
   mat = rng.normal(size=(16, 16))
-  with jax.enable_x64(True):
+  enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+  with enable_x64(True):
     jaxpr = jax.make_jaxpr(pm.assignment_perm)(mat)
     assert "f64" in str(jaxpr)
     perm = np.asarray(jax.jit(pm.assignment_perm)(mat))
