@@ -43,6 +43,8 @@ def test_gpu_check_smoke_runs_the_three_benchmarks_and_collects_their_results(tm
           "round_time_gpu_check_smoke.json",
           "mfu_gpu_check_smoke.json",
           "aggregation_time_gpu_check_smoke.json",
+          "breakdown.log",
+          "aggregation_breakdown_gpu_check_smoke.json",
       ]
   )
   assert not list((REPO / "benchmarks" / "results").glob("*gpu_check_smoke*"))
@@ -62,3 +64,9 @@ def test_gpu_check_smoke_runs_the_three_benchmarks_and_collects_their_results(tm
   assert all(r["status"] == "ok" for r in rows.values())
   assert rows["fedavg"]["vs_fedavg"] == 1.0
   assert "Precision.HIGHEST on cpu" in agg["markdown"]
+
+  blocks = json.loads((out / "aggregation_breakdown_gpu_check_smoke.json").read_text())
+  assert (blocks["clients"], blocks["experts"]) == (8, 4)
+  ops = {r["op"]: r for r in blocks["rows"]}
+  assert any(op.startswith("expert_sum") for op in ops) and any("einsum" in op for op in ops)
+  assert all(r["median_s"] > 0 for r in ops.values())
