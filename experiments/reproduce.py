@@ -1161,11 +1161,9 @@ def main(argv: list[str]) -> None:
       "overrides": overrides,
   }
   if FLAGS.compilation_cache:  # entries of equal shapes reuse compiled rounds across runs
-    import jax
+    from fedalign.compilation import enable_compilation_cache
 
-    jax.config.update(
-        "jax_compilation_cache_dir", str(pathlib.Path(FLAGS.workdir).resolve() / ".jax_cache")
-    )
+    enable_compilation_cache(pathlib.Path(FLAGS.workdir).resolve() / ".jax_cache")
   out = run_grid(
       base,
       plan,

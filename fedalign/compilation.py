@@ -25,8 +25,14 @@ from typing import Any
 import jax
 import jax.monitoring
 
-# Seconds of XLA compilation proper (a persistent-cache hit skips it).
+# Seconds of a jitted function's compilation (a persistent-cache hit makes it short).
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# A program loaded from the persistent cache, and the compile seconds it saved.
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+CACHE_SAVED_EVENT = "/jax/compilation_cache/compile_time_saved_sec"
+
+
+CACHE_MAX_BYTES = 4 << 30  # the persistent cache's bound (least recently used entries go)
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -42,13 +48,16 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> path
   """Turns on JAX's persistent compilation cache in ``directory`` (default:
   :func:`default_cache_dir`); returns the directory.
 
-  Programs that compile in under a second are not stored (JAX's default threshold), so the
-  cache holds the rounds and evaluators, not every small helper.
+  Every program is stored, however quickly it compiled (JAX's default keeps only those over a
+  second: the main command then still compiled ~150 small programs, 4.6 s of a warm rerun's
+  compile time, against 0.7 s with all of them stored, 1.6 MB on disk). The directory is
+  bounded at :data:`CACHE_MAX_BYTES`; past it JAX deletes the least recently used entries.
   """
   path = pathlib.Path(directory) if directory else default_cache_dir()
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   return path
 
 
@@ -56,7 +65,8 @@ class CompileTimer:
   """Context manager summing the seconds JAX spends compiling while it is active.
 
   Counts XLA backend compilation (:data:`BACKEND_COMPILE_EVENT`) of every jitted function,
-  in any thread; a persistent-cache hit costs (almost) nothing here.
+  in any thread; a persistent-cache hit costs (almost) nothing here, and is counted in
+  ``cache_hits`` with the compile seconds it saved in ``seconds_saved`` (JAX's own figure).
   """
 
   _listeners: list["CompileTimer"] = []
@@ -66,20 +76,34 @@ class CompileTimer:
   def __init__(self) -> None:
     self.seconds = 0.0
     self.compilations = 0
+    self.cache_hits = 0
+    self.seconds_saved = 0.0
 
   @classmethod
   def _listen(cls, event: str, duration: float, **_: Any) -> None:
-    if event != BACKEND_COMPILE_EVENT:
+    if event not in (BACKEND_COMPILE_EVENT, CACHE_SAVED_EVENT):
       return
     with cls._lock:
       for timer in cls._listeners:
-        timer.seconds += duration
-        timer.compilations += 1
+        if event == BACKEND_COMPILE_EVENT:
+          timer.seconds += duration
+          timer.compilations += 1
+        else:
+          timer.seconds_saved += duration
+
+  @classmethod
+  def _listen_event(cls, event: str, **_: Any) -> None:
+    if event != CACHE_HIT_EVENT:
+      return
+    with cls._lock:
+      for timer in cls._listeners:
+        timer.cache_hits += 1
 
   def __enter__(self) -> "CompileTimer":
     with self._lock:
       if not CompileTimer._registered:  # one listener for the process (JAX keeps them all)
         jax.monitoring.register_event_duration_secs_listener(CompileTimer._listen)
+        jax.monitoring.register_event_listener(CompileTimer._listen_event)
         CompileTimer._registered = True
       CompileTimer._listeners.append(self)
     return self

@@ -5,7 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 
 from fedalign.compilation import CompileTimer, default_cache_dir
 
@@ -44,14 +43,18 @@ def run_cli(workdir, cache_dir, *extra):
   return json.loads((workdir / "summary.json").read_text())
 
 
-@pytest.mark.slow  # two CLI runs (~40 s); CompileTimer itself is tested below
-def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):
+def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):  # two CLI runs, ~13 s
   cache = tmp_path / "cache"
   first = run_cli(tmp_path / "a", cache)
-  assert any(cache.iterdir())  # the round and the evaluator were stored
   second = run_cli(tmp_path / "b", cache)  # same command, new workdir
-  assert first["compilations"] > 0 and first["compile_time_s"] > 1.0
-  assert second["compile_time_s"] < 0.5 * first["compile_time_s"], (first, second)
+  assert first["compilations"] > 10 and first["compile_time_s"] > 1.0
+  # a cold run compiles (a program requested twice is loaded the second time)
+  assert first["compile_cache_hits"] < first["compilations"] / 2
+  # the rerun loads every program instead of compiling it (JAX's count and its figure of the
+  # seconds saved; the compile time itself is a timing, not tested)
+  assert second["compilations"] == first["compilations"]
+  assert second["compile_cache_hits"] == second["compilations"], (first, second)
+  assert second["compile_time_saved_s"] > 0.0
   assert second["final_test_accuracy"] == first["final_test_accuracy"]
 
 

@@ -141,6 +141,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       "wall_time_s": time.time() - t0,
       "compile_time_s": compile_timer.seconds,
       "compilations": compile_timer.compilations,
+      "compile_cache_hits": compile_timer.cache_hits,
+      "compile_time_saved_s": compile_timer.seconds_saved,
       "config": json.loads(reported_config.to_json()),
   }
   nlls = [h["test_nll"] for h in history if "test_nll" in h]
@@ -154,9 +156,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   if config.model.hf_checkpoint:
     summary["checkpoint"] = str(config.model.hf_checkpoint)
   log.info(
-      "compiled %d programs in %.1f s (wall time %.1f s)",
+      "compiled %d programs in %.1f s, %d of them loaded from the compilation cache "
+      "(%.1f s saved; wall time %.1f s)",
       compile_timer.compilations,
       compile_timer.seconds,
+      compile_timer.cache_hits,
+      compile_timer.seconds_saved,
       summary["wall_time_s"],
   )
   if main:
