@@ -43,7 +43,7 @@ def run_cli(workdir, cache_dir, *extra):
   return json.loads((workdir / "summary.json").read_text())
 
 
-def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):  # two CLI runs, ~13 s
+def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):  # three CLI runs, ~15 s
   cache = tmp_path / "cache"
   first = run_cli(tmp_path / "a", cache)
   second = run_cli(tmp_path / "b", cache)  # same command, new workdir
@@ -56,6 +56,10 @@ def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):  # two CLI runs
   assert second["compile_cache_hits"] == second["compilations"], (first, second)
   assert second["compile_time_saved_s"] > 0.0
   assert second["final_test_accuracy"] == first["final_test_accuracy"]
+  # another seed: other data and client rngs, the same programs (the seed is an argument of
+  # the round, not a constant in it)
+  third = run_cli(tmp_path / "c", cache, "--config.seed=1")
+  assert third["compile_cache_hits"] == third["compilations"] == first["compilations"]
 
 
 def test_compile_timer_counts_a_compilation_and_the_default_dir(monkeypatch, tmp_path):

@@ -64,7 +64,11 @@ def make_round_fn(
     privatize: Callable | None = None,
     param_shardings: PyTree | None = None,
 ) -> Callable:
-  """Returns ``round_fn(server_state, batches, weights, client_ids, round_idx)``.
+  """Returns ``round_fn(server_state, batches, weights, client_ids, round_idx, seed=seed)``.
+
+  ``seed`` passed to the jitted ``round_fn`` (an int) is an argument of the compiled program,
+  not a constant in it: runs that differ only in the seed then share one compiled round (the
+  persistent compilation cache). Left out, the seed given here is used.
 
   Args:
     client_update: from :func:`fedalign.federated.client.make_client_update`.
@@ -129,7 +133,9 @@ def make_round_fn(
     )
     return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), outs)
 
-  def round_fn(server_state, batches, weights, client_ids, round_idx):
+  default_seed = seed
+
+  def round_fn(server_state, batches, weights, client_ids, round_idx, seed=default_seed):
     params = server_state["params"]
     if param_shardings is not None:
       params = _constrain(params, param_shardings)

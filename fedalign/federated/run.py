@@ -291,7 +291,12 @@ class Run:
   def run_round(self, state: PyTree, round_idx: int) -> tuple[PyTree, dict[str, Any], np.ndarray]:
     """One round from ``state``: ``(new state, round_fn's outputs, sampled client ids)``."""
     batches, weights, ids_in, ids = self.round_arrays(round_idx)
-    state, out = self.round_fn(state, batches, jnp.asarray(weights), jnp.asarray(ids_in), round_idx)
+    seed = int(self.config.seed)
+    # the seed as an argument (int32), not a constant: other seeds reuse the compiled round
+    extra = {"seed": seed} if 0 <= seed < 2**31 else {}
+    state, out = self.round_fn(
+        state, batches, jnp.asarray(weights), jnp.asarray(ids_in), round_idx, **extra
+    )
     return state, out, ids
 
 
