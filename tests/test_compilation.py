@@ -5,7 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-
 from fedalign.compilation import CompileTimer, default_cache_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
