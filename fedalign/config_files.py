@@ -140,6 +140,8 @@ def define_config_flag(
   from absl import flags
   from ml_collections import config_flags
 
+  # absl files a flag under the module that defines it: this one is the CLI's (--helpshort)
+  flags.disclaim_key_flags()
   holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=lock_config)
   flag = flags.FLAGS[name]
   parse = flag._parse  # the bound parse of ml_collections' _ConfigFlag  # pylint: disable=protected-access

@@ -213,3 +213,20 @@ def test_mesh_run_matches_single_device_run(tmp_path):
   a, b = read_metrics(single)[0], read_metrics(meshed)[0]
   assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
   assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=0.011)
+
+
+def test_cli_help_lists_the_config_flag():
+  """--config is the CLI's own flag (absl files it under fedalign.main for --helpshort), though
+  config_files.define_config_flag defines it."""
+  import subprocess
+  import sys
+
+  proc = subprocess.run(
+      [sys.executable, "-m", "fedalign.main", "--helpshort"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert "  --config: Path to a get_config() file." in proc.stdout + proc.stderr
+  assert "  --workdir: " in proc.stdout + proc.stderr
