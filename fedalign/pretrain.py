@@ -107,6 +107,12 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
         f"config.pretrain.learning_rate={p.learning_rate!r} is invalid: expected "
         "a positive float"
     )
+  for name, expected in (
+      ("max_chars", "0 (all text) or a positive integer"),
+      ("warmup_steps", "an integer >= 0"),
+  ):
+    if int(p.get(name, 0)) < 0:
+      raise ValueError(f"config.pretrain.{name}={p[name]!r} is invalid: expected {expected}")
   if config.model.get("type", "decoder") != "decoder":
     raise ValueError(
         f"config.model.type={config.model.type!r}: pre-training supports " "'decoder' models only"

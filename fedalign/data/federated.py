@@ -16,6 +16,7 @@ Example (the embedded AG News sample, byte tokenizer):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
@@ -81,6 +82,17 @@ DATASETS: dict[str, Loader] = {
     "mmlu": _multiple_choice,
     "hellaswag": _multiple_choice,
 }
+
+
+@contextlib.contextmanager
+def _seq_len_named(seq_len: int):
+  """Re-raises the formatters' ``max_len=...`` errors as ``config.data.seq_len`` errors."""
+  try:
+    yield
+  except ValueError as e:
+    if not str(e).startswith("max_len="):
+      raise
+    raise ValueError(f"config.data.seq_len={seq_len!r} is invalid: {e}") from None
 
 
 class FederatedData:
@@ -178,46 +190,50 @@ class FederatedData:
     # choices (decoder, multi-token label words: each scored as a sequence) or
     # candidates (switch: label-word decoder targets).
     self.candidate_ids = self.choices = self.candidates = None
-    if self.multiple_choice:  # train: prompt + gold option; test: (N, 4, T), labels = groups
-      self.batch_keys = ("tokens", "mask", "target_mask")
-      ex = mc_lib.format_train(d.dataset, train, self.tokenizer, d.seq_len)
-      self.train = {k: ex[k] for k in self.batch_keys}
-      self.test = mc_lib.format_test(d.dataset, test, self.tokenizer, d.seq_len)
-      self.mc_metric = config.eval.get("mc_metric", "acc")
-    elif self.seq2seq:
-      fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
-      ex = fmt_lib.format_seq2seq_classification(train.text, train.label, self.tokenizer, **fmt)
-      self.batch_keys = ("tokens", "mask", "target_tokens", "target_mask")
-      self.train = {k: ex[k] for k in self.batch_keys}
-      test_ex = fmt_lib.format_seq2seq_classification(test.text, test.label, self.tokenizer, **fmt)
-      self.test = {k: test_ex[k] for k in ("tokens", "mask", "labels")}
-      self.candidates = fmt_lib.seq2seq_label_candidates(self.tokenizer, label_words)
-    elif self.lm:  # next-token LM on the texts; the topics only partition and break down
-      self.batch_keys = ("tokens", "mask", "target_mask")
-      fmt = dict(num_labels=self.num_classes, max_len=d.seq_len)
-      ex = fmt_lib.format_lm(train.text, train.label, self.tokenizer, **fmt)
-      self.train = {k: ex[k] for k in self.batch_keys}
-      test_ex = fmt_lib.format_lm(test.text, test.label, self.tokenizer, **fmt)
-      self.test = {k: test_ex[k] for k in self.batch_keys + ("labels",)}
-    else:
-      fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
-      ex = fmt_lib.format_classification(train.text, train.label, self.tokenizer, **fmt)
-      self.batch_keys = ("tokens", "mask", "target_mask")
-      self.train = {k: ex[k] for k in self.batch_keys}
-      words = fmt_lib.label_word_ids(self.tokenizer, label_words)
-      if all(len(w) == 1 for w in words):
-        test_ex = fmt_lib.format_classification(test.text, test.label, self.tokenizer, **fmt)
-        self.test = {
-            k: test_ex[k] for k in ("tokens", "mask", "target_mask", "labels", "last_index")
-        }
-        self.candidate_ids = fmt_lib.single_token_ids(self.tokenizer, label_words)
-      else:  # e.g. a checkpoint's tokenizer splits a label word: score whole sequences
-        self.choices = fmt_lib.format_label_word_choices(
+    with _seq_len_named(d.seq_len):  # formatting errors name max_len: say which field it is
+      if self.multiple_choice:  # train: prompt + gold option; test: (N, 4, T), labels = groups
+        self.batch_keys = ("tokens", "mask", "target_mask")
+        ex = mc_lib.format_train(d.dataset, train, self.tokenizer, d.seq_len)
+        self.train = {k: ex[k] for k in self.batch_keys}
+        self.test = mc_lib.format_test(d.dataset, test, self.tokenizer, d.seq_len)
+        self.mc_metric = config.eval.get("mc_metric", "acc")
+      elif self.seq2seq:
+        fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
+        ex = fmt_lib.format_seq2seq_classification(train.text, train.label, self.tokenizer, **fmt)
+        self.batch_keys = ("tokens", "mask", "target_tokens", "target_mask")
+        self.train = {k: ex[k] for k in self.batch_keys}
+        test_ex = fmt_lib.format_seq2seq_classification(
             test.text, test.label, self.tokenizer, **fmt
         )
-        self.test = {
-            k: self.choices[k] for k in ("tokens", "mask", "target_mask", "option_chars", "labels")
-        }
+        self.test = {k: test_ex[k] for k in ("tokens", "mask", "labels")}
+        self.candidates = fmt_lib.seq2seq_label_candidates(self.tokenizer, label_words)
+      elif self.lm:  # next-token LM on the texts; the topics only partition and break down
+        self.batch_keys = ("tokens", "mask", "target_mask")
+        fmt = dict(num_labels=self.num_classes, max_len=d.seq_len)
+        ex = fmt_lib.format_lm(train.text, train.label, self.tokenizer, **fmt)
+        self.train = {k: ex[k] for k in self.batch_keys}
+        test_ex = fmt_lib.format_lm(test.text, test.label, self.tokenizer, **fmt)
+        self.test = {k: test_ex[k] for k in self.batch_keys + ("labels",)}
+      else:
+        fmt = dict(label_words=label_words, template=AGNEWS_TEMPLATE, max_len=d.seq_len)
+        ex = fmt_lib.format_classification(train.text, train.label, self.tokenizer, **fmt)
+        self.batch_keys = ("tokens", "mask", "target_mask")
+        self.train = {k: ex[k] for k in self.batch_keys}
+        words = fmt_lib.label_word_ids(self.tokenizer, label_words)
+        if all(len(w) == 1 for w in words):
+          test_ex = fmt_lib.format_classification(test.text, test.label, self.tokenizer, **fmt)
+          self.test = {
+              k: test_ex[k] for k in ("tokens", "mask", "target_mask", "labels", "last_index")
+          }
+          self.candidate_ids = fmt_lib.single_token_ids(self.tokenizer, label_words)
+        else:  # e.g. a checkpoint's tokenizer splits a label word: score whole sequences
+          self.choices = fmt_lib.format_label_word_choices(
+              test.text, test.label, self.tokenizer, **fmt
+          )
+          self.test = {
+              k: self.choices[k]
+              for k in ("tokens", "mask", "target_mask", "option_chars", "labels")
+          }
 
   def round_batches(
       self, config: ml_collections.ConfigDict, client_ids: np.ndarray, round_idx: int

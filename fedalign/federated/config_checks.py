@@ -21,7 +21,7 @@ from fedalign.algorithms import METHODS
 from fedalign.algorithms.base import SERVER_LR_SCHEDULES
 from fedalign.config_files import config_differences, flatten_config
 from fedalign.models.config import DTYPES, MoEConfig
-from fedalign.models.from_config import MODEL_TYPES, model_type
+from fedalign.models.from_config import MODEL_TYPES, model_config_from, model_type
 from fedalign.privacy import check_dp_config
 
 # Fields that may change between a run and its resumption. model.moe_impl / moe_block_size
@@ -70,6 +70,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "config's ':runlocal' variant (tiny random-weights model)."
     )
   d, t = config.data, config.train
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+    bad("seed", config.seed, "an integer >= 0")
   if d.num_clients < 1:
     bad("data.num_clients", d.num_clients, "an integer >= 1")
   if not 1 <= t.clients_per_round <= d.num_clients:
@@ -82,12 +84,44 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("data.partition", d.partition, "one of ('dirichlet', 'iid', 'pathological')")
   if d.partition == "dirichlet" and d.alpha <= 0:
     bad("data.alpha", d.alpha, "a positive float")
+  for name in ("min_client_size", "max_train_examples", "max_test_examples"):
+    if d.get(name, 0) < 0:
+      bad(
+          f"data.{name}",
+          d[name],
+          "an integer >= 0 (0 = no limit)" if "max" in name else "an integer >= 0",
+      )
+  if d.get("validation_examples", 0) < 0:
+    bad("data.validation_examples", d.validation_examples, "an integer >= 0 (0 = none held out)")
+  if d.seq_len < 1:
+    bad("data.seq_len", d.seq_len, "a positive integer (tokens per example)")
   if t.rounds < 1:
     bad("train.rounds", t.rounds, "an integer >= 1")
-  if t.local_steps < 0 or (t.local_steps == 0 and t.local_epochs < 1):
+  if t.local_steps < 0:
+    bad(
+        "train.local_steps",
+        t.local_steps,
+        "0 (train.local_epochs over the data) or an integer >= 1",
+    )
+  if t.local_steps == 0 and t.local_epochs < 1:
     bad("train.local_epochs", t.local_epochs, "an integer >= 1 (or train.local_steps > 0)")
   if t.batch_size < 1:
     bad("train.batch_size", t.batch_size, "an integer >= 1")
+  if not t.learning_rate > 0:
+    bad("train.learning_rate", t.learning_rate, "a positive float")
+  for name in (
+      "weight_decay",
+      "grad_clip",
+      "load_balance_coef",
+      "z_loss_coef",
+      "prompt_loss_weight",
+  ):
+    if t.get(name, 0.0) < 0:
+      bad(
+          f"train.{name}",
+          t[name],
+          "a float >= 0" + (" (0 = no clipping)" if name == "grad_clip" else ""),
+      )
   if t.optimizer not in ("adamw", "sgd"):
     bad("train.optimizer", t.optimizer, "one of ('adamw', 'sgd')")
   if t.trainable not in ("full", "lora", "body"):
@@ -135,6 +169,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("model.moe_block_size", block_size, "a positive integer (rows per expert block)")
   if d.dataset not in DATASETS:
     bad("data.dataset", d.dataset, f"one of {tuple(DATASETS)}")
+  if (
+      config.method in ("fedalign", "fedmoe")
+      and not config.model.hf_checkpoint
+      and config.model.get("num_experts", 1) < 1
+  ):
+    bad(
+        "model.num_experts",
+        config.model.num_experts,
+        f"an integer >= 1 with method={config.method!r} (it aggregates experts and routers)",
+    )
+  if model_type(config) == "decoder" and not config.model.hf_checkpoint:
+    # the model's own checks (sizes, top_k, heads) under the run config's field names, now
+    # rather than after the data is built; the tokenizer's vocabulary size is not known yet
+    model_config_from(config, max(int(d.get("vocab_size", 0)), 1))
   if d.dataset in MC_DATASETS and model_type(config) != "decoder":
     bad(
         "model.type",
@@ -170,12 +218,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.eval.every < 1:
     bad("eval.every", config.eval.every, "an integer >= 1")
+  if config.eval.batch_size < 1:
+    bad("eval.batch_size", config.eval.batch_size, "an integer >= 1")
+  if config.eval.get("specialization_examples", 0) < 0:
+    bad("eval.specialization_examples", config.eval.specialization_examples, "an integer >= 0")
   if config.checkpoint.every < 0:
     bad("checkpoint.every", config.checkpoint.every, "0 (never) or a positive integer")
+  if config.checkpoint.keep < 1:
+    bad(
+        "checkpoint.keep",
+        config.checkpoint.keep,
+        "an integer >= 1 (the newest checkpoints kept; a run resumes from the latest)",
+    )
   check_dp_config(config)  # dp.* and faults.* (fedalign/privacy.py)
 
   # ---- robust aggregation and simulated attacks (docs/robustness.md)
   srv = config.server
+  if not srv.get("learning_rate", 1.0) > 0:
+    bad("server.learning_rate", srv.learning_rate, "a positive float (1.0 = plain averaging)")
+  for name in ("momentum", "b1", "b2"):
+    if name in srv and not 0.0 <= srv[name] < 1.0:
+      bad(f"server.{name}", srv[name], "a float in [0, 1)")
+  if "eps" in srv and not srv.eps > 0:
+    bad("server.eps", srv.eps, "a positive float")
   if srv.get("lr_schedule", "constant") not in SERVER_LR_SCHEDULES:
     bad("server.lr_schedule", srv.lr_schedule, f"one of {SERVER_LR_SCHEDULES}")
   if not 0.0 <= srv.get("lr_final_fraction", 0.0) <= 1.0:

@@ -15,6 +15,7 @@ loads its config and weights with :func:`fedalign.models.hf.load_pretrained` ins
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -233,4 +234,21 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> MoE
   )
   if m.family in ("deepseek_moe",) and m.shared_expert_intermediate_size == 0:
     fields.pop("shared_expert_intermediate_size")
-  return family_config(m.family, **fields)
+  try:
+    return family_config(m.family, **fields)
+  except ValueError as e:  # name the run config's field, not the MoEConfig attribute
+    message = str(e)
+    match = re.match(r"MoEConfig\.(\w+)=", message)
+    if match:
+      name = match.group(1)
+      field = _RUN_FIELDS.get(name, f"model.{name}" if name in m else None)
+      if field:
+        message = f"config.{field}=" + message[match.end() :]
+    raise ValueError(message) from None
+
+
+# MoEConfig attributes that model_config_from fills from fields outside config.model.
+_RUN_FIELDS = {
+    "router_aux_loss_coef": "train.load_balance_coef",
+    "router_z_loss_coef": "train.z_loss_coef",
+}

@@ -1,0 +1,81 @@
+"""validate_config rejects out-of-range numbers before any compute, naming the run config's
+field and the accepted values (each of these used to run, silently or into a raw traceback)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedalign.config_files import load_config
+from fedalign.federated.config_checks import validate_config
+
+BAD_FIELDS = [
+    ("seed", -1, r"an integer >= 0"),
+    ("data.min_client_size", -5, r"an integer >= 0"),
+    ("data.max_train_examples", -5, r"0 = no limit"),
+    ("data.max_test_examples", -1, r"0 = no limit"),
+    ("data.validation_examples", -1, r"0 = none held out"),
+    ("data.seq_len", 0, r"a positive integer"),
+    ("train.local_steps", -1, r"0 \(train.local_epochs over the data\) or an integer >= 1"),
+    ("train.learning_rate", 0.0, r"a positive float"),
+    ("train.learning_rate", -1.0, r"a positive float"),
+    ("train.weight_decay", -1.0, r"a float >= 0"),
+    ("train.grad_clip", -1.0, r"0 = no clipping"),
+    ("train.load_balance_coef", -0.1, r"a float >= 0"),
+    ("server.learning_rate", -1.0, r"a positive float \(1.0 = plain averaging\)"),
+    ("server.momentum", 2.0, r"a float in \[0, 1\)"),
+    ("server.b1", -0.1, r"a float in \[0, 1\)"),
+    ("server.b2", 1.5, r"a float in \[0, 1\)"),
+    ("server.eps", 0.0, r"a positive float"),
+    ("eval.batch_size", 0, r"an integer >= 1"),
+    ("eval.batch_size", -1, r"an integer >= 1"),
+    ("checkpoint.keep", 0, r"an integer >= 1 \(the newest checkpoints kept"),
+    ("checkpoint.keep", -1, r"an integer >= 1"),
+    # the model's own checks, under the run config's names (they said MoEConfig.top_k)
+    ("model.top_k", 99, r"an integer in \[1, num_experts=4\]"),
+    ("model.num_heads", 0, r"a positive integer"),
+    ("model.num_kv_heads", 3, r"a divisor of num_heads=4"),
+    ("train.z_loss_coef", -1.0, r"a float >= 0"),
+]
+
+
+def _set(cfg, path, value):
+  *parents, leaf = path.split(".")
+  node = cfg
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+@pytest.mark.parametrize("field,value,accepted", BAD_FIELDS)
+def test_out_of_range_fields_are_named_with_the_accepted_values(field, value, accepted):
+  cfg = load_config("configs/default.py:runlocal")
+  validate_config(cfg)  # the variant itself is valid
+  _set(cfg, field, value)
+  with pytest.raises(ValueError, match=rf"^config\.{field}={value!r} is invalid: .*{accepted}"):
+    validate_config(cfg)
+
+
+def test_methods_that_align_experts_need_experts():
+  cfg = load_config("configs/default.py:runlocal")
+  cfg.method, cfg.model.num_experts = "fedalign", 0
+  with pytest.raises(ValueError, match=r"config.model.num_experts=0 .*method='fedalign'"):
+    validate_config(cfg)
+  cfg.method = "fedavg"  # a dense model is fine for FedAvg
+  validate_config(cfg)
+
+
+def test_local_epochs_message_still_names_local_epochs():
+  cfg = load_config("configs/default.py:runlocal")
+  cfg.train.local_steps, cfg.train.local_epochs = 0, 0
+  with pytest.raises(ValueError, match=r"config.train.local_epochs=0 is invalid"):
+    validate_config(cfg)
+
+
+def test_a_seq_len_too_short_for_the_prompt_names_data_seq_len(tmp_path):
+  from fedalign.data.federated import FederatedData
+
+  cfg = load_config("configs/default.py:runlocal")
+  cfg.data.seq_len = 4
+  validate_config(cfg)  # positive: only the formatter knows the prompt's length
+  with pytest.raises(ValueError, match=r"^config.data.seq_len=4 is invalid: max_len=4 is too"):
+    FederatedData(cfg, str(tmp_path))
