@@ -225,3 +225,45 @@ def test_malformed_rows_counted_and_reported(tmp_path, caplog):
     f.write(json.dumps(good) + "\n" + json.dumps(bad) + "\n{not json\n")
   res = sources.read_hellaswag(hs)
   assert len(res.records) == 1 and res.malformed == 2
+
+
+def test_empty_undecodable_and_damaged_files_name_the_file(tmp_path):
+  """A file without a usable row, a binary file and a broken archive each raise ValueError
+  naming the file (they used to surface as TFDS's 'No examples were yielded', a bare
+  UnicodeDecodeError, or an empty split found later by the partitioner)."""
+  p = _write(tmp_path / "ag" / "test.csv", "")
+  with pytest.raises(ValueError, match=r"ag/test\.csv: no usable rows: it is empty; expected CSV"):
+    sources.read_ag_news_csv(p)
+  _write(tmp_path / "ag" / "test.csv", '"1","only"\n\n"2","x"\n')
+  with pytest.raises(ValueError, match=r"no usable rows: all 3 row\(s\) malformed"):
+    sources.read_ag_news_csv(p, fmt="hf")
+  p.write_bytes(bytes(range(256)) * 4)
+  with pytest.raises(ValueError, match=r"test\.csv: cannot be read as UTF-8 text"):
+    sources.read_ag_news_csv(p)
+  m = _write(tmp_path / "mm" / "test" / "law_test.csv", "")
+  with pytest.raises(ValueError, match=r"law_test\.csv: no usable rows.*MMLU"):
+    sources.read_mmlu(tmp_path / "mm", "test")
+  h = _write(tmp_path / "hs" / "hellaswag_val.jsonl", "\n")
+  with pytest.raises(ValueError, match=r"hellaswag_val\.jsonl: no usable rows.*JSON Lines"):
+    sources.read_hellaswag(tmp_path / "hs")
+  h.unlink()
+  (tmp_path / "hs" / "hellaswag_val.jsonl.gz").write_bytes(b"not gzip at all\n" * 8)
+  with pytest.raises(ValueError, match=r"hellaswag_val\.jsonl\.gz: cannot be read as UTF-8"):
+    sources.read_hellaswag(tmp_path / "hs")
+  assert m.is_file()
+
+
+def test_a_build_from_other_files_is_refused(tmp_path):
+  """prepare() records what it built from; edited source files are not served from the old
+  build (they were, silently) but refused with what to do."""
+  ag = tmp_path / "ag"
+  _write(ag / "train.csv", '"1","a","b"\n"2","c","d"\n')
+  _write(ag / "test.csv", '"3","e","f"\n"4","g","h"\n')
+  assert len(builders.load_records("ag_news", "test", ag, tmp_path / "tfds")) == 2
+  assert len(builders.load_records("ag_news", "test", ag, tmp_path / "tfds")) == 2  # reused
+  _write(ag / "test.csv", '"3","e","f"\n')
+  with pytest.raises(ValueError, match=r"built from other files .* test\.csv\): delete .*1\.0\.0"):
+    builders.load_records("ag_news", "test", ag, tmp_path / "tfds")
+  _write(ag / "test.csv", '"3","e","f"\n"4","g","h"\n')  # restored: served again
+  assert len(builders.load_records("ag_news", "test", ag, tmp_path / "tfds")) == 2
+  assert builders.source_fingerprint(ag).keys() == {"test.csv", "train.csv"}

@@ -29,7 +29,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import pathlib
 from typing import Any
 
@@ -247,8 +249,46 @@ def prepare(dataset: str, manual_dir: PathLike, data_dir: PathLike) -> tfds.core
         f"{sources.DOWNLOAD_INSTRUCTIONS[dataset]}"
     )
   builder = cls(data_dir=str(data_dir), file_format="array_record")
+  fingerprint = source_fingerprint(manual)
+  record = pathlib.Path(str(builder.data_dir)) / SOURCES_RECORD
+  if record.is_file():  # built before: from the files that are there now?
+    built = json.loads(record.read_text())
+    changed = sorted(k for k in set(built) | set(fingerprint) if built.get(k) != fingerprint.get(k))
+    if changed:
+      raise ValueError(
+          f"{builder.data_dir} holds {dataset} built from other files than those now in "
+          f"manual_dir {manual} (changed, added or removed: {', '.join(changed[:5])}"
+          f"{', ...' if len(changed) > 5 else ''}): delete {builder.data_dir} to build it again "
+          "from the current files (a run resumed in this workdir then trains on other data), "
+          "or restore the files."
+      )
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  if not record.is_file():
+    record.write_text(json.dumps(fingerprint, indent=0, sort_keys=True))
   return builder
+
+
+SOURCES_RECORD = "fedalign_sources.json"  # beside the built files: what they were built from
+
+
+def source_fingerprint(manual_dir: PathLike) -> dict[str, str]:
+  """SHA-256 of every file under ``manual_dir``, by relative path: :func:`prepare` refuses a
+  build made from other files (it would otherwise serve the old data).
+
+  >>> import pathlib, tempfile
+  >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "test.csv").write_text("1,a,b")
+  >>> list(source_fingerprint(d))
+  ['test.csv']
+  """
+  root = pathlib.Path(manual_dir)
+  out = {}
+  for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    out[path.relative_to(root).as_posix()] = digest.hexdigest()
+  return out
 
 
 def decode_example(example: dict) -> dict:

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import io
@@ -32,7 +33,7 @@ import json
 import logging
 import pathlib
 import re
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,36 @@ def _check_dir(path: PathLike, dataset: str) -> pathlib.Path:
   return p
 
 
-def _open_text(path: pathlib.Path) -> io.TextIOBase:
+@contextlib.contextmanager
+def _open_text(path: pathlib.Path) -> Iterator[io.TextIOBase]:
+  """The file as UTF-8 text (``.gz`` / ``.bz2`` decompressed); a file that is not (binary,
+  another encoding, a damaged archive) raises ValueError naming it, wherever the reader
+  stopped."""
   if path.suffix == ".gz":
-    return gzip.open(path, "rt", encoding="utf-8", newline="")
-  if path.suffix == ".bz2":
-    return bz2.open(path, "rt", encoding="utf-8", newline="")
-  return open(path, encoding="utf-8", newline="")
+    f = gzip.open(path, "rt", encoding="utf-8", newline="")
+  elif path.suffix == ".bz2":
+    f = bz2.open(path, "rt", encoding="utf-8", newline="")
+  else:
+    f = open(path, encoding="utf-8", newline="")
+  try:
+    with f:
+      yield f
+  except (UnicodeDecodeError, EOFError, OSError, csv.Error) as e:
+    if isinstance(e, OSError) and e.errno is not None:
+      raise  # a real I/O error (permissions, disk): keep it
+    raise ValueError(
+        f"{path}: cannot be read as UTF-8 text ({type(e).__name__}: {e}); expected a text "
+        "file (.gz / .bz2 compressed or plain). Is it the right file, undamaged?"
+    ) from e
+
+
+def _result(path: pathlib.Path, records: list[dict], bad: _Malformed, expected: str) -> ParseResult:
+  """ParseResult of one file; a file without a single usable row raises ValueError."""
+  malformed = bad.report()
+  if not records:
+    why = f"all {malformed} row(s) malformed (see the warning)" if malformed else "it is empty"
+    raise ValueError(f"{path}: no usable rows: {why}; expected {expected}.")
+  return ParseResult(records, malformed)
 
 
 def normalize_whitespace(text: str) -> str:
@@ -218,7 +243,7 @@ def read_ag_news_csv(path: PathLike, fmt: str = "orig") -> ParseResult:
         bad.add(f"row {i}", "empty text")
         continue
       records.append({"text": text, "label": label, "title": title, "description": desc, "row": i})
-  return ParseResult(records, bad.report())
+  return _result(path, records, bad, f"CSV rows of {expected} (AG News fmt={fmt!r})")
 
 
 AG_NEWS_TRAIN_SUBSETS: tuple[tuple[str, str], ...] = (
@@ -333,7 +358,7 @@ def read_mmlu_csv(path: PathLike, subject: str | None = None) -> ParseResult:
               "row": i,
           }
       )
-  return ParseResult(records, bad.report())
+  return _result(path, records, bad, "CSV rows: question, 4 choices, answer (MMLU)")
 
 
 def read_mmlu(manual_dir: PathLike, split: str = "test") -> ParseResult:
@@ -463,7 +488,7 @@ def read_hellaswag_file(path: PathLike) -> ParseResult:
       )
       if rec is not None:
         records.append(rec)
-    return ParseResult(records, bad.report())
+    return _result(path, records, bad, "HellaSwag examples of 6 lines (header, label, 4 endings)")
   with _open_text(path) as f:
     for i, line in enumerate(f):
       if not line.strip():
@@ -491,7 +516,7 @@ def read_hellaswag_file(path: PathLike) -> ParseResult:
       rec = _hellaswag_record(obj, i, path, bad)
       if rec is not None:
         records.append(rec)
-  return ParseResult(records, bad.report())
+  return _result(path, records, bad, f"JSON Lines records with fields {list(HELLASWAG_FIELDS)}")
 
 
 def find_hellaswag_file(manual_dir: PathLike, split: str = "validation") -> pathlib.Path:
@@ -556,7 +581,7 @@ def _dolly_records(objs: Iterable[dict], path: pathlib.Path, client: int) -> Par
             "client": client,
         }
     )
-  return ParseResult(records, bad.report())
+  return _result(path, records, bad, f"Dolly records with fields {list(DOLLY_FIELDS)}")
 
 
 def read_dolly(manual_dir: PathLike, split: str = "train") -> ParseResult:
@@ -606,7 +631,7 @@ def read_dolly(manual_dir: PathLike, split: str = "train") -> ParseResult:
   records, malformed = [], 0
   for fp in files:
     client = int(fp.stem.rsplit("_", 1)[1]) if fp.stem.startswith("local_training_") else -1
-    with open(fp, encoding="utf-8") as f:
+    with _open_text(fp) as f:
       try:
         objs = json.load(f)
       except json.JSONDecodeError as e:
