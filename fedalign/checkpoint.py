@@ -11,9 +11,10 @@ optimizer-state namedtuples take the template's structure.
 A checkpoint whose tree differs from the template (another config) raises a ``ValueError``
 naming the first differing path and shape. Checkpoints of fedalign < 0.2 (its flat leaf layout:
 arrays named ``00000``, ``00001``... in leaf order) are restored by leaf order when the count and
-shapes match, with a logged note. A step whose files cannot be read back (a half-written or
-corrupted latest checkpoint) is skipped by :meth:`Checkpointer.restore_latest` with a warning and
-the previous one is used.
+shapes match, with a logged note. Each step's metadata holds checksums of the saved arrays
+(:func:`state_checksums`), verified on restore. A step whose files cannot be read back (a
+half-written or corrupted latest checkpoint) or read back other values than were saved is skipped
+by :meth:`Checkpointer.restore_latest` with a warning and the previous one is used.
 
 Example:
   >>> import tempfile, jax.numpy as jnp
@@ -32,6 +33,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -98,6 +100,65 @@ def _first_difference(
   return None
 
 
+CHECKSUMS_KEY = "_checksums"  # in a step's JSON metadata: the state's checksums at save time
+
+
+class CheckpointCorruptError(ValueError):
+  """A step whose arrays read back differ from what was saved (bit rot, an overwritten file).
+
+  :meth:`Checkpointer.restore_latest` skips such a step, like an unreadable one."""
+
+
+def _word_checksums(x: jax.Array) -> jax.Array:
+  """(2,) uint32: the sum of ``x``'s 32-bit (or narrower) words and their sum weighted by odd
+  position weights, both modulo 2**32. Any single changed word changes both; a swap of two
+  words changes the second. Elementwise plus one reduction, so a sharded array is reduced
+  where it lives (no gather)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    w = x.astype(jnp.uint32)
+  else:
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    w = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)  # 8 bytes: a trailing 2
+  pos = jnp.zeros(w.shape, jnp.uint32)
+  for d, n in enumerate(w.shape):
+    pos = pos * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d)
+  return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (2 * pos + 1), dtype=jnp.uint32)])
+
+
+@jax.jit
+def _tree_checksums(tree: PyTree) -> PyTree:
+  return jax.tree.map(_word_checksums, tree)
+
+
+def state_checksums(tree: PyTree) -> dict[str, list[int]]:
+  """``{leaf name: [sum, weighted sum]}`` of every array of ``tree`` (see
+  :func:`_word_checksums`), computed in one jitted program where the arrays live.
+
+  >>> import jax.numpy as jnp
+  >>> a = state_checksums({'w': jnp.array([1.0, 2.0])})
+  >>> b = state_checksums({'w': jnp.array([2.0, 1.0])})
+  >>> a['w'][0] == b['w'][0], a['w'][1] == b['w'][1]
+  (True, False)
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  names = ["/".join(_key_name(k) for k in path) for path, _ in flat]
+  groups: dict[Any, list[int]] = {}  # one program per set of devices the leaves live on
+  for i, (_, x) in enumerate(flat):
+    devices = frozenset(d.id for d in x.sharding.device_set) if isinstance(x, jax.Array) else None
+    groups.setdefault(devices, []).append(i)
+
+  def host(x: jax.Array) -> np.ndarray:  # replicated: every process holds the whole result
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+  out = {}
+  for idx in groups.values():
+    for i, sums in zip(idx, _tree_checksums([flat[i][1] for i in idx])):
+      out[names[i]] = host(sums).tolist()
+  return {name: out[name] for name in names}
+
+
 class Checkpointer:
   """Keeps the last ``keep`` checkpoints of a run under ``directory``.
 
@@ -121,7 +182,10 @@ class Checkpointer:
     )
 
   def save(self, step: int, state: PyTree, metadata: dict[str, Any]) -> None:
-    """Writes ``state`` (a pytree of arrays) and JSON ``metadata`` as checkpoint ``step``."""
+    """Writes ``state`` (a pytree of arrays) and JSON ``metadata`` as checkpoint ``step``,
+    with the state's checksums (:func:`state_checksums`) in the metadata: :meth:`restore`
+    verifies them."""
+    metadata = {**metadata, CHECKSUMS_KEY: state_checksums(state)}
     self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -180,7 +244,18 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
         ),
     )
-    return out["state"], dict(out["meta"])
+    meta = dict(out["meta"])
+    saved_sums = meta.pop(CHECKSUMS_KEY, None)  # absent in checkpoints written before checksums
+    if saved_sums is not None:
+      read = state_checksums(out["state"])
+      bad = [name for name in saved_sums if read.get(name) != saved_sums[name]]
+      if bad or read.keys() != saved_sums.keys():
+        raise CheckpointCorruptError(
+            f"checkpoint step {step} in {self.directory} reads back other values than were "
+            f"saved (checksum mismatch in {', '.join(bad[:3]) or 'the leaf names'}"
+            f"{', ...' if len(bad) > 3 else ''}): its files were damaged after writing"
+        )
+    return out["state"], meta
 
   def _restore_flat_layout(
       self, step: int, template: PyTree, saved: list[tuple[str, tuple[int, ...]]]

@@ -16,7 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from fedalign.checkpoint import CheckpointMismatchError, Checkpointer
+from fedalign.checkpoint import CheckpointCorruptError, CheckpointMismatchError, Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,41 @@ def test_round_trip_keeps_structure_values_and_dtypes(tmp_path):
   state1, meta1 = ckpt.restore(1, make_state(0.0))
   assert meta1 == {"round": 1} and float(state1["params"]["dense"]["w"][0, 0]) == 1.0
   assert ckpt.steps() == [1, 2]
+  ckpt.close()
+
+
+def test_damaged_arrays_are_detected_and_the_previous_step_is_used(tmp_path, caplog):
+  """Files that read back cleanly but hold other values than were saved (the state of another
+  save copied over, flipped bytes) fail the checksums in the step's metadata: restore_latest
+  warns and falls back to the previous step (it used to restore the damaged values)."""
+  import shutil
+
+  ckpt = Checkpointer(tmp_path / "a", keep=3)
+  ckpt.save(1, make_state(1.0), {"round": 1})
+  ckpt.save(2, make_state(2.0), {"round": 2})
+  other = Checkpointer(tmp_path / "b")
+  other.save(2, make_state(5.0), {"round": 2})
+  other.close()
+  shutil.rmtree(tmp_path / "a" / "2" / "state")
+  shutil.copytree(tmp_path / "b" / "2" / "state", tmp_path / "a" / "2" / "state")
+  with pytest.raises(
+      CheckpointCorruptError, match=r"step 2 .*checksum mismatch in .*params/dense/w"
+  ):
+    ckpt.restore(2, make_state(0.0))
+  with caplog.at_level(logging.WARNING):
+    out, meta = ckpt.restore_latest(make_state(0.0))
+  assert meta == {"round": 1} and float(out["params"]["dense"]["w"][0, 0]) == 1.0
+  assert any("reads back other values" in r.message for r in caplog.records)
+
+  ckpt.save(3, make_state(3.0), {"round": 3})
+  for f in sorted((tmp_path / "a" / "3" / "state").rglob("d/*")):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(
+        b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 64]
+    )
+    f.write_bytes(bytes(data))
+  out, meta = ckpt.restore_latest(make_state(0.0))  # damaged or unreadable: either way, step 1
+  assert meta == {"round": 1}
   ckpt.close()
 
 
