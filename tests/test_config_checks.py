@@ -79,3 +79,18 @@ def test_a_seq_len_too_short_for_the_prompt_names_data_seq_len(tmp_path):
   validate_config(cfg)  # positive: only the formatter knows the prompt's length
   with pytest.raises(ValueError, match=r"^config.data.seq_len=4 is invalid: max_len=4 is too"):
     FederatedData(cfg, str(tmp_path))
+
+
+def test_a_batch_larger_than_every_client_is_warned_about(tmp_path, caplog):
+  import logging
+
+  from fedalign.data.federated import FederatedData
+
+  cfg = load_config("configs/default.py:runlocal")
+  cfg.train.batch_size = 100_000
+  with caplog.at_level(logging.WARNING):
+    data = FederatedData(cfg, str(tmp_path))
+  largest = int(data.client_sizes.max())
+  assert f"config.train.batch_size=100000 exceeds the largest client's {largest} examples" in (
+      caplog.text
+  )

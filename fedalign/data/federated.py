@@ -17,6 +17,7 @@ Example (the embedded AG News sample, byte tokenizer):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import pathlib
@@ -157,6 +158,16 @@ class FederatedData:
           "lower data.num_clients or raise data.alpha / data.min_client_size."
       )
     self.client_sizes = np.array([len(c) for c in self.clients])
+    if config.train.batch_size > self.client_sizes.max():
+      logging.getLogger(__name__).warning(
+          "config.train.batch_size=%d exceeds the largest client's %d examples: every local "
+          "batch is padded to %d rows (memory and compute grow with batch_size, the examples "
+          "seen do not); a batch_size <= %d avoids the padding.",
+          config.train.batch_size,
+          self.client_sizes.max(),
+          config.train.batch_size,
+          self.client_sizes.max(),
+      )
     self.label_counts = part.label_counts(labels, self.clients, self.num_classes)
 
     self.seq2seq = model_type(config) == "switch"
