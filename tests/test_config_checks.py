@@ -94,3 +94,27 @@ def test_a_batch_larger_than_every_client_is_warned_about(tmp_path, caplog):
   assert f"config.train.batch_size=100000 exceeds the largest client's {largest} examples" in (
       caplog.text
   )
+
+
+def test_a_checkpoint_of_another_family_is_refused_before_its_tokenizer(tmp_path):
+  """A BERT or Llama directory (no tokenizer.json needed to tell) is refused by its
+  config.json's model_type, naming the supported ones; a supported decoder checkpoint with
+  model.type='switch' is pointed at 'decoder'."""
+  import json
+
+  cfg = load_config("configs/default.py")
+  cfg.model.hf_checkpoint = str(tmp_path)
+  for hf_type in ("bert", "llama"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": hf_type}))
+    with pytest.raises(
+        ValueError,
+        match=rf"config.model.hf_checkpoint=.* model_type='{hf_type}'; supported are "
+        r"\['deepseek', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\]",
+    ):
+      validate_config(cfg)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+  cfg.model.type = "switch"
+  with pytest.raises(
+      ValueError, match=r"config.model.type='switch' is invalid: expected 'decoder'"
+  ):
+    validate_config(cfg)

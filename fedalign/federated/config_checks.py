@@ -279,6 +279,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           "a local Hugging Face checkpoint directory holding config.json, model.safetensors "
           "and tokenizer.json (download it beforehand; nothing is fetched at run time)",
       )
+    # the family first: a checkpoint of another family would otherwise fail later, on its
+    # tokenizer or its weights, or be pointed at the other model.type
+    from fedalign.models.hf import MODEL_TYPES as HF_DECODER_TYPES
+    from fedalign.models.hf_files import read_config
+
+    hf_type = read_config(ckpt).get("model_type")
+    if hf_type != "switch_transformers" and hf_type not in HF_DECODER_TYPES:
+      bad(
+          "model.hf_checkpoint",
+          config.model.hf_checkpoint,
+          f"a checkpoint of a supported family: its config.json has model_type={hf_type!r}; "
+          f"supported are {sorted(HF_DECODER_TYPES)} (model.type='decoder') and "
+          "'switch_transformers' (model.type='switch')",
+      )
+    wanted = "switch" if hf_type == "switch_transformers" else "decoder"
+    if model_type(config) != wanted:
+      bad(
+          "model.type",
+          model_type(config),
+          f"{wanted!r} for model.hf_checkpoint={config.model.hf_checkpoint!r} "
+          f"(model_type={hf_type!r})",
+      )
   if d.dataset in MC_DATASETS and (not d.data_dir or not pathlib.Path(d.data_dir).is_dir()):
     bad(
         "data.data_dir",
