@@ -70,11 +70,21 @@ def _named_leaves(tree: PyTree, is_leaf=None) -> list[tuple[str, tuple[int, ...]
 
 
 def _abstract(x: Any) -> Any:
-  """The restore target of one template leaf: shape, dtype and (for jax arrays) sharding."""
-  if isinstance(x, jax.Array):
+  """The restore target of one template leaf: shape, dtype and, for a jax array committed to
+  its devices (sharded, placed), its sharding. Other leaves are read as numpy arrays."""
+  if isinstance(x, jax.Array) and (x.committed or jnp.issubdtype(x.dtype, jax.dtypes.prng_key)):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
   x = np.asarray(x)
   return np.zeros(x.shape, x.dtype)  # restored as a numpy array
+
+
+def _placed_like(restored: Any, template: Any) -> Any:
+  """A restored leaf as its template leaf is: an uncommitted jax array (left to JAX to place)
+  stays uncommitted. Committed arguments are other programs to jit: a resumed run would compile
+  its round again instead of loading it from the compilation cache."""
+  if isinstance(template, jax.Array) and not isinstance(restored, jax.Array):
+    return jax.device_put(restored)  # a transfer (jnp.asarray compiles a program per shape)
+  return restored
 
 
 def _is_array_metadata(x: Any) -> bool:
@@ -244,10 +254,11 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
         ),
     )
+    state = jax.tree.map(_placed_like, out["state"], template)
     meta = dict(out["meta"])
     saved_sums = meta.pop(CHECKSUMS_KEY, None)  # absent in checkpoints written before checksums
     if saved_sums is not None:
-      read = state_checksums(out["state"])
+      read = state_checksums(state)
       bad = [name for name in saved_sums if read.get(name) != saved_sums[name]]
       if bad or read.keys() != saved_sums.keys():
         raise CheckpointCorruptError(
@@ -255,7 +266,7 @@ class Checkpointer:
             f"saved (checksum mismatch in {', '.join(bad[:3]) or 'the leaf names'}"
             f"{', ...' if len(bad) > 3 else ''}): its files were damaged after writing"
         )
-    return out["state"], meta
+    return state, meta
 
   def _restore_flat_layout(
       self, step: int, template: PyTree, saved: list[tuple[str, tuple[int, ...]]]
@@ -285,7 +296,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
         ),
     )
-    leaves = [out["state"][f"{i:05d}"] for i in range(len(template_leaves))]
+    leaves = [_placed_like(out["state"][f"{i:05d}"], x) for i, x in enumerate(template_leaves)]
     return jax.tree.unflatten(treedef, leaves), dict(out["meta"])
 
   def restore_latest(self, template: PyTree) -> tuple[PyTree, dict[str, Any]] | None:

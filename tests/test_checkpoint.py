@@ -94,6 +94,23 @@ def test_damaged_arrays_are_detected_and_the_previous_step_is_used(tmp_path, cap
   ckpt.close()
 
 
+def test_a_restored_state_is_placed_as_the_fresh_one(tmp_path):
+  """Orbax commits restored arrays to their device; a fresh single-device state is uncommitted,
+  and a jitted function sees the two as different programs (a resumed run compiled its round
+  again). Restored leaves of an uncommitted template come back uncommitted."""
+  fresh = make_state(1.0)
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(1, fresh, {"round": 1})
+  out, _ = ckpt.restore(1, make_state(0.0))
+  ckpt.close()
+  arrays = [x for x in jax.tree.leaves(out)]
+  assert arrays and all(isinstance(x, jax.Array) and not x.committed for x in arrays)
+  step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1 if x.dtype != jnp.bool_ else x, s))
+  step(fresh)
+  step(out)
+  assert step._cache_size() == 1
+
+
 def test_leaf_names_are_on_disk(tmp_path):
   ckpt = Checkpointer(tmp_path)
   ckpt.save(5, make_state(), {"round": 5})

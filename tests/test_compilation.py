@@ -42,7 +42,7 @@ def run_cli(workdir, cache_dir, *extra):
   return json.loads((workdir / "summary.json").read_text())
 
 
-def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):  # three CLI runs, ~15 s
+def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):  # four CLI runs, ~20 s
   cache = tmp_path / "cache"
   first = run_cli(tmp_path / "a", cache)
   second = run_cli(tmp_path / "b", cache)  # same command, new workdir
@@ -59,6 +59,10 @@ def test_rerun_loads_compiled_programs_from_the_cache(tmp_path):  # three CLI ru
   # the round, not a constant in it)
   third = run_cli(tmp_path / "c", cache, "--config.seed=1")
   assert third["compile_cache_hits"] == third["compilations"] == first["compilations"]
+  # resuming the first run for one more round: the restored state is placed as a fresh one
+  # (uncommitted), so the round is the same program (it was compiled again: orbax commits)
+  resumed = run_cli(tmp_path / "a", cache, "--config.train.rounds=2")
+  assert resumed["compile_cache_hits"] == resumed["compilations"], (first, resumed)
 
 
 def test_compile_timer_counts_a_compilation_and_the_default_dir(monkeypatch, tmp_path):
