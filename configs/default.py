@@ -23,7 +23,10 @@ evaluation and checkpoints every 20 rounds.
 Measured (issue #14; `python -m experiments.reproduce --config=configs/default.py
 --workdir=W --methods=fedavg,fedalign --alphas=0.1 --seeds=0,1,2,3,4`, docs/results_pretrained.md,
 run files in experiments/results/pretrained_grid): seed 0 (this command) 0.761 final / 0.761
-best global test accuracy (chance 0.25); ``--config.method=fedavg`` 0.763 / 0.766. Over 5 seeds
+best global test accuracy (chance 0.25); ``--config.method=fedavg`` 0.763 / 0.766. Since the
+attention change (same math, another float32 summation order) and on JAX 0.10.2 the command
+gives 0.7260 / 0.7570 and fedavg 0.7625 / 0.7680 (README: one run's last round moves by about
+a seed standard deviation with such rounding changes). Over 5 seeds
 FedAlign-MoE 0.746 +/- 0.029 final, FedAvg 0.763 +/- 0.004; paired difference -0.017, 95% CI
 [-0.048, +0.014] at alpha = 0.1; at alpha = 1.0 0.764 each (docs/results_pretrained.md, which
 also has FedMoE, the paper preset and permutation alignment). Central reference (one client
@@ -35,6 +38,7 @@ with all rows, 3 epochs of local AdamW at lr 1e-3, the client's model taken as i
 rerun; experiments/results/central_reference, whose validation sweep of learning rate, epochs
 and input length stays at 0.76-0.79 with 64 tokens, 0.69-0.70 with 128). Time: this command in a fresh venv on 2 quiet CPU cores, 246 s (about
 0.9 s a round; compile 28 s with a cold compilation cache) after a 72 s install; final 0.7610.
+On 2026-12-01 (fresh venv, another 2-core machine, cold cache): a 139 s run after a 25 s install.
 
 Choices on the validation split (``--config.data.validation_examples=1000
 --config.eval.split=validation``; table and run files in experiments/results/default_sweep):
@@ -141,7 +145,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.load_balance_coef = 0.01
   c.train.z_loss_coef = 0.0
   c.train.prompt_loss_weight = 0.0  # > 0: also a next-token loss on the prompt text
-  c.train.trainable = "full"  # full | lora (adapters + routers)
+  # full | lora (adapters + routers) | body (all but the embeddings and the LM head)
+  c.train.trainable = "full"
   c.train.chunk_size = 2  # clients per vmapped chunk (0 = all at once); chunks
   # group clients of similar size: less padded work
   c.train.use_mesh = False  # shard clients over all devices on a 'clients' mesh

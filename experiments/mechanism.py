@@ -1,6 +1,6 @@
 """The mechanism benchmark (issue 13): router/expert misalignment with ground-truth roles.
 
-Command (from the repository root; about 15 minutes on 2 CPU cores)::
+Command (from the repository root; about 15-25 minutes on 2 CPU cores, with the load)::
 
     python -m experiments.mechanism --workdir=experiments/results/mechanism \\
         [--seeds=0,1,2,3,4] [--settings=a10,a50,a200,b_drift,c_permuted,d_partial] \\

@@ -44,7 +44,7 @@ and aggregation (not evaluation). A rerun starts over (no resumption).
 
 Command (from the repository root)::
 
-    python -m experiments.pytorch_baseline --config=configs/default.py --workdir=/tmp/pt \\
+    python -m experiments.pytorch_baseline --config=configs/default.py:base --workdir=/tmp/pt \\
         [--config.train.rounds=5 ...] [--threads=2]
 
 The side-by-side comparison with fedalign (timing and accuracy, the report
@@ -128,7 +128,9 @@ def check_supported(config: ml_collections.ConfigDict) -> None:
   if problems:
     raise ValueError(
         "the PyTorch baseline supports plain FedAvg of a random-init Mixtral "
-        "decoder with full AdamW fine-tuning; unsupported: " + "; ".join(problems)
+        "decoder with full AdamW fine-tuning; unsupported: "
+        + "; ".join(problems)
+        + " (configs/default.py:base is such a config)"
     )
 
 

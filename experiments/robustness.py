@@ -6,7 +6,7 @@ Command (from the repository root)::
         --workdir=experiments/results/robustness [--seeds=0,1,2] [--alphas=0.1,1.0] \\
         [--fractions=0,0.1,0.2,0.3] [--attacks=sign_flip,scale,gaussian,label_flip,routing_inflation] \\
         [--defences=none,norm_bound,median,trimmed_mean,krum] [--methods=fedavg,fedalign] \\
-        [--rounds=N] [--set=field=value ...] [--docs_out=docs/robustness.md] [--tables_only]
+        [--set=field=value ...: e.g. --set=train.rounds=N] [--docs_out=docs/robustness.md] [--tables_only]
 
 Every cell (method, defence, attack, fraction, alpha, seed) is the config file's config with
 ``method``, ``server.robust`` (and ``server.robust_stats=True`` for every defence but 'none':

@@ -121,7 +121,8 @@ def dirichlet_partition(
   raise ValueError(
       f"dirichlet_partition: no draw with alpha={alpha} gave every one of {num_clients} "
       f"clients min_size={min_size} examples in max_retries={max_retries} tries (largest "
-      f"minimum seen: {max(sizes_seen)}). Raise alpha or max_retries, or lower min_size."
+      f"minimum seen: {max(sizes_seen)}). Raise alpha or max_retries, or lower min_size (in a run's "
+      "config: raise data.alpha, or lower data.min_client_size or data.num_clients)."
   )
 
 

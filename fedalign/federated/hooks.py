@@ -374,6 +374,8 @@ def plot_run(
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
+
   from fedalign.data.partition import plot_label_counts
 
   plots = workdir / "plots"
@@ -381,6 +383,7 @@ def plot_run(
   if history:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["round"] for h in history], [h["test_accuracy"] for h in history], marker="o")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
     ax.set_ylabel("global test accuracy")
     ax.set_title(f"{config.method}, alpha={config.data.alpha}")

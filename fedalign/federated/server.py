@@ -5,7 +5,8 @@ from ``(config.seed, round)`` (client sampling, data order) or ``(seed, round, c
 (client rngs), so a run resumed from a checkpoint reproduces the uninterrupted run.
 
 Outputs in the workdir: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object
-per evaluated round), ``summary.json``, ``checkpoints/``, ``plots/`` and ``tokenizer.json``.
+per evaluated round), ``summary.json``, ``checkpoints/``, ``plots/`` and (a tokenizer trained by
+the run) ``tokenizer.json``.
 
 The run is built by :func:`fedalign.federated.run.build_run` (data: :mod:`fedalign.data.federated`,
 model: :mod:`fedalign.models.from_config`, config checks:
