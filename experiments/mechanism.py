@@ -465,6 +465,9 @@ def render(workdir: str | pathlib.Path, command: str = "") -> str:
       "",
       f"Command: `{command}`" if command else "",
       "",
+      f"The tables read every run file in `{workdir.name}/runs` ({len(recs)}), including those "
+      "of earlier commands in this workdir.",
+      "",
       f"Seeds: {seeds} (same seed = same teacher, client partition, pre-trained student and "
       "client batches for every variant: differences are paired).",
       f"Hyper-parameters: `{hp}`.",
@@ -511,7 +514,8 @@ def render(workdir: str | pathlib.Path, command: str = "") -> str:
         diff = "-"
       else:
         m, lo, hi = paired_interval(paired)
-        diff = f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        ci = f"[{lo:+.4f}, {hi:+.4f}]" if np.isfinite(lo) else "[-]"  # one seed: no interval
+        diff = f"{m:+.4f} {ci}"
       rows.append(
           [
               v,
