@@ -188,6 +188,7 @@ LATER_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "server.lr_schedule": ("constant", ("server.lr_final_fraction",)),
     "train.mesh_shape": ("", ()),
     "data.task": ("classification", ()),
+    "fedalign.selection_min_cv": (0.0, ()),
 }
 
 

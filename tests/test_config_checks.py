@@ -118,3 +118,22 @@ def test_a_checkpoint_of_another_family_is_refused_before_its_tokenizer(tmp_path
       ValueError, match=r"config.model.type='switch' is invalid: expected 'decoder'"
   ):
     validate_config(cfg)
+
+
+def test_run_files_saved_before_a_field_existed_still_count_as_the_same_config():
+  """The shipped grids' run files (robustness: 3 x 435 cells, pretrained_grid, cpu_analog...)
+  were written before fedalign.selection_min_cv existed: at its default they are the same
+  config (finished cells are skipped, workdirs resume), at another value they are not."""
+  import json
+  import pathlib
+
+  from fedalign.config_files import config_differences, flatten_config
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  path = repo / "experiments/results/pretrained_grid/fedalign_a0.1_s0/summary.json"
+  stored = json.loads(path.read_text())["config"]
+  assert "fedalign.selection_min_cv" not in flatten_config(stored)
+  now = {**flatten_config(stored), "fedalign.selection_min_cv": 0.0}
+  assert config_differences(stored, now) == []
+  now["fedalign.selection_min_cv"] = 0.5
+  assert config_differences(stored, now) == ["fedalign.selection_min_cv"]
