@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import sys
 import types
 from typing import Any, Mapping
@@ -192,6 +193,19 @@ LATER_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
 }
 
 
+# A checkpoint shipped inside the package, wherever the package is installed (it is verified
+# by its pinned hashes when loaded): run files from another checkout name the same one.
+_SHIPPED_CHECKPOINT = re.compile(r"(?:^|/)fedalign/pretrained/([A-Za-z0-9._-]+)/?$")
+
+
+def _located(flat: dict[str, Any]) -> dict[str, Any]:
+  value = flat.get("model.hf_checkpoint")
+  match = _SHIPPED_CHECKPOINT.search(value) if isinstance(value, str) else None
+  if match:
+    flat = {**flat, "model.hf_checkpoint": f"fedalign/pretrained/{match.group(1)}"}
+  return flat
+
+
 def config_differences(
     old: Mapping[str, Any] | ml_collections.ConfigDict,
     new: Mapping[str, Any] | ml_collections.ConfigDict,
@@ -200,14 +214,16 @@ def config_differences(
   """The dotted fields whose values differ between two configs (nested or flat), sorted.
 
   A field of :data:`LATER_FIELDS` missing from ``old`` (saved before it existed) counts as
-  its value from then, and its dependent fields as unchanged while it is at that value.
+  its value from then, and its dependent fields as unchanged while it is at that value. A
+  checkpoint shipped in the package (``.../fedalign/pretrained/<name>``) compares by its name,
+  wherever the package is installed.
 
   >>> config_differences({'seed': 0}, {'seed': 0, 'faults': {'drop_prob': 0.0}})
   []
   >>> config_differences({'seed': 0}, {'seed': 1, 'faults': {'drop_prob': 0.5}})
   ['faults.drop_prob', 'seed']
   """
-  old, new = flatten_config(old), flatten_config(new)
+  old, new = _located(flatten_config(old)), _located(flatten_config(new))
   skip = set(ignore)
   for switch, (before, dependents) in LATER_FIELDS.items():
     if switch not in old and new.get(switch, before) == before:

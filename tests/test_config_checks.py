@@ -137,3 +137,10 @@ def test_run_files_saved_before_a_field_existed_still_count_as_the_same_config()
   assert config_differences(stored, now) == []
   now["fedalign.selection_min_cv"] = 0.5
   assert config_differences(stored, now) == ["fedalign.selection_min_cv"]
+  # the shipped checkpoint from another checkout (the grid stored /work/main/...) is the same
+  now["fedalign.selection_min_cv"] = 0.0
+  assert flatten_config(stored)["model.hf_checkpoint"].endswith("fedalign/pretrained/moe-small")
+  now["model.hf_checkpoint"] = "/elsewhere/site-packages/fedalign/pretrained/moe-small/"
+  assert config_differences(stored, now) == []
+  now["model.hf_checkpoint"] = "/elsewhere/my-moe"
+  assert config_differences(stored, now) == ["model.hf_checkpoint"]
