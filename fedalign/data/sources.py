@@ -11,7 +11,9 @@ is dropped silently). Errors that make a file unusable raise:
 * a missing file or directory -> ``FileNotFoundError`` naming it and where to get the data;
 * a file whose columns / fields are not the expected ones -> ``ValueError`` naming the file,
   the columns found and the columns expected;
-* a label outside the class set -> ``ValueError`` naming the file, row, column and value.
+* a label outside the class set -> ``ValueError`` naming the file, row, column and value;
+* a file without a single usable row, or one that is not UTF-8 text (binary, a damaged
+  archive) -> ``ValueError`` naming it.
 
 Example:
     >>> from fedalign.data.sources import read_ag_news_csv
@@ -148,6 +150,8 @@ def _open_text(path: pathlib.Path) -> Iterator[io.TextIOBase]:
   except (UnicodeDecodeError, EOFError, OSError, csv.Error) as e:
     if isinstance(e, OSError) and e.errno is not None:
       raise  # a real I/O error (permissions, disk): keep it
+    if isinstance(e, csv.Error):
+      raise ValueError(f"{path}: not readable as CSV ({e}).") from e
     raise ValueError(
         f"{path}: cannot be read as UTF-8 text ({type(e).__name__}: {e}); expected a text "
         "file (.gz / .bz2 compressed or plain). Is it the right file, undamaged?"
