@@ -837,7 +837,7 @@ def render_markdown(res: dict[str, Any]) -> str:
       f"- hardware: {hw['processor']}, machine {hw['machine']}, {hw['cpu_count']} CPUs; "
       f"jax.devices() = {hw['devices']}; JAX {hw['jax_version']}, Python {hw['python']}",
       f"- wall time: {res['entries_wall_time_s']:.1f} s summed over the entries' "
-      "`wall_time_s` (a resumed entry counts its last segment only)"
+      "`wall_time_s` (a resumed entry counts the segments whose rounds it kept)"
       + (
           f"; last invocation {info['invocation_wall_time_s']:.1f} s"
           if "invocation_wall_time_s" in info

@@ -88,9 +88,14 @@ def test_readme_command_learns_on_reduced_config(tmp_path):
 def test_resume_reproduces_uninterrupted_run(tmp_path, method):
   full, part = tmp_path / "full", tmp_path / "part"
   run_experiment(tiny_config(method, rounds=3), full)
-  run_experiment(tiny_config(method, rounds=2), part)  # "killed" after round 2's checkpoint
-  run_experiment(tiny_config(method, rounds=3), part)  # same command again: resumes
+  first = run_experiment(tiny_config(method, rounds=2), part)  # "killed" after round 2's checkpoint
+  second = run_experiment(tiny_config(method, rounds=3), part)  # same command again: resumes
   assert read_metrics(part) == read_metrics(full)
+  # the timings go on from the checkpoint's: they add up over the run's two segments
+  elapsed = [json.loads(l)["elapsed_s"] for l in (part / "metrics.jsonl").read_text().splitlines()]
+  assert (first["resumed_from_round"], second["resumed_from_round"]) == (0, 2)
+  assert elapsed[2] > elapsed[1] and elapsed[2] > first["wall_time_s"] - 1.0, elapsed
+  assert second["wall_time_s"] >= elapsed[2] > second["session_wall_time_s"], (second, elapsed)
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):

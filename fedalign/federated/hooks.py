@@ -70,7 +70,8 @@ class Evaluate:
   The record: round, method, train_loss, excluded_clients, round_time_s, test_accuracy,
   per-client accuracies (``config.eval.per_client``), aggregator diagnostics
   (``agg/...``), routing divergence / expert role preservation, expert specialization
-  (``config.eval.specialization_examples`` > 0) and elapsed_s.
+  (``config.eval.specialization_examples`` > 0) and elapsed_s (seconds since ``t0``: for a
+  resumed run, the checkpoint's elapsed_s plus this process's time).
 
   Multi-process runs: process 0 evaluates on its own devices' copy of the params
   (:func:`~fedalign.federated.mesh.local_view`), unless the ``'experts'`` mesh axis spans
@@ -186,16 +187,26 @@ class RoutingDump:
 
 
 class Checkpoint:
-  """Saves ``state`` with ``{'round', 'history'}`` every ``config.checkpoint.every`` rounds
-  (and after the last; never when 0)."""
+  """Saves ``state`` with ``{'round', 'history', 'elapsed_s'}`` every
+  ``config.checkpoint.every`` rounds (and after the last; never when 0). ``elapsed_s`` is the
+  time since ``t0`` (the run's start; a resumed run passes its start minus the checkpoint's
+  elapsed_s, so that the figure adds up over the segments of a resumed run)."""
 
-  def __init__(self, ckpt: Any, config: ml_collections.ConfigDict, history: list[dict]):
+  def __init__(
+      self,
+      ckpt: Any,
+      config: ml_collections.ConfigDict,
+      history: list[dict],
+      t0: float | None = None,
+  ):
     self.ckpt, self.history = ckpt, history
+    self.t0 = time.time() if t0 is None else t0
     self.due = every_n(config.checkpoint.every, config.train.rounds)
 
   def __call__(self, round_num: int, state: PyTree, out: dict[str, Any]) -> None:
     if self.due(round_num):
-      self.ckpt.save(round_num, state, {"round": round_num, "history": self.history})
+      meta = {"round": round_num, "history": self.history, "elapsed_s": time.time() - self.t0}
+      self.ckpt.save(round_num, state, meta)
 
 
 class ProgressBar:

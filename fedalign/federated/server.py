@@ -89,11 +89,15 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
     start_round, history = 0, []
     restored = ckpt.restore_latest(state)
+    # run_t0: when the run would have started had it never been interrupted: a resumed run's
+    # elapsed_s / wall_time_s go on from the checkpoint's (the time of the rounds it holds)
+    run_t0 = t0
     if restored is not None:
       state, meta = restored
       state = jax.tree.map(jnp.asarray, state)
       start_round = int(meta["round"])
       history = list(meta.get("history", []))
+      run_t0 = t0 - float(meta.get("elapsed_s", 0.0))  # absent in checkpoints before it
       log.info("resumed from round %d (%s)", start_round, ckpt.directory)
     metrics_path = workdir / "metrics.jsonl"
     rounds, cpr = config.train.rounds, config.train.clients_per_round
@@ -104,14 +108,14 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       hooks.truncate_metrics(metrics_path, start_round)
       bar = hooks.ProgressBar(config.method, start_round, rounds)
       actions += [
-          hooks.Evaluate(run, metrics_path, history, t0),
+          hooks.Evaluate(run, metrics_path, history, run_t0),
           hooks.RoutingDump(workdir / "routing_distributions.npz", config),
           bar,
           hooks.warn_excluded,
       ]
     elif hooks.on_every_process(run):  # an experts axis across processes: a joint evaluation
-      actions.append(hooks.Evaluate(run, metrics_path, history, t0, write=False))
-    actions.append(hooks.Checkpoint(ckpt, config, history))  # every process takes part
+      actions.append(hooks.Evaluate(run, metrics_path, history, run_t0, write=False))
+    actions.append(hooks.Checkpoint(ckpt, config, history, run_t0))  # every process takes part
     for r in range(start_round, rounds):
       rt = time.time()
       state, out, ids = run.run_round(state, r)
@@ -139,7 +143,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       "rounds": rounds,
       "num_clients": config.data.num_clients,
       "client_sizes": data.client_sizes.tolist(),
-      "wall_time_s": time.time() - t0,
+      "wall_time_s": time.time() - run_t0,
+      "session_wall_time_s": time.time() - t0,
+      "resumed_from_round": start_round,
       "compile_time_s": compile_timer.seconds,
       "compilations": compile_timer.compilations,
       "compile_cache_hits": compile_timer.cache_hits,
