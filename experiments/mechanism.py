@@ -1,11 +1,12 @@
 """The mechanism benchmark (issue 13): router/expert misalignment with ground-truth roles.
 
-Command (from the repository root; about 15-25 minutes on 2 CPU cores, with the load)::
+Command (from the repository root; 11 minutes on 2 CPU cores for a fresh workdir, the
+learning-rate choice included; up to ~25 minutes with other jobs on the cores)::
 
     python -m experiments.mechanism --workdir=experiments/results/mechanism \\
         [--seeds=0,1,2,3,4] [--settings=a10,a50,a200,b_drift,c_permuted,d_partial] \\
         [--variants=fedavg,fedprox,...] [--tiny] [--docs_out=docs/results_mechanism.md] \\
-        [--tune] [--tables_only]
+        [--tune | --lr=LR] [--tables_only]
 
 Setting (:mod:`fedalign.synthetic`): a teacher with K = 8 Gaussian clusters in D = 16 dims,
 each cluster with its own linear map to 4 classes; a student MoE (2 residual MoE blocks,
@@ -32,7 +33,8 @@ Every (setting, variant, seed) writes ``WORKDIR/runs/{setting}__{variant}__s{see
 finished files are skipped (resumable). ``WORKDIR/results.md`` (and ``--docs_out``) is built
 from the run files only. ``--tune`` picks the client learning rate on the validation seeds
 (:data:`VALIDATION_SEEDS`) with FedAvg in ``a50`` and writes ``WORKDIR/tuning.json``, which
-later runs read; test seeds are never used for a choice. In ``--docs_out`` the tables go
+later runs read; a workdir without it is tuned first unless ``--lr`` fixes the rate; test
+seeds are never used for a choice. In ``--docs_out`` the tables go
 into this workdir's generated block (:func:`fedalign.reports.write_generated_block`); the
 hand-written reading around it is kept when the tables are rewritten.
 """
@@ -40,6 +42,7 @@ hand-written reading around it is kept when the tables are rewritten.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import math
@@ -60,6 +63,7 @@ from fedalign.algorithms import make_algorithm
 from fedalign.config_files import load_config
 from fedalign.federated.client import client_optimizer, make_client_update
 from fedalign.federated.round import client_rngs, init_server_state, make_round_fn
+from fedalign.hardware import describe
 from fedalign.metrics.routing_metrics import expert_role_preservation
 from fedalign.models.lora import partition
 from fedalign.models.routing import finalize_stats
@@ -368,6 +372,8 @@ def run_one(
       "client_mixtures": np.round(mix, 3).tolist(),
       "excluded": int(np.sum(np.asarray(out["excluded"]) & part)),
       "seconds": time.time() - t0,
+      # float32 results move with the JAX version and the CPU (docs/results_mechanism.md)
+      "environment": {k: describe()[k] for k in ("cpu", "jax", "backend")},
   }
 
 
@@ -471,6 +477,19 @@ def render(workdir: str | pathlib.Path, command: str = "") -> str:
       f"Seeds: {seeds} (same seed = same teacher, client partition, pre-trained student and "
       "client batches for every variant: differences are paired).",
       f"Hyper-parameters: `{hp}`.",
+      "Environments (run files): "
+      + "; ".join(
+          f"{n} x {env}"
+          for env, n in sorted(
+              collections.Counter(
+                  (lambda e: f"JAX {e['jax']}, {e['cpu']}" if e else "not recorded")(
+                      r.get("environment")
+                  )
+                  for r in recs
+              ).items()
+          )
+      )
+      + ".",
   ]
   if tuning.exists():
     t = read_json(tuning)
@@ -561,14 +580,34 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--settings", default=",".join(SETTINGS))
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--tiny", action="store_true", help="tiny sizes (tests)")
-  ap.add_argument("--tune", action="store_true", help="choose the lr on validation seeds")
+  ap.add_argument(
+      "--tune",
+      action="store_true",
+      help="choose the lr on validation seeds (done anyway when the workdir has no tuning.json "
+      "and --lr is not given)",
+  )
+  ap.add_argument("--lr", type=float, default=None, help="a fixed client lr instead of tuning")
   ap.add_argument("--tables_only", action="store_true")
   ap.add_argument("--docs_out", default="")
   args = ap.parse_args(argv)
   workdir = pathlib.Path(args.workdir)
   hp = Hyper(**TINY) if args.tiny else Hyper()
-  if (workdir / "tuning.json").exists():
-    hp = dataclasses.replace(hp, learning_rate=read_json(workdir / "tuning.json")["learning_rate"])
+  tuned = workdir / "tuning.json"
+  if args.lr is not None:
+    if args.tune or tuned.exists():
+      raise SystemExit(
+          f"--lr={args.lr} fixes the client learning rate, but "
+          + ("--tune asks to choose it" if args.tune else f"{tuned} holds a chosen one")
+          + ": drop --lr, or use another workdir"
+      )
+    hp = dataclasses.replace(hp, learning_rate=args.lr)
+  elif tuned.exists():
+    hp = dataclasses.replace(hp, learning_rate=read_json(tuned)["learning_rate"])
+  elif not args.tables_only and not args.tune:
+    # the published tables use the lr chosen on the validation seeds: a fresh workdir
+    # chooses it first, so that the plain command reproduces them
+    print(f"no {tuned}: choosing the client learning rate first (--tune)", flush=True)
+    args.tune = True
   if args.tune:
     t = tune(workdir, hp)
     hp = dataclasses.replace(hp, learning_rate=t["learning_rate"])

@@ -1,11 +1,13 @@
 """The mechanism benchmark (issue 13): ground-truth roles, exact recovery, one tiny run."""
 
 import dataclasses
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import mechanism as mech
 from fedalign import synthetic as syn
@@ -64,6 +66,7 @@ def test_tiny_runner_writes_run_file_and_table(tmp_path):
       "--settings=a10",
       "--variants=fedavg,fedalign_not_a_real_option",
       f"--docs_out={docs}",
+      "--lr=0.001",  # no tuning (test_a_fresh_workdir_chooses_the_lr_first)
   ]
   mech.VARIANTS["fedalign_not_a_real_option"] = {"fedalign.not_a_real_option": 1}
   try:
@@ -74,6 +77,9 @@ def test_tiny_runner_writes_run_file_and_table(tmp_path):
   assert runs == ["a10__fedavg__s0.json"]
   md = (tmp_path / "results.md").read_text()
   assert "| fedavg | 1 |" in md and "d vs FedAvg" in md
+  run = json.loads((tmp_path / "runs" / "a10__fedavg__s0.json").read_text())
+  assert run["environment"]["jax"] == jax.__version__
+  assert f"Environments (run files): 1 x JAX {jax.__version__}, " in md
   # --docs_out: the tables go into this workdir's block; the reading and one block remain after
   # a rewrite.
   assert mech.main(argv[:1] + ["--tables_only", f"--docs_out={docs}"]) == 0
@@ -81,3 +87,27 @@ def test_tiny_runner_writes_run_file_and_table(tmp_path):
   assert text.startswith("# Mechanism\n\nHand-written reading.\n")
   assert text.count("| fedavg | 1 |") == 1
   assert text.count(docs_key("experiments/mechanism.py", tmp_path)) == 2  # begin and end
+
+
+def test_a_fresh_workdir_chooses_the_lr_first(tmp_path, monkeypatch):
+  """The plain command tunes the client lr on the validation seeds (as the published tables
+  did) unless the workdir has a tuning.json or --lr fixes it."""
+  tuned, ran = [], []
+
+  def fake_tune(workdir, hp):
+    tuned.append(hp.learning_rate)
+    return {"learning_rate": 0.003}
+
+  monkeypatch.setattr(mech, "tune", fake_tune)
+  monkeypatch.setattr(mech, "run_all", lambda w, s, st, v, hp: ran.append(hp.learning_rate))
+  monkeypatch.setattr(mech, "render", lambda w, c: "tables\n")
+  assert mech.main([f"--workdir={tmp_path / 'a'}", "--tiny"]) == 0
+  assert (tuned, ran) == ([mech.Hyper().learning_rate], [0.003])
+  assert mech.main([f"--workdir={tmp_path / 'b'}", "--tiny", "--lr=0.01"]) == 0
+  assert (tuned, ran[1:]) == ([mech.Hyper().learning_rate], [0.01])
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "tuning.json").write_text('{"learning_rate": 0.0003}')
+  assert mech.main([f"--workdir={tmp_path / 'c'}", "--tiny"]) == 0
+  assert ran[2:] == [0.0003] and len(tuned) == 1
+  with pytest.raises(SystemExit, match="tuning.json holds a chosen one"):
+    mech.main([f"--workdir={tmp_path / 'c'}", "--tiny", "--lr=0.01"])
