@@ -1,0 +1,36 @@
+"""benchmarks/pairwise_floor.py at a tiny size: its Gram formulations (upper client blocks,
+(A X) . X, the library's cosines) compute the same numbers, so its timings compare the same
+arithmetic; every case is timed and the floor is reported against FedAvg."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_floor_script_formulations_agree(tmp_path):
+  env = dict(os.environ, FEDALIGN_BENCHMARK_RESULTS=str(tmp_path))
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/pairwise_floor.py", "--clients", "12", "--experts", "3"]
+      + ["--reps", "1", "--dot", "128", "--tag", "test"],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  out = json.loads((tmp_path / "pairwise_floor_test.json").read_text())
+  assert set(out["max_rel_diff_to_gram"]) == {
+      "gram: library (cosines)",
+      "gram: upper blocks, 2",
+      "gram: upper blocks, 4",
+      "gram: (A X) . X",
+  }
+  assert max(out["max_rel_diff_to_gram"].values()) < 1e-5, out["max_rel_diff_to_gram"]
+  assert len(out["rows"]) == 8 and all(r["median_s"] > 0 for r in out["rows"])
+  assert out["gram_gflop"] == 2 * 12**2 * 3 * 64 * 64 * 3 / 1e9
+  assert out["floor_vs_fedavg"] > out["floor_half_gram_vs_fedavg"] > 0
