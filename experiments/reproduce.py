@@ -403,7 +403,7 @@ def run_grid(
         if key in old:
           info[key] = old[key]
   info["pretrain"] = _pretrain_info(base) or info.get("pretrain")
-  _write_plan(workdir, plan, base, info, target_accuracy)
+  _write_plan(workdir, plan, base, info, target_accuracy, keep_plan=tables_only)
   if not tables_only:
     info["hardware"] = hardware()
     for i, e in enumerate(unique):
@@ -475,6 +475,7 @@ def _write_plan(
     base: ml_collections.ConfigDict,
     info: dict[str, Any],
     target_accuracy: float,
+    keep_plan: bool = False,
 ) -> None:
   data = {
       "entries": [dataclasses.asdict(e) for e in plan],
@@ -482,7 +483,14 @@ def _write_plan(
       "target_accuracy": target_accuracy,
       "base_config": json.loads(base.to_json()),
   }
-  write_json(workdir / "grid.json", data)
+  path = workdir / "grid.json"
+  if keep_plan and path.exists():
+    # --tables_only over the same entries: the plan stays as the runs wrote it (the config
+    # fields added since would otherwise appear in a record of runs made without them)
+    old = json.loads(path.read_text())
+    if {e["name"] for e in old.get("entries", [])} == {e.name for e in plan}:
+      data["entries"], data["base_config"] = old["entries"], old.get("base_config", {})
+  write_json(path, data)
 
 
 # ----------------------------------------------------------------------------- results
@@ -515,6 +523,8 @@ def read_entry(entry_dir: pathlib.Path, target_accuracy: float) -> dict[str, Any
       "rounds_to_target": reached,
       "rounds": int(s.get("rounds", curve[0][-1] if curve is not None else 0)),
       "wall_time_s": float(s.get("wall_time_s", float("nan"))),
+      # summaries from before 2026-12-01 lack it: their wall_time_s restarted on a resume
+      "wall_time_cumulative": "resumed_from_round" in s,
       "mean_round_time_s": float(np.mean(times)) if times else float("nan"),
       "last_diagnostics": _last_diagnostics(records),
       # data.task = 'lm': the final test NLL (nats per token); accuracy is next-token accuracy
@@ -712,6 +722,9 @@ def collect_results(
       "target_accuracy": target,
       "run_info": plan.get("run_info", {}),
       "entries_wall_time_s": wall,
+      "entries_wall_time_restarted": sum(
+          1 for r in cache.values() if r["status"] == "ok" and not r.get("wall_time_cumulative")
+      ),
       "seeds": sorted({e.seed for e in entries}),
       "entries": {e.name: res(e) for e in entries},
       "shared_runs": shared_runs(entries),
@@ -837,7 +850,13 @@ def render_markdown(res: dict[str, Any]) -> str:
       f"- hardware: {hw['processor']}, machine {hw['machine']}, {hw['cpu_count']} CPUs; "
       f"jax.devices() = {hw['devices']}; JAX {hw['jax_version']}, Python {hw['python']}",
       f"- wall time: {res['entries_wall_time_s']:.1f} s summed over the entries' "
-      "`wall_time_s` (a resumed entry counts the segments whose rounds it kept)"
+      + (
+          "`wall_time_s` (a resumed entry counts the segments whose rounds it kept)"
+          if not res.get("entries_wall_time_restarted")
+          else f"`wall_time_s` ({res['entries_wall_time_restarted']} entries written before "
+          "summaries recorded `resumed_from_round`: if resumed, they count their last "
+          "segment only)"
+      )
       + (
           f"; last invocation {info['invocation_wall_time_s']:.1f} s"
           if "invocation_wall_time_s" in info

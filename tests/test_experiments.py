@@ -259,6 +259,16 @@ def test_report_logic_with_fake_runs(tmp_path, monkeypatch):
   assert again.startswith("# Intro\n") and again.endswith("## Reading\nFedAlign wins by 0.1.\n")
   assert again.count(rep["markdown"].strip()) == 1
   assert again.count(docs_key("experiments/reproduce.py", tmp_path)) == 2  # begin and end
+  # --tables_only keeps the plan as the runs wrote it: a config field added after the runs
+  # (here: one deleted from the record) does not appear in their record
+  grid = json.loads((tmp_path / "grid.json").read_text())
+  del grid["base_config"]["train"]["rounds"]
+  (tmp_path / "grid.json").write_text(json.dumps(grid))
+  calls.clear()
+  reproduce.run_grid(base, plan, tmp_path, tables_only=True)
+  kept = json.loads((tmp_path / "grid.json").read_text())
+  assert calls == [] and "rounds" not in kept["base_config"]["train"]
+  assert kept["entries"] == grid["entries"]
 
   # Rerun: only unfinished/failed entries are called; a changed config re-runs everything.
   calls.clear()
