@@ -373,7 +373,7 @@ def run_one(
       "excluded": int(np.sum(np.asarray(out["excluded"]) & part)),
       "seconds": time.time() - t0,
       # float32 results move with the JAX version and the CPU (docs/results_mechanism.md)
-      "environment": {k: describe()[k] for k in ("cpu", "jax", "backend")},
+      "environment": {k: v for k, v in describe().items() if k in ("cpu", "jax", "backend")},
   }
 
 
