@@ -456,7 +456,7 @@ def paired_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
   return m, m - half, m + half
 
 
-def render(workdir: str | pathlib.Path, command: str = "") -> str:
+def render(workdir: str | pathlib.Path, command: str = "", note: str = "") -> str:
   """The results markdown from the run files under ``workdir/runs``."""
   workdir = pathlib.Path(workdir)
   recs = [read_json(p) for p in sorted((workdir / "runs").glob("*.json"))]
@@ -469,7 +469,7 @@ def render(workdir: str | pathlib.Path, command: str = "") -> str:
   lines = [
       "# Mechanism benchmark (issue 13): runs and tables",
       "",
-      f"Command: `{command}`" if command else "",
+      f"Command: `{command}`{note}" if command else "",
       "",
       f"The tables read every run file in `{workdir.name}/runs` ({len(recs)}), including those "
       "of earlier commands in this workdir.",
@@ -623,13 +623,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   command = "python -m experiments.mechanism " + " ".join(
       shlex.quote(a) for a in (argv or sys.argv[1:])
   )
-  cmd_file = workdir / "command.txt"
+  cmd_file, note = workdir / "command.txt", ""
   if args.tables_only and cmd_file.exists():
-    command = cmd_file.read_text().strip() + "  (tables rewritten with --tables_only)"
+    command = cmd_file.read_text().strip()
+    note = " (tables rewritten with `--tables_only`)"
   elif not args.tables_only:
     workdir.mkdir(parents=True, exist_ok=True)
     cmd_file.write_text(command + "\n")
-  md = render(workdir, command)
+  md = render(workdir, command, note)
   (workdir / "results.md").write_text(md)
   if args.docs_out:
     write_generated_block(args.docs_out, docs_key("experiments/mechanism.py", workdir), md)

@@ -100,7 +100,7 @@ def test_a_fresh_workdir_chooses_the_lr_first(tmp_path, monkeypatch):
 
   monkeypatch.setattr(mech, "tune", fake_tune)
   monkeypatch.setattr(mech, "run_all", lambda w, s, st, v, hp: ran.append(hp.learning_rate))
-  monkeypatch.setattr(mech, "render", lambda w, c: "tables\n")
+  monkeypatch.setattr(mech, "render", lambda *args: "tables\n")
   assert mech.main([f"--workdir={tmp_path / 'a'}", "--tiny"]) == 0
   assert (tuned, ran) == ([mech.Hyper().learning_rate], [0.003])
   assert mech.main([f"--workdir={tmp_path / 'b'}", "--tiny", "--lr=0.01"]) == 0
