@@ -594,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   hp = Hyper(**TINY) if args.tiny else Hyper()
   tuned = workdir / "tuning.json"
   if args.lr is not None:
+    if not (math.isfinite(args.lr) and args.lr > 0):
+      raise SystemExit(f"--lr={args.lr} is invalid: expected a client learning rate > 0")
     if args.tune or tuned.exists():
       raise SystemExit(
           f"--lr={args.lr} fixes the client learning rate, but "

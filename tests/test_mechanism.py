@@ -111,3 +111,7 @@ def test_a_fresh_workdir_chooses_the_lr_first(tmp_path, monkeypatch):
   assert ran[2:] == [0.0003] and len(tuned) == 1
   with pytest.raises(SystemExit, match="tuning.json holds a chosen one"):
     mech.main([f"--workdir={tmp_path / 'c'}", "--tiny", "--lr=0.01"])
+  with pytest.raises(
+      SystemExit, match=r"--lr=-0.1 is invalid: expected a client learning rate > 0"
+  ):
+    mech.main([f"--workdir={tmp_path / 'd'}", "--tiny", "--lr=-0.1"])
