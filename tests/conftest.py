@@ -29,6 +29,31 @@ def shared_data() -> pathlib.Path:
   return SHARED_DATA
 
 
+@pytest.fixture
+def run_benchmark(tmp_path):
+  """Runs ``python benchmarks/SCRIPT ARGS --tag test`` from the repository root with its
+  results JSON written under ``tmp_path`` (FEDALIGN_BENCHMARK_RESULTS); returns that JSON
+  (``<script stem>_test.json``). A non-zero exit fails with the output's tail."""
+  import json
+  import subprocess
+  import sys
+
+  def run(script: str, *args: str) -> dict:
+    env = dict(os.environ, FEDALIGN_BENCHMARK_RESULTS=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args, "--tag", "test"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads((tmp_path / f"{pathlib.Path(script).stem}_test.json").read_text())
+
+  return run
+
+
 def pytest_configure(config):
   """A persistent XLA compilation cache shared by the tests of one run.
 

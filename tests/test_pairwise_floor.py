@@ -2,28 +2,11 @@
 (A X) . X, the library's cosines) compute the same numbers, so its timings compare the same
 arithmetic; every case is timed and the floor is reported against FedAvg."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def test_floor_script_formulations_agree(tmp_path):
-  env = dict(os.environ, FEDALIGN_BENCHMARK_RESULTS=str(tmp_path))
-  proc = subprocess.run(
-      [sys.executable, "benchmarks/pairwise_floor.py", "--clients", "12", "--experts", "3"]
-      + ["--reps", "1", "--dot", "128", "--tag", "test"],
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
+def test_floor_script_formulations_agree(run_benchmark):
+  out = run_benchmark(
+      "pairwise_floor.py", "--clients", "12", "--experts", "3", "--reps", "1", "--dot", "128"
   )
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-  out = json.loads((tmp_path / "pairwise_floor_test.json").read_text())
   assert set(out["max_rel_diff_to_gram"]) == {
       "gram: library (cosines)",
       "gram: upper blocks, 2",
