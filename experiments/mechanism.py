@@ -6,7 +6,7 @@ learning-rate choice included; up to ~25 minutes with other jobs on the cores)::
     python -m experiments.mechanism --workdir=experiments/results/mechanism \\
         [--seeds=0,1,2,3,4] [--settings=a10,a50,a200,b_drift,c_permuted,d_partial] \\
         [--variants=fedavg,fedprox,...] [--tiny] [--docs_out=docs/results_mechanism.md] \\
-        [--tune | --lr=LR] [--tables_only]
+        [--tune | --lr=LR] [--tables_only] [--compare=OTHER_WORKDIR]
 
 Setting (:mod:`fedalign.synthetic`): a teacher with K = 8 Gaussian clusters in D = 16 dims,
 each cluster with its own linear map to 4 classes; a student MoE (2 residual MoE blocks,
@@ -456,6 +456,49 @@ def paired_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
   return m, m - half, m + half
 
 
+def compare_runs(a: str | pathlib.Path, b: str | pathlib.Path) -> dict[str, Any]:
+  """How the final accuracies of two workdirs' run files (same setting, variant and seed)
+  differ: matched, identical, median and max absolute difference, max per setting.
+
+  >>> import tempfile, json
+  >>> d = [pathlib.Path(tempfile.mkdtemp()) for _ in range(2)]
+  >>> for root, acc in zip(d, (0.5, 0.75)):
+  ...   (root / "runs").mkdir()
+  ...   _ = (root / "runs" / "a10__fedavg__s0.json").write_text(json.dumps(
+  ...       {"setting": "a10", "variant": "fedavg", "seed": 0, "accuracy": acc}))
+  >>> compare_runs(*d)["max_abs_diff"]
+  0.25
+  """
+
+  def accs(root):
+    out = {}
+    for path in sorted((pathlib.Path(root) / "runs").glob("*.json")):
+      r = read_json(path)
+      out[(r["setting"], r["variant"], r["seed"])] = float(r["accuracy"])
+    return out
+
+  x, y = accs(a), accs(b)
+  keys = sorted(set(x) & set(y))
+  diffs = np.array([abs(x[k] - y[k]) for k in keys])
+  per_setting = collections.defaultdict(float)
+  for k, dv in zip(keys, diffs):
+    per_setting[k[0]] = max(per_setting[k[0]], float(dv))
+  return {
+      "matched": len(keys),
+      "identical": int(np.sum(diffs == 0)),
+      "median_abs_diff": float(np.median(diffs)) if keys else float("nan"),
+      "max_abs_diff": float(np.max(diffs)) if keys else float("nan"),
+      "max_abs_diff_by_setting": dict(per_setting),
+  }
+
+
+def _environments(recs: list[dict[str, Any]]) -> collections.Counter:
+  """How many run files were made with each JAX version and CPU ('not recorded' before the
+  run files kept it)."""
+  env = lambda e: f"JAX {e['jax']}, {e['cpu']}" if e else "not recorded"
+  return collections.Counter(env(r.get("environment")) for r in recs)
+
+
 def render(workdir: str | pathlib.Path, command: str = "", note: str = "") -> str:
   """The results markdown from the run files under ``workdir/runs``."""
   workdir = pathlib.Path(workdir)
@@ -478,17 +521,7 @@ def render(workdir: str | pathlib.Path, command: str = "", note: str = "") -> st
       "client batches for every variant: differences are paired).",
       f"Hyper-parameters: `{hp}`.",
       "Environments (run files): "
-      + "; ".join(
-          f"{n} x {env}"
-          for env, n in sorted(
-              collections.Counter(
-                  (lambda e: f"JAX {e['jax']}, {e['cpu']}" if e else "not recorded")(
-                      r.get("environment")
-                  )
-                  for r in recs
-              ).items()
-          )
-      )
+      + "; ".join(f"{n} x {env}" for env, n in sorted(_environments(recs).items()))
       + ".",
   ]
   if tuning.exists():
@@ -589,6 +622,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--lr", type=float, default=None, help="a fixed client lr instead of tuning")
   ap.add_argument("--tables_only", action="store_true")
   ap.add_argument("--docs_out", default="")
+  ap.add_argument(
+      "--compare",
+      default="",
+      help="another workdir: print how its runs' final accuracies differ from this one's",
+  )
   args = ap.parse_args(argv)
   workdir = pathlib.Path(args.workdir)
   hp = Hyper(**TINY) if args.tiny else Hyper()
@@ -637,6 +675,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.docs_out:
     write_generated_block(args.docs_out, docs_key("experiments/mechanism.py", workdir), md)
   print(f"wrote {workdir / 'results.md'}")
+  if args.compare:
+    cmp = compare_runs(workdir, args.compare)
+    print(
+        f"against {args.compare}: {cmp['identical']} of {cmp['matched']} runs identical; "
+        f"final accuracy differs by a median of {cmp['median_abs_diff']:.4f}, at most "
+        f"{cmp['max_abs_diff']:.4f}; max by setting "
+        + ", ".join(f"{k} {v:.4f}" for k, v in sorted(cmp["max_abs_diff_by_setting"].items())),
+        flush=True,
+    )
   return 0
 
 

@@ -115,3 +115,22 @@ def test_a_fresh_workdir_chooses_the_lr_first(tmp_path, monkeypatch):
       SystemExit, match=r"--lr=-0.1 is invalid: expected a client learning rate > 0"
   ):
     mech.main([f"--workdir={tmp_path / 'd'}", "--tiny", "--lr=-0.1"])
+
+
+def test_compare_runs_matches_setting_variant_and_seed(tmp_path):
+  """--compare: the accuracy differences of two workdirs' run files, matched by key."""
+  for root, runs in (
+      ("a", {("a10", "fedavg", 0): 0.5, ("a10", "fedavg", 1): 0.6, ("a200", "fedmoe", 0): 0.7}),
+      ("b", {("a10", "fedavg", 0): 0.5, ("a10", "fedavg", 1): 0.65, ("a200", "fedmoe", 0): 0.4}),
+  ):
+    (tmp_path / root / "runs").mkdir(parents=True)
+    for (setting, variant, seed), acc in runs.items():
+      rec = {"setting": setting, "variant": variant, "seed": seed, "accuracy": acc}
+      (tmp_path / root / "runs" / f"{setting}__{variant}__s{seed}.json").write_text(json.dumps(rec))
+  (tmp_path / "b" / "runs" / "a50__fedavg__s0.json").write_text(
+      json.dumps({"setting": "a50", "variant": "fedavg", "seed": 0, "accuracy": 0.1})
+  )  # no partner: not matched
+  cmp = mech.compare_runs(tmp_path / "a", tmp_path / "b")
+  assert (cmp["matched"], cmp["identical"]) == (3, 1)
+  assert math.isclose(cmp["median_abs_diff"], 0.05) and math.isclose(cmp["max_abs_diff"], 0.3)
+  assert cmp["max_abs_diff_by_setting"] == pytest.approx({"a10": 0.05, "a200": 0.3})

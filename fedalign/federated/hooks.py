@@ -192,15 +192,8 @@ class Checkpoint:
   time since ``t0`` (the run's start; a resumed run passes its start minus the checkpoint's
   elapsed_s, so that the figure adds up over the segments of a resumed run)."""
 
-  def __init__(
-      self,
-      ckpt: Any,
-      config: ml_collections.ConfigDict,
-      history: list[dict],
-      t0: float | None = None,
-  ):
-    self.ckpt, self.history = ckpt, history
-    self.t0 = time.time() if t0 is None else t0
+  def __init__(self, ckpt: Any, config: ml_collections.ConfigDict, history: list[dict], t0: float):
+    self.ckpt, self.history, self.t0 = ckpt, history, t0
     self.due = every_n(config.checkpoint.every, config.train.rounds)
 
   def __call__(self, round_num: int, state: PyTree, out: dict[str, Any]) -> None:
